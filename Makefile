@@ -1,0 +1,36 @@
+# `make demo` and `make test` set everything up on a fresh Debian machine, then run.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DATA   := datasets/fashion-mnist
+FMNIST := /usr/share/datasets/fashion-mnist
+# GPU nodes take faiss's GPU build; everything else its CPU build
+FAISS  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+
+.PHONY: setup demo test bench data clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[$(FAISS),dali,dev]'
+	touch $@
+
+$(FMNIST):
+	apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
+
+data: setup $(FMNIST)
+	$(BIN)/python launch/prepare.py fashion-mnist --out $(DATA) --labels-per-class 30 --val-size 5000 --seed 0
+
+demo: data
+	$(BIN)/python launch/demo.py --data $(DATA)
+
+test: setup $(FMNIST)
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python launch/bench.py --json runs/bench.json
+
+clean:
+	rm -rf runs

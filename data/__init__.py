@@ -1,0 +1,1 @@
+"""semiscale data: datasets on disk, torchvision transforms, DALI pipelines and batch loaders."""

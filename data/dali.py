@@ -1,0 +1,369 @@
+"""NVIDIA DALI twins of data.transforms' pipelines, behind the same Loader interface as data.loaders.
+
+GPU present: `mixed` (nvJPEG) decode and GPU ops on device torch.cuda.current_device(), views come
+out as CUDA tensors. Otherwise (or device="cpu"): CPU decode and ops, CPU tensors.
+
+Each epoch runs a fresh pipeline (the graph is traced once and deserialized per epoch) over this rank's
+file list in the exact order data.loaders.ShardedSampler gives, with DALI's own shuffling off: sharding,
+epoch length and resume are those of the torch path. DALI's random draws come from one pipeline seed per (seed, epoch, rank, start_step): a resumed
+epoch sees the same rows in the same order, not the same augmentation draws.
+
+A file DALI cannot decode kills its pipeline, so the split is scanned once up front with
+data.datasets.load_image (cached on disk per file list + sizes + mtimes): bad files raise or are
+replaced like the torch path does (by the next decodable row); files DALI would decode differently
+from load_image (alpha, non-DALI formats) are converted once to RGB PNGs in the cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from nvidia.dali import Pipeline, fn, math as dmath, pipeline_def, types
+from nvidia.dali.auto_aug import augmentations as auto_aug_ops
+from nvidia.dali.auto_aug.core import select, signed_bin
+from nvidia.dali.auto_aug.rand_augment import get_rand_augment_suite
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+from PIL import Image
+
+from data.datasets import BadImageError, Split, load_image
+from data.loaders import KINDS, ShardedSampler
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
+
+MEAN_255 = [255 * m for m in IMAGENET_MEAN]
+STD_255 = [255 * s for s in IMAGENET_STD]
+
+# Augmentation constants shared with data.transforms (same formulas, same meaning).
+def barlow_twins_min_scale(size):
+    return min(0.25, 0.08 * math.sqrt(224 / size))
+
+
+def blur_kernel(size):
+    return max(3, int(0.1 * size) // 2 * 2 + 1)
+
+
+def translate_padding(size):
+    return max(1, round(0.125 * size))
+
+
+TRAIN_MIN_SCALE = 0.25
+RAND_AUGMENT_OPS, RAND_AUGMENT_MAX_MAGNITUDE = 2, 10
+CUTOUT_AREA = (0.02, 0.25)
+
+
+# ---------------------------------------------------------------- augmentation graph pieces
+
+def _coin(p):
+    return fn.random.coin_flip(probability=p, dtype=types.BOOL)
+
+
+def _uniform(low, high):
+    return fn.random.uniform(range=[low, high])
+
+
+def _normalise(images, crop=None):
+    """uint8 HWC -> float32 CHW normalised, with a random horizontal flip unless `crop` (eval) is given."""
+    if crop is not None:
+        return fn.crop_mirror_normalize(images, crop=crop, mean=MEAN_255, std=STD_255, dtype=types.FLOAT,
+                                        output_layout="CHW")
+    return fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(), mean=MEAN_255, std=STD_255,
+                                    dtype=types.FLOAT, output_layout="CHW")
+
+
+def _fit(images, size):
+    # Shorter side to `size` (bilinear, antialiased like PIL), longer side centre-trimmed.
+    images = fn.resize(images, resize_shorter=size, interp_type=types.INTERP_LINEAR, antialias=True)
+    return fn.crop(images, crop=(size, size))
+
+
+def _colour_jitter_and_grey(images):
+    """ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8, then grayscale with p=0.2, as one colour twist.
+
+    One fused affine colour transform costs the same whatever the parameters, and a conditional
+    branch costs more than the ~16% of samples it could skip, so every sample goes through it.
+    """
+    jitter = fn.cast(_coin(0.8), dtype=types.FLOAT)
+    keep_colour = 1.0 - fn.cast(_coin(0.2), dtype=types.FLOAT)
+    return fn.color_twist(images,
+                          brightness=1.0 + jitter * _uniform(-0.4, 0.4),
+                          contrast=1.0 + jitter * _uniform(-0.4, 0.4),
+                          saturation=(1.0 + jitter * _uniform(-0.2, 0.2)) * keep_colour,
+                          hue=jitter * _uniform(-36.0, 36.0))   # 0.1 of the hue circle
+
+
+def _gaussian_blur(images, kernel, p):
+    """Gaussian blur, sigma ~ U(0.1, 2), reflected borders, with probability p.
+
+    fn.gaussian_blur is ~5x slower on CPU than two 1-D fn.filter passes with a per-sample kernel
+    built in the graph; a skipped sample gets sigma ~0, i.e. the identity kernel.
+    """
+    sigma = _uniform(0.1, 2.0)
+    if p < 1:
+        sigma = fn.cast(_coin(p), dtype=types.FLOAT) * (sigma - 1e-3) + 1e-3
+    taps = types.Constant(np.square(np.arange(kernel, dtype=np.float32) - kernel // 2))
+    weights = dmath.exp(taps * (-0.5 / (sigma * sigma)))
+    weights = weights / fn.reductions.sum(weights)
+    images = fn.filter(images, fn.reshape(weights, shape=[1, kernel]), border="reflect_101")
+    return fn.filter(images, fn.reshape(weights, shape=[kernel, 1]), border="reflect_101")
+
+
+def _barlow_twins_view(images, size, blur_p, solarize_p):
+    # Crop first: every later op then works on size x size pixels, not on the decoded image.
+    images = fn.random_resized_crop(images, size=[size, size], random_area=[barlow_twins_min_scale(size), 1.0],
+                                    random_aspect_ratio=[3 / 4, 4 / 3], interp_type=types.INTERP_CUBIC,
+                                    antialias=True)
+    images = _colour_jitter_and_grey(images)
+    if blur_p > 0:
+        images = _gaussian_blur(images, blur_kernel(size), blur_p)
+    if solarize_p > 0:
+        if _coin(solarize_p):
+            images = auto_aug_ops.solarize.op(images, 128)
+    return _normalise(images)
+
+
+def _train_view(images, size):
+    images = fn.random_resized_crop(images, size=[size, size], random_area=[TRAIN_MIN_SCALE, 1.0],
+                                    random_aspect_ratio=[3 / 4, 4 / 3], interp_type=types.INTERP_LINEAR,
+                                    antialias=True)
+    return _normalise(images)
+
+
+def _reflect_translate(images, size):
+    """Reflect-pad by 12.5% of the side and take a random size x size window (FixMatch's translation)."""
+    pad = translate_padding(size)
+    # DALI has no reflect padding: assemble it from mirrored border strips (edge not repeated).
+    images = fn.cat(fn.flip(images[:, 1:pad + 1], horizontal=1), images,
+                    fn.flip(images[:, size - 1 - pad:size - 1], horizontal=1), axis=1)
+    images = fn.cat(fn.flip(images[1:pad + 1], horizontal=0, vertical=1), images,
+                    fn.flip(images[size - 1 - pad:size - 1], horizontal=0, vertical=1), axis=0)
+    offsets = list(np.arange(2 * pad + 1) / (2 * pad))
+    return fn.crop(images, crop=(size, size), crop_pos_x=fn.random.uniform(values=offsets),
+                   crop_pos_y=fn.random.uniform(values=offsets))
+
+
+def _rand_augment(images, size):
+    """RandAugment (torchvision's 14 ops and ranges), 2 ops per sample, magnitude ~ U{1..10} per sample."""
+    suite = get_rand_augment_suite(use_shape=True, max_translate_rel=150 / 331)
+    op_index = fn.random.uniform(values=list(range(len(suite))), shape=(RAND_AUGMENT_OPS,), dtype=types.INT32)
+    magnitude = fn.random.uniform(values=list(range(1, RAND_AUGMENT_MAX_MAGNITUDE + 1)), dtype=types.INT32)
+    # One magnitude for all ops of a sample (as torchvision's RandAugment), a random sign per op.
+    magnitude = signed_bin(fn.stack(*[magnitude] * RAND_AUGMENT_OPS), shape=(RAND_AUGMENT_OPS,))
+    for level in range(RAND_AUGMENT_OPS):
+        images = select(suite, op_index[level], data=images, magnitude_bin=magnitude[level],
+                        num_magnitude_bins=RAND_AUGMENT_MAX_MAGNITUDE + 1, shape=[size, size], fill_value=0)
+    return images
+
+
+def _cutout(normalised, size):
+    """One square of CUTOUT_AREA of the image, anywhere inside it, set to 0 (the mean colour)."""
+    side = fn.cast(dmath.sqrt(_uniform(*CUTOUT_AREA)) * size, dtype=types.INT32)
+    free = fn.cast(size - side, dtype=types.FLOAT)
+    anchor = fn.cast(fn.stack(_uniform(0, 1) * free, _uniform(0, 1) * free), dtype=types.FLOAT)
+    shape = fn.cast(fn.stack(side, side), dtype=types.FLOAT)
+    return fn.erase(normalised, anchor=anchor, shape=shape, axis_names="HW", fill_value=0.0)
+
+
+@pipeline_def(enable_conditionals=True)
+def _pipeline(file_list, kind, size, scales, gpu):
+    encoded, row = fn.readers.file(file_list=file_list, random_shuffle=False, pad_last_batch=True, name="reader")
+    images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    if kind == "barlow_twins":
+        views = [_barlow_twins_view(images, size, blur_p=1.0, solarize_p=0.0),
+                 _barlow_twins_view(images, size, blur_p=0.1, solarize_p=0.2)]
+    elif kind == "train":
+        views = [_train_view(images, size)]
+    elif kind == "weak_strong":
+        fitted = _fit(images, size)
+        weak = _reflect_translate(fitted, size)
+        strong = _rand_augment(_reflect_translate(fitted, size), size)
+        views = [_normalise(weak), _cutout(_normalise(strong), size)]
+    else:  # eval
+        views = [_normalise(fn.resize(images, resize_shorter=s, interp_type=types.INTERP_LINEAR, antialias=True),
+                            crop=(s, s)) for s in scales]
+    return (*views, row)
+
+
+# ---------------------------------------------------------------- file scan (bad files, conversions)
+
+# Decoded by DALI exactly as load_image decodes them (checked: JPEG incl. CMYK/grey/EXIF, PNG incl.
+# palette/grey/16-bit, BMP, WebP). Alpha is the exception: load_image composites it on black.
+_DALI_FORMATS = {"JPEG", "PNG", "BMP", "WEBP"}
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+def cache_dir() -> str:
+    return os.environ.get("SEMISCALE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "semiscale"))
+
+
+def _stat(path):
+    try:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return -1, 0
+
+
+def _inspect(path, stat, converted_dir):
+    """None when DALI can read `path` as is; else {"bad": reason} or {"converted": png path}."""
+    try:
+        image = load_image(path)
+        with Image.open(path) as header:
+            direct = (header.format in _DALI_FORMATS and header.mode not in _ALPHA_MODES
+                      and "transparency" not in header.info)
+    except BadImageError as e:
+        return {"bad": e.reason}
+    if direct:
+        return None
+    target = os.path.join(converted_dir, hashlib.sha1(f"{path}\t{stat}".encode()).hexdigest() + ".png")
+    if not os.path.exists(target):
+        os.makedirs(converted_dir, exist_ok=True)
+        image.save(target + f".{os.getpid()}.tmp", format="PNG")
+        os.replace(target + f".{os.getpid()}.tmp", target)
+    return {"converted": target}
+
+
+def scan_files(paths: list[str], threads: int = 2) -> dict[str, dict]:
+    """{path: {"bad": reason} | {"converted": png}} for the files DALI cannot read as is.
+
+    Cached per list of (path, size, mtime): a long run, every rank and every later stage scan once.
+    """
+    stats = [_stat(p) for p in paths]
+    key = hashlib.sha256("\n".join(f"{p}\t{s}" for p, s in zip(paths, stats)).encode()).hexdigest()
+    cache_file = os.path.join(cache_dir(), "image_scan", key + ".json")
+    try:
+        with open(cache_file, encoding="utf-8") as f:
+            found = json.load(f)
+        if all("bad" in v or os.path.exists(v["converted"]) for v in found.values()):
+            return found
+    except (OSError, ValueError):
+        pass
+    converted_dir = os.path.join(cache_dir(), "rgb")
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        results = pool.map(lambda ps: _inspect(ps[0], ps[1], converted_dir), zip(paths, stats), chunksize=64)
+        found = {p: r for p, r in zip(paths, results) if r is not None}
+    os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+    with open(cache_file + f".{os.getpid()}.tmp", "w", encoding="utf-8") as f:
+        json.dump(found, f)
+    os.replace(cache_file + f".{os.getpid()}.tmp", cache_file)
+    return found
+
+
+def _decodable_rows(split: Split, found: dict[str, dict], on_bad_image: str) -> np.ndarray:
+    """Row -> the row whose image stands in for it: itself, or (skip) the next decodable row, wrapping."""
+    bad = [i for i, p in enumerate(split.paths) if "bad" in found.get(p, {})]
+    if bad and on_bad_image == "error":
+        path = split.paths[bad[0]]
+        raise BadImageError(path, found[path]["bad"])
+    n = len(split.paths)
+    if len(bad) == n:
+        raise BadImageError(split.root, f"no decodable image in split {split.name!r}")
+    if bad:
+        log.warning("split %r: %d undecodable image(s) replaced by the next decodable row, e.g. %s: %s",
+                    split.name, len(bad), split.paths[bad[0]], found[split.paths[bad[0]]]["bad"])
+    stand_in = np.arange(n)
+    is_bad = np.zeros(n, dtype=bool)
+    is_bad[bad] = True
+    nearest = -1
+    for i in range(2 * n - 1, -1, -1):  # two passes backwards: the next good row, wrapping around
+        if not is_bad[i % n]:
+            nearest = i % n
+        if i < n:
+            stand_in[i] = nearest
+    return stand_in
+
+
+# ---------------------------------------------------------------- loader
+
+def _use_gpu(device: str) -> bool:
+    if device not in ("auto", "gpu", "cpu"):
+        raise ValueError(f"DALI device {device!r}: expected one of auto, gpu, cpu")
+    if device == "gpu" and not torch.cuda.is_available():
+        raise ValueError("DALI device 'gpu': torch.cuda.is_available() is False")
+    return device == "gpu" or (device == "auto" and torch.cuda.is_available())
+
+
+class DaliLoader:
+    """Same interface and batches as data.loaders.Loader: .steps_per_epoch, .epoch(epoch, start_step)."""
+
+    def __init__(self, split: Split, kind: str, *, image_size: int, global_batch: int, rank: int = 0,
+                 world: int = 1, seed: int = 0, shuffle: bool = True, drop_last: bool = True, workers: int = 2,
+                 on_bad_image: str = "error", scales: list[int] | None = None, device: str = "auto"):
+        if kind not in KINDS:
+            raise ValueError(f"loader kind {kind!r}: expected one of {', '.join(KINDS)}")
+        if on_bad_image not in ("error", "skip"):
+            raise ValueError(f"on_bad_image: expected 'error' or 'skip', got {on_bad_image!r}")
+        self.sampler = ShardedSampler(len(split), global_batch, rank=rank, world=world, seed=seed, shuffle=shuffle,
+                                      drop_last=drop_last)
+        if self.sampler.steps_per_epoch == 0:
+            raise ValueError(f"split {split.name!r} has {len(split)} rows: not enough for one step of global batch "
+                             f"{global_batch}{' with drop_last' if drop_last else ''}")
+        self.split, self.kind, self.image_size, self.seed = split, kind, image_size, seed
+        self.scales = list(scales or [image_size])
+        self.view_sizes = self.scales if kind == "eval" else [image_size] * (1 if kind == "train" else 2)
+        self.threads = max(1, workers)
+        self.gpu = _use_gpu(device)
+        found = scan_files(split.paths, self.threads)
+        self.stand_in = _decodable_rows(split, found, on_bad_image)
+        self.files = [found.get(p, {}).get("converted", p) for p in split.paths]
+        self.labels = None if split.labels is None else torch.as_tensor(split.labels, dtype=torch.int64)
+        self._workdir = tempfile.mkdtemp(prefix="semiscale-dali-")
+        weakref.finalize(self, shutil.rmtree, self._workdir, ignore_errors=True)
+        self._file_list = os.path.join(self._workdir, "files.txt")
+        self._graph = None   # serialized once: tracing the graph (RandAugment's branches) takes seconds
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        """Iterator over this rank's batches of `epoch`, from `start_step` on (the pipeline starts now)."""
+        self.sampler.set_epoch(epoch, start_step)
+        steps = [self.stand_in[step] for step in self.sampler]
+        rows = np.concatenate(steps) if steps else np.empty(0, dtype=np.int64)
+        if len(rows) == 0:
+            return (self._empty_batch() for _ in steps)
+        with open(self._file_list, "w", encoding="utf-8") as f:   # "path label", the label being the row
+            f.writelines(f"{self.files[r]} {r}\n" for r in rows)
+        params = dict(batch_size=self.sampler.global_batch // self.sampler.world, num_threads=self.threads,
+                      device_id=torch.cuda.current_device() if self.gpu else None, prefetch_queue_depth=2)
+        if self._graph is None:
+            self._graph = _pipeline(file_list=self._file_list, kind=self.kind, size=self.image_size,
+                                    scales=self.scales, gpu=self.gpu, **params).serialize()
+        pipe = Pipeline.deserialize(serialized_pipeline=self._graph, seed=self._pipeline_seed(epoch, start_step),
+                                    **params)
+        outputs = [f"view{i}" for i in range(len(self.view_sizes))]
+        iterator = DALIGenericIterator([pipe], output_map=[*outputs, "row"], reader_name="reader",
+                                       last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
+        return self._batches(iterator, steps, outputs)
+
+    def _pipeline_seed(self, epoch, start_step):
+        entropy = (self.seed, epoch, self.sampler.rank, start_step)
+        return int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
+
+    def _batches(self, iterator, steps, outputs):
+        for step in steps:
+            if len(step) == 0:
+                yield self._empty_batch()
+                continue
+            out = next(iterator)[0]
+            index = out["row"].reshape(-1).to(torch.int64)
+            yield {"views": [out[name] for name in outputs], "label": self._labels_of(index), "index": index}
+
+    def _labels_of(self, index):
+        return torch.full_like(index, -1) if self.labels is None else self.labels[index]
+
+    def _empty_batch(self):
+        device = "cuda" if self.gpu else "cpu"
+        index = torch.empty(0, dtype=torch.int64)
+        return {"views": [torch.empty(0, 3, s, s, device=device) for s in self.view_sizes],
+                "label": index.clone(), "index": index}

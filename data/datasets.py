@@ -1,0 +1,215 @@
+"""The dataset layout on disk: class names, CSV splits, image decoding and a per-sample-seeded Dataset.
+
+ROOT/classes.txt lists one class per line (line number = class id); ROOT/{labeled,val,test}.csv
+hold `path,label`, ROOT/unlabeled.csv holds `path` and optionally a hidden `label`. Paths are
+relative to ROOT and must stay inside it.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import posixpath
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("labeled", "val", "test", "unlabeled")
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be decoded (missing, empty, truncated, corrupt)."""
+
+    def __init__(self, path, reason=""):
+        super().__init__(path, reason)
+        self.path, self.reason = path, reason
+
+    def __str__(self):
+        return f"{self.path}: {self.reason}" if self.reason else str(self.path)
+
+
+@dataclass
+class Split:
+    root: str                           # absolute dataset root
+    name: str                           # labeled / val / test / unlabeled, or a CSV's stem
+    paths: list[str]                    # absolute image paths
+    labels: np.ndarray | None           # int64 class ids; None when the split is unlabeled
+    hidden_labels: np.ndarray | None    # int64 true labels kept for simulations (unlabeled.csv)
+
+    def __len__(self):
+        return len(self.paths)
+
+
+def read_classes(root) -> list[str]:
+    path = os.path.join(root, "classes.txt")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the class list ({e.strerror})") from None
+    seen = {}
+    for lineno, name in enumerate(lines, start=1):
+        if not name.strip():
+            raise ValueError(f"{path}:{lineno}: expected a class name, got an empty line")
+        if name in seen:
+            raise ValueError(f"{path}:{lineno}: class {name!r} already named on line {seen[name]}")
+        seen[name] = lineno
+    if not lines:
+        raise ValueError(f"{path}: expected at least one class name, the file is empty")
+    return lines
+
+
+def _escapes_root(rel: str) -> bool:
+    """True when `rel` is empty, absolute or climbs out of ROOT (normalised only when it holds '..')."""
+    if not rel or rel.startswith("/"):
+        return True
+    if ".." not in rel:
+        return False
+    norm = posixpath.normpath(rel)
+    return norm == ".." or norm.startswith("../")
+
+
+def _is_integer(text: str) -> bool:
+    try:
+        int(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _first_bad_line(csv_path: str, rows: list, is_bad, expected: str):
+    """Raises naming the first row for which `is_bad(row)` holds (line numbers count the header)."""
+    for lineno, row in enumerate(rows, start=2):
+        if is_bad(row):
+            raise ValueError(f"{csv_path}:{lineno}: expected {expected}, got {row!r}")
+
+
+def read_split(root, name) -> Split:
+    """Reads ROOT/<name>.csv (name in SPLITS) or a CSV at path `name` whose paths are relative to ROOT.
+
+    Only the CSV is validated here; image files are opened (and found missing) at load time. The
+    checks run over whole columns and rescan the rows only to name the first bad line.
+    """
+    root = os.path.abspath(root)
+    if name in SPLITS:
+        csv_path, split_name = os.path.join(root, f"{name}.csv"), name
+    elif str(name).endswith(".csv"):
+        csv_path, split_name = str(name), os.path.splitext(os.path.basename(str(name)))[0]
+    else:
+        raise ValueError(f"split {name!r}: expected one of {', '.join(SPLITS)} or a path ending in .csv")
+    num_classes = len(read_classes(root))
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            header, *rows = list(csv.reader(f)) or [None]
+    except OSError as e:
+        raise ValueError(f"{csv_path}: cannot read the split ({e.strerror})") from None
+    if not header or header[0] != "path":
+        raise ValueError(f"{csv_path}:1: expected a header starting with 'path' (path,label), got {header}")
+    label_col = header.index("label") if "label" in header else None
+    if label_col is None and split_name in ("labeled", "val", "test"):
+        raise ValueError(f"{csv_path}:1: expected a 'label' column in the header, got {header}")
+    width = len(header)
+    if any(len(row) != width for row in rows):
+        _first_bad_line(csv_path, rows, lambda row: len(row) != width, f"{width} fields ({','.join(header)})")
+    relative = [row[0] for row in rows]
+    if any(_escapes_root(rel) for rel in relative):
+        _first_bad_line(csv_path, rows, lambda row: _escapes_root(row[0]), f"a path relative to and inside {root}")
+    paths = [f"{root}/{rel}" for rel in relative]
+    labels = None
+    if label_col is not None:
+        expected = f"an integer label in [0, {num_classes}) in column {label_col + 1}"
+        try:
+            labels = np.array([row[label_col] for row in rows], dtype=np.int64)
+        except ValueError:
+            _first_bad_line(csv_path, rows, lambda row: not _is_integer(row[label_col]), expected)
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            _first_bad_line(csv_path, rows, lambda row: not 0 <= int(row[label_col]) < num_classes, expected)
+    if split_name == "unlabeled":
+        return Split(root, split_name, paths, None, labels)
+    return Split(root, split_name, paths, labels, None)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # Pillow clips >8-bit grey to 255 instead of rescaling; treat it as 16-bit data.
+        grey = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        # Transparent pixels carry arbitrary colour: composite on black so they become black.
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path) -> Image.Image:
+    """Decodes any PIL-readable image (any mode, EXIF-rotated) to RGB, or raises BadImageError."""
+    try:
+        if os.path.getsize(path) == 0:
+            raise BadImageError(path, "empty file (0 bytes)")
+        with Image.open(path) as image:
+            image.load()
+            return _to_rgb(ImageOps.exif_transpose(image))
+    except BadImageError:
+        raise
+    except FileNotFoundError:
+        raise BadImageError(path, "file not found") from None
+    except Exception as e:  # PIL reports corrupt data through many exception types
+        raise BadImageError(path, f"cannot decode ({type(e).__name__}: {e})") from None
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 64-bit seed per (seed, epoch, sample), independent of workers, ranks and resume."""
+    return int(np.random.SeedSequence((seed, epoch, index)).generate_state(1, np.uint64)[0])
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Items are (views, label, index): `transform(image)` -> tuple of tensors, label -1 when unknown.
+
+    The augmentation of sample i in epoch e is seeded by (seed, e, i) alone. With on_bad_image="skip"
+    an undecodable row is replaced by the next decodable row (i+1, i+2, ... wrapping), and the item
+    reports that row's label and index, so pixels, label and index always belong together.
+    """
+
+    def __init__(self, split: Split, transform, seed: int = 0, on_bad_image: str = "error"):
+        if on_bad_image not in ("error", "skip"):
+            raise ValueError(f"on_bad_image: expected 'error' or 'skip', got {on_bad_image!r}")
+        self.split, self.transform, self.seed, self.on_bad_image = split, transform, seed, on_bad_image
+        self.epoch = 0
+        self.bad_images: set[str] = set()   # undecodable files met by this process (warned once each)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.split.paths)
+
+    def _decodable(self, index):
+        """(row index, image) of `index` or, in skip mode, of the next decodable row."""
+        n = len(self.split.paths)
+        for row in ((index + k) % n for k in range(n)):
+            path = self.split.paths[row]
+            if path in self.bad_images:
+                continue
+            try:
+                return row, load_image(path)
+            except BadImageError as e:
+                if self.on_bad_image == "error":
+                    raise
+                self.bad_images.add(path)
+                log.warning("skipping unreadable image (%d so far in this process): %s", len(self.bad_images), e)
+        raise BadImageError(self.split.root, f"no decodable image in split {self.split.name!r}")
+
+    def __getitem__(self, index):
+        row, image = self._decodable(index)
+        with torch.random.fork_rng(devices=[]):
+            # The CPU generator only: torch.manual_seed would also (slowly) reseed every GPU's generator.
+            torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
+            views = self.transform(image)
+        label = -1 if self.split.labels is None else int(self.split.labels[row])
+        return views, label, row

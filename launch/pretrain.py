@@ -1,0 +1,122 @@
+"""Barlow Twins self-supervised pretraining -> run.dir/backbone.pt.
+
+    python launch/pretrain.py --config configs/demo/pretrain.yaml [key=value ...]
+    torchrun --nproc_per_node 8 launch/pretrain.py --config configs/paper/pretrain.yaml
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import dataclasses  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from data.datasets import read_classes, read_split  # noqa: E402
+from data.loaders import build_loader, resolve_backend  # noqa: E402
+from trainer import checkpoint, dist, engine, knn, optim, schedule  # noqa: E402
+from trainer.config import PretrainConfig  # noqa: E402
+from trainer.models import BarlowTwins, build_backbone  # noqa: E402
+from trainer.predict import embed  # noqa: E402
+
+
+def knn_monitor(backbone, cfg, rt, labeled, val) -> float:
+    """Top-1 of a cosine kNN classifier: labeled embeddings vote for each val image."""
+    def features(split):
+        loader = build_loader(split, "eval", image_size=cfg.data.image_size, global_batch=cfg.train.batch_size,
+                              rank=rt.rank, world=rt.world, shuffle=False, drop_last=False,
+                              workers=cfg.data.workers, backend=resolve_backend(cfg.data.backend),
+                              on_bad_image=cfg.data.on_bad_image)
+        return embed(backbone, loader, rt, len(split.paths), cfg.train.precision)
+    return knn.knn_accuracy(features(labeled), labeled.labels, features(val), val.labels,
+                            num_classes=len(read_classes(cfg.data.root)),
+                            k=cfg.knn.k, temperature=cfg.knn.temperature)
+
+
+def train_step(model, views, optimizer, scaler, precision, device):
+    y1, y2 = (v.to(device, non_blocking=True) for v in views)
+    with engine.autocast(precision, device):
+        loss = model(y1, y2)
+    engine.step_optimizer(loss, optimizer, scaler)
+    return loss
+
+
+def main(argv=None):
+    cfg = engine.parse(PretrainConfig, argv, "Barlow Twins pretraining")
+    rt = dist.init()
+    run = engine.Run("pretrain", cfg, rt)
+    engine.seed_everything(cfg.run.seed)
+
+    # data: every image without a label plus the labeled ones (their labels are not used here)
+    labeled, val = read_split(cfg.data.root, "labeled"), read_split(cfg.data.root, "val")
+    unlabeled = read_split(cfg.data.root, "unlabeled")
+    images = dataclasses.replace(unlabeled, name="pretrain", paths=unlabeled.paths + labeled.paths,
+                                 labels=None, hidden_labels=None)
+    B = cfg.train.batch_size
+    if B % rt.world:
+        raise engine.StageError(f"train.batch_size={B} must be divisible by the {rt.world} ranks")
+    loader = build_loader(images, "barlow_twins", image_size=cfg.data.image_size, global_batch=B,
+                          rank=rt.rank, world=rt.world, seed=cfg.run.seed, workers=cfg.data.workers,
+                          backend=resolve_backend(cfg.data.backend), on_bad_image=cfg.data.on_bad_image)
+
+    # model: N ranks see one global batch (synchronised BatchNorm, cross-correlation all-reduced)
+    backbone = build_backbone(cfg.model.backbone, cfg.model.small_stem, cfg.model.width)
+    model = BarlowTwins(backbone, cfg.barlow.projector, cfg.barlow.lambd, B)
+    model = dist.sync_batchnorm(model).to(rt.device)
+    scale = B / 256   # learning rates are given per 256 images
+    optimizer = optim.build_optimizer(
+        "apex_lars" if cfg.optim.impl == "apex" else "lars", model,
+        lr_weights=cfg.optim.lr_weights * scale, lr_biases=cfg.optim.lr_biases * scale,
+        weight_decay=cfg.optim.weight_decay)
+    scaler = engine.grad_scaler(cfg.train.precision, rt.device)
+    state = run.resume(model, optimizer, scaler)
+    ddp = dist.wrap_ddp(model, rt)
+
+    steps_per_epoch = loader.steps_per_epoch
+    total = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps:
+        total = min(total, cfg.train.max_steps)
+    warmup = min(int(cfg.optim.warmup_epochs * steps_per_epoch), total)
+    step = state["step"]
+    run.say(f"{len(images.paths)} images, {rt.world} rank(s), global batch {B}, "
+            f"{steps_per_epoch} steps/epoch, {total} steps, backend {resolve_backend(cfg.data.backend)}")
+    if step == 0 and cfg.knn.every_epochs:
+        accuracy = knn_monitor(backbone, cfg, rt, labeled, val)
+        run.log(epoch=0, step=0, knn_top1=accuracy)
+        run.say(f"kNN top-1 at initialisation: {accuracy:.4f}")
+
+    bar = run.progress(total, step)
+    epoch, start = state["epoch"], state["step_in_epoch"]
+    while step < total:
+        t0, seen = time.time(), 0
+        for i, batch in enumerate(loader.epoch(epoch, start), start=start):
+            schedule.apply_lr(optimizer, schedule.lr_factor(step, total, warmup))
+            loss = train_step(ddp, batch["views"], optimizer, scaler, cfg.train.precision, rt.device)
+            step, seen = step + 1, seen + B
+            bar.update()
+            if step % cfg.run.log_every == 0 or step == total:
+                loss_value = dist.all_reduce_mean_(loss.detach().float()).item()
+                ips = seen / (time.time() - t0)
+                bar.set_postfix(loss=f"{loss_value:.2f}", img_s=f"{ips:.0f}")
+                run.log(epoch=epoch, step=step, loss=loss_value, lr=optimizer.param_groups[0]["lr"],
+                        img_s=round(ips, 1))
+            if step == total:
+                break
+            if step % cfg.run.checkpoint_every == 0 and i + 1 < steps_per_epoch:
+                run.save_checkpoint(model, optimizer, scaler, step, epoch, i + 1)
+        epoch, start = epoch + 1, 0
+        if cfg.knn.every_epochs and (epoch % cfg.knn.every_epochs == 0 or step == total):
+            accuracy = knn_monitor(backbone, cfg, rt, labeled, val)
+            run.log(epoch=epoch, step=step, knn_top1=accuracy)
+            run.say(f"epoch {epoch}: kNN top-1 {accuracy:.4f}")
+        run.save_checkpoint(model, optimizer, scaler, step, epoch, 0)
+    bar.close()
+
+    if rt.is_main:   # a plain state_dict: loads into the torchvision model it came from
+        checkpoint.save_atomic(backbone.state_dict(), run.path("backbone.pt"))
+    run.say(f"wrote {run.path('backbone.pt')}")
+
+
+if __name__ == "__main__":
+    engine.cli(main)

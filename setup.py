@@ -1,0 +1,21 @@
+from setuptools import setup
+
+setup(
+    name="semiscale",
+    version="0.1.0",
+    description="Distributed semi-supervised image classification: Barlow Twins, balanced "
+                "pseudo-labels, FixMatch, active learning, multi-scale TTA",
+    packages=["trainer", "data"],
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4", "torchvision>=0.19", "numpy", "pyyaml", "tqdm", "pillow",
+        "matplotlib", "submitit",
+    ],
+    extras_require={
+        # faiss comes as one of two builds that provide the same module: pick exactly one
+        "cpu": ["faiss-cpu"],
+        "gpu": ["faiss-gpu"],
+        "dali": ["nvidia-dali-cuda120"],
+        "dev": ["pytest", "scikit-learn"],
+    },
+)

@@ -1,0 +1,84 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torchvision
+
+from tiny import ROOT, TINY_PRETRAIN, fashion, stage
+from trainer import checkpoint
+
+CONFIG = os.path.join(ROOT, "configs", "demo", "pretrain.yaml")
+
+
+def pretrain(data, run_dir, *extra, **kw):
+    return stage("pretrain", "--config", CONFIG, f"data.root={data}", f"run.dir={run_dir}",
+                 *TINY_PRETRAIN, *extra, **kw)
+
+
+def weights(run_dir):
+    return torch.load(os.path.join(run_dir, "backbone.pt"), weights_only=True)
+
+
+def assert_same_weights(a, b, atol):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=0, atol=atol, msg=k)
+
+
+def test_two_ranks_equal_one_rank(tmp_path_factory, tmp_path):
+    """Same global batch: 2 gloo ranks (synchronised BN, all-reduced correlation, averaged grads)
+    train the same weights as 1 process, up to float reordering (atol 1e-4 after 6 LARS steps)."""
+    data = fashion(tmp_path_factory)
+    pretrain(data, tmp_path / "one", "train.max_steps=6")
+    pretrain(data, tmp_path / "two", "train.max_steps=6", torchrun=2)
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert_same_weights(one, two, atol=1e-4)
+    # the tolerance is far below what training moves: 3 more steps change the weights by much more
+    pretrain(data, tmp_path / "short", "train.max_steps=3")
+    short = weights(tmp_path / "short")
+    assert max((one[k].float() - short[k].float()).abs().max().item() for k in one) > 1e-2
+
+
+def test_kill_and_resume_matches_uninterrupted(tmp_path_factory, tmp_path):
+    data = fashion(tmp_path_factory)
+    args = ["train.max_steps=30", "run.checkpoint_every=3"]
+    pretrain(data, tmp_path / "straight", *args)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", "pretrain.py"), "--config", CONFIG,
+                             f"data.root={data}", f"run.dir={killed}", *TINY_PRETRAIN, *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed / "checkpoint.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and checkpoint.load(str(ckpt))["step"] >= 6:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = checkpoint.load(str(ckpt))["step"]
+    assert 6 <= killed_at < 30
+    out = pretrain(data, killed, *args)
+    assert f"resumed from {ckpt} at step {killed_at}" in out.stderr + out.stdout
+    assert_same_weights(weights(tmp_path / "straight"), weights(killed), atol=1e-6)
+
+
+def test_backbone_loads_into_torchvision(tmp_path_factory, tmp_path):
+    data = fashion(tmp_path_factory)
+    pretrain(data, tmp_path, "model.backbone=resnet18", "train.max_steps=1", "barlow.projector=[16,16]")
+    net = torchvision.models.resnet18()
+    result = net.load_state_dict(weights(tmp_path), strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path_factory, tmp_path):
+    data = fashion(tmp_path_factory)
+    pretrain(data, tmp_path, "train.max_steps=1")
+    proc = pretrain(data, tmp_path, "train.max_steps=2", "model.width=16", check=False)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"pretrain.py: error: {tmp_path}/checkpoint.pt: written for another architecture")

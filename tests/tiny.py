@@ -1,0 +1,36 @@
+"""Small real datasets and stage runs for the tests (built once per test session)."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_built = {}
+
+
+def fashion(tmp_path_factory, limit: int = 800) -> str:
+    """The first `limit` Fashion-MNIST train/test images, prepared with 4 labels per class."""
+    if limit not in _built:
+        out = str(tmp_path_factory.mktemp(f"fashion{limit}") / "data")
+        subprocess.run([sys.executable, os.path.join(ROOT, "launch", "prepare.py"), "fashion-mnist",
+                        "--out", out, "--labels-per-class", "4", "--val-size", "100", "--seed", "0",
+                        "--limit", str(limit)], check=True, capture_output=True)
+        _built[limit] = out
+    return _built[limit]
+
+
+def stage(name: str, *args: str, torchrun: int = 0, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    """Run launch/<name>.py (under torchrun with `torchrun` processes when > 0)."""
+    script = os.path.join(ROOT, "launch", f"{name}.py")
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", script]
+    else:
+        cmd = [sys.executable, script]
+    proc = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=600, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+# a pretraining run small enough for seconds on CPU
+TINY_PRETRAIN = ["model.width=8", "barlow.projector=[32,32]", "train.batch_size=16", "train.precision=fp32",
+                 "data.backend=torch", "data.workers=0", "knn.every_epochs=0", "run.log_every=1"]

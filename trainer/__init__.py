@@ -1,0 +1,1 @@
+"""semiscale training library: models, losses, optimisation, distributed engine and stages' building blocks."""
