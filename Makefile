@@ -27,6 +27,7 @@ demo: data
 	$(BIN)/python launch/demo.py --data $(DATA)
 
 test: setup $(FMNIST)
+	sh tests/cluster/install.sh
 	$(BIN)/python -m pytest -q tests
 
 bench: setup

@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -33,9 +34,13 @@ def test_two_ranks_equal_one_rank(tmp_path_factory, tmp_path):
     """Same global batch: 2 gloo ranks (synchronised BN, all-reduced correlation, averaged grads)
     train the same weights as 1 process, up to float reordering (atol 1e-4 after 6 LARS steps)."""
     data = fashion(tmp_path_factory)
-    pretrain(data, tmp_path / "one", "train.max_steps=6")
-    pretrain(data, tmp_path / "two", "train.max_steps=6", torchrun=2)
+    # the kNN monitor runs too: sharded inference through the synchronised BatchNorm in eval mode
+    pretrain(data, tmp_path / "one", "train.max_steps=6", "knn.every_epochs=1")
+    pretrain(data, tmp_path / "two", "train.max_steps=6", "knn.every_epochs=1", torchrun=2)
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    knn = [[json.loads(line)["knn_top1"] for line in open(tmp_path / run / "metrics.jsonl") if "knn_top1" in line]
+           for run in ("one", "two")]
+    assert len(knn[0]) == 2 and knn[0] == knn[1]
     assert_same_weights(one, two, atol=1e-4)
     # the tolerance is far below what training moves: 3 more steps change the weights by much more
     pretrain(data, tmp_path / "short", "train.max_steps=3")

@@ -86,6 +86,10 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     sums with a differentiable collective, so N gloo ranks train exactly like 1 rank.
     """
 
+    def _check_input_dim(self, x: torch.Tensor):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input (N, C, ...), got {x.dim()}-D")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or world_size() == 1:
             return super().forward(x)
