@@ -1,16 +1,10 @@
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
-import pytest
 import torch
 import torchvision
 
-from tiny import ROOT, TINY_PRETRAIN, fashion, stage
-from trainer import checkpoint
+from tiny import ROOT, TINY_PRETRAIN, fashion, kill_after_checkpoint, stage
 
 CONFIG = os.path.join(ROOT, "configs", "demo", "pretrain.yaml")
 
@@ -53,19 +47,9 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path_factory, tmp_path):
     args = ["train.max_steps=30", "run.checkpoint_every=3"]
     pretrain(data, tmp_path / "straight", *args)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", "pretrain.py"), "--config", CONFIG,
-                             f"data.root={data}", f"run.dir={killed}", *TINY_PRETRAIN, *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = killed / "checkpoint.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt.exists() and checkpoint.load(str(ckpt))["step"] >= 6:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = checkpoint.load(str(ckpt))["step"]
+    killed_at = kill_after_checkpoint("pretrain", ["--config", CONFIG, f"data.root={data}", f"run.dir={killed}",
+                                                   *TINY_PRETRAIN, *args], killed, min_step=6)
     assert 6 <= killed_at < 30
     out = pretrain(data, killed, *args)
     assert f"resumed from {ckpt} at step {killed_at}" in out.stderr + out.stdout

@@ -34,3 +34,37 @@ def stage(name: str, *args: str, torchrun: int = 0, check: bool = True, **kw) ->
 # a pretraining run small enough for seconds on CPU
 TINY_PRETRAIN = ["model.width=8", "barlow.projector=[32,32]", "train.batch_size=16", "train.precision=fp32",
                  "data.backend=torch", "data.workers=0", "knn.every_epochs=0", "run.log_every=1"]
+
+
+def kill_after_checkpoint(name: str, args: list, run_dir, min_step: int) -> int:
+    """Start launch/<name>.py, SIGKILL it once its checkpoint holds step >= min_step; returns that step."""
+    import signal
+    import time
+
+    from trainer import checkpoint
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", f"{name}.py"), *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = os.path.join(run_dir, "checkpoint.pt")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(ckpt) and checkpoint.load(ckpt)["step"] >= min_step:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"{name} ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return checkpoint.load(ckpt)["step"]
+
+
+def pretrained_backbone(tmp_path_factory, data: str) -> str:
+    """A tiny pretrained backbone.pt (a few Barlow Twins steps) for the later stages' tests."""
+    if "backbone" not in _built:
+        out = tmp_path_factory.mktemp("pretrained")
+        stage("pretrain", "--config", os.path.join(ROOT, "configs/demo/pretrain.yaml"), f"data.root={data}",
+              f"run.dir={out}", *TINY_PRETRAIN, "train.max_steps=3")
+        _built["backbone"] = str(out / "backbone.pt")
+    return _built["backbone"]
+
+
+TINY_FINETUNE = ["model.width=8", "train.batch_size=8", "train.precision=fp32", "data.backend=torch",
+                 "data.workers=0", "run.log_every=1", "finetune.eval_every=1"]

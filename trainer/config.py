@@ -132,6 +132,7 @@ class PseudoSection:
     top_k: int = 10                 # classes kept per image
     schedule: list[int] = field(default_factory=lambda: [200, 300, 400, 500])   # P per iteration
     finetune_config: str = "configs/demo/finetune.yaml"   # recipe of each iteration's two fine-tunes
+    finetune_overrides: list[str] = field(default_factory=list)   # key=value applied to both fine-tunes
     pseudo_epochs: int = 10         # fine-tune on pseudo + labeled
     labeled_epochs: int = 20        # then on labeled only, head re-initialised
     fixmatch_p: int = 16            # also write the (top_k, fixmatch_p) selection for FixMatch; 0 = no

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import random
@@ -41,6 +42,17 @@ def cli(main):
         prog = os.path.basename(sys.argv[0])
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+LAUNCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch")
+
+
+def stage_module(name: str):
+    """launch/<name>.py as a module, so one stage can run another's own code path."""
+    spec = importlib.util.spec_from_file_location(f"semiscale_stage_{name}", os.path.join(LAUNCH_DIR, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class Run:
@@ -104,6 +116,30 @@ class Run:
         self.say(f"resumed from {self.checkpoint_path} at step {state['step']} "
                  f"(epoch {state['epoch']}, step {state['step_in_epoch']} of it)")
         return state
+
+
+# ---- small files ----
+
+def write_json(path: str, obj):
+    """Atomically: a reader never sees half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_done(run_dir: str) -> dict:
+    """The final event of a finished stage's metrics.jsonl."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        done = [e for e in map(json.loads, f) if e.get("event") == "done"]
+    if not done:
+        raise StageError(f"{run_dir}/metrics.jsonl: the stage has not finished (no 'done' event)")
+    return done[-1]
 
 
 # ---- precision ----

@@ -1,11 +1,13 @@
 """Sharded inference: every rank runs its share of a split through a model."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer.dist import Runtime, world_size
+from trainer.dist import Runtime, barrier, world_size
 from trainer.engine import autocast
 
 
@@ -61,3 +63,73 @@ def accuracy(model, loader, rt: Runtime, precision: str = "fp32") -> dict[str, f
     if world_size() > 1:
         dist.all_reduce(counts)
     return {"top1": (counts[0] / counts[2]).item(), "top5": (counts[1] / counts[2]).item()}
+
+
+PREDICTION_FILES = ("topk_class.npy", "topk_prob.npy", "embeddings.npy")
+
+
+@torch.no_grad()
+def write_predictions(model, loader, rt: Runtime, out_dir: str, num_rows: int, top_k: int,
+                      precision: str = "fp32"):
+    """Top-K classes and probabilities plus the backbone embedding of every row, merged by row.
+
+    Each rank streams its shard to rank-<r> files (embeddings straight to disk, so no rank holds
+    N x D floats, and nobody holds N x C probabilities); rank 0 then merges them into
+    out_dir/{topk_class,topk_prob,embeddings}.npy ordered by row, and removes the shards.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    prefix = os.path.join(out_dir, f"rank-{rt.rank}")
+    indices, classes, probs = [], [], []
+    dim = model.backbone.out_dim
+    with open(prefix + ".embeddings.bin", "wb") as emb_file:
+        for index, out in outputs(lambda v: _features_and_logits(model, v[0]), loader, rt, precision):
+            features, logits = out[:, :dim], out[:, dim:]
+            p, c = torch.softmax(logits, 1).topk(top_k, dim=1)
+            indices.append(index.numpy())
+            classes.append(c.numpy().astype(np.int32))
+            probs.append(p.numpy().astype(np.float32))
+            emb_file.write(features.numpy().astype(np.float32).tobytes())
+    model.train(was_training)
+    np.save(prefix + ".index.npy", np.concatenate(indices) if indices else np.zeros(0, np.int64))
+    np.save(prefix + ".topk_class.npy", np.concatenate(classes) if classes else np.zeros((0, top_k), np.int32))
+    np.save(prefix + ".topk_prob.npy", np.concatenate(probs) if probs else np.zeros((0, top_k), np.float32))
+    barrier()
+    if rt.is_main:
+        _merge(out_dir, world_size(), num_rows, top_k, dim)
+    barrier()
+
+
+def _features_and_logits(model, x):
+    features = model.backbone(x)
+    # one output tensor for the sharded loop: features then logits, split again by the caller
+    return torch.cat([features, model.head(features)], 1)
+
+
+def _merge(out_dir: str, world: int, num_rows: int, top_k: int, dim: int):
+    shards = [os.path.join(out_dir, f"rank-{r}") for r in range(world)]
+    merged = {name: np.lib.format.open_memmap(os.path.join(out_dir, name + ".tmp"), "w+", dtype, shape)
+              for name, dtype, shape in (("topk_class.npy", np.int32, (num_rows, top_k)),
+                                         ("topk_prob.npy", np.float32, (num_rows, top_k)),
+                                         ("embeddings.npy", np.float32, (num_rows, dim)))}
+    seen = np.zeros(num_rows, bool)
+    for shard in shards:
+        index = np.load(shard + ".index.npy")
+        seen[index] = True
+        merged["topk_class.npy"][index] = np.load(shard + ".topk_class.npy")
+        merged["topk_prob.npy"][index] = np.load(shard + ".topk_prob.npy")
+        embeddings = np.memmap(shard + ".embeddings.bin", np.float32, "r", shape=(len(index), dim))
+        for start in range(0, len(index), 65536):   # bounded memory however large the shard
+            merged["embeddings.npy"][index[start:start + 65536]] = embeddings[start:start + 65536]
+        del embeddings
+    if not seen.all():
+        raise RuntimeError(f"predictions cover {seen.sum()} of {num_rows} rows")
+    for array in merged.values():
+        array.flush()
+    del merged
+    for name in PREDICTION_FILES:
+        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+    for shard in shards:
+        for suffix in (".index.npy", ".topk_class.npy", ".topk_prob.npy", ".embeddings.bin"):
+            os.remove(shard + suffix)

@@ -1,0 +1,1 @@
+"""Benchmark suites for launch/bench.py: each module exposes run(args) -> dict of figures."""

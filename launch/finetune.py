@@ -1,0 +1,123 @@
+"""Fine-tune a pretrained backbone + a fresh linear head on labeled (+ pseudo-labeled) images.
+
+    python launch/finetune.py --config configs/demo/finetune.yaml [key=value ...]
+
+Writes run.dir/model.pt: the weights of the epoch with the best val top-1.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import copy  # noqa: E402
+import dataclasses  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from data.datasets import read_classes, read_split  # noqa: E402
+from data.loaders import build_loader, resolve_backend  # noqa: E402
+from trainer import dist, engine, optim, schedule  # noqa: E402
+from trainer.config import FinetuneConfig  # noqa: E402
+from trainer.models import Classifier, build_backbone, classifier_arch, load_backbone_weights, save_classifier  # noqa: E402
+from trainer.predict import accuracy  # noqa: E402
+
+
+def training_split(cfg):
+    """The labeled split plus the pseudo-labels, each of which must name an unlabeled image."""
+    labeled = read_split(cfg.data.root, cfg.finetune.labeled)
+    if not cfg.finetune.pseudo_labels:
+        return labeled
+    pseudo = read_split(cfg.data.root, cfg.finetune.pseudo_labels)
+    if pseudo.labels is None:
+        raise engine.StageError(f"{cfg.finetune.pseudo_labels}:1: expected a 'label' column")
+    unlabeled = set(read_split(cfg.data.root, "unlabeled").paths)
+    for row, path in enumerate(pseudo.paths, start=2):
+        if path not in unlabeled:
+            raise engine.StageError(f"{cfg.finetune.pseudo_labels}:{row}: {os.path.relpath(path, pseudo.root)} "
+                                    f"is not an image of unlabeled.csv")
+    return dataclasses.replace(labeled, name="labeled+pseudo", paths=labeled.paths + pseudo.paths,
+                               labels=np.concatenate([labeled.labels, pseudo.labels]))
+
+
+def loader_for(split, kind, cfg, rt, **kw):
+    return build_loader(split, kind, image_size=cfg.data.image_size, global_batch=cfg.train.batch_size,
+                        rank=rt.rank, world=rt.world, seed=cfg.run.seed, workers=cfg.data.workers,
+                        backend=resolve_backend(cfg.data.backend), on_bad_image=cfg.data.on_bad_image, **kw)
+
+
+def main(argv=None):
+    cfg = engine.parse(FinetuneConfig, argv, "Fine-tune backbone + linear head")
+    rt = dist.init()
+    run = engine.Run("finetune", cfg, rt)
+    engine.seed_everything(cfg.run.seed)
+
+    num_classes = len(read_classes(cfg.data.root))
+    train = training_split(cfg)
+    B = cfg.train.batch_size
+    if B % rt.world or B > len(train.paths):
+        raise engine.StageError(f"train.batch_size={B}: must divide by {rt.world} rank(s) and be at most "
+                                f"the {len(train.paths)} training images")
+    loader = loader_for(train, "train", cfg, rt)
+    val_loader = loader_for(read_split(cfg.data.root, "val"), "eval", cfg, rt, shuffle=False, drop_last=False)
+
+    backbone = build_backbone(cfg.model.backbone, cfg.model.small_stem, cfg.model.width)
+    load_backbone_weights(backbone, cfg.finetune.init)
+    model = dist.sync_batchnorm(Classifier(backbone, num_classes)).to(rt.device)
+    optimizer = optim.classifier_sgd(model, cfg.optim.lr_backbone, cfg.optim.lr_head,
+                                     cfg.optim.weight_decay, cfg.optim.momentum, cfg.optim.nesterov)
+    scaler = engine.grad_scaler(cfg.train.precision, rt.device)
+    state = run.resume(model, optimizer, scaler)
+    best = {"top1": state.get("best_top1", -1.0), "epoch": state.get("best_epoch", -1),
+            "model": state.get("best_model")}
+    ddp = dist.wrap_ddp(model, rt)
+
+    total = cfg.train.epochs * loader.steps_per_epoch
+    if cfg.train.max_steps:
+        total = min(total, cfg.train.max_steps)
+    warmup = min(int(cfg.optim.warmup_epochs * loader.steps_per_epoch), total)
+    run.say(f"{len(train.paths)} training images ({train.name}), {num_classes} classes, init "
+            f"{cfg.finetune.init}, {loader.steps_per_epoch} steps/epoch, {total} steps")
+    step, epoch, start = state["step"], state["epoch"], state["step_in_epoch"]
+    bar = run.progress(total, step)
+    while step < total:
+        t0, seen = time.time(), 0
+        for i, batch in enumerate(loader.epoch(epoch, start), start=start):
+            schedule.apply_lr(optimizer, schedule.lr_factor(step, total, warmup, final_factor=0.0))
+            x, y = batch["views"][0].to(rt.device, non_blocking=True), batch["label"].to(rt.device)
+            with engine.autocast(cfg.train.precision, rt.device):
+                loss = F.cross_entropy(ddp(x).float(), y)
+            engine.step_optimizer(loss, optimizer, scaler)
+            step, seen = step + 1, seen + B
+            bar.update()
+            if step % cfg.run.log_every == 0 or step == total:
+                loss_value = dist.all_reduce_mean_(loss.detach().float()).item()
+                bar.set_postfix(loss=f"{loss_value:.3f}")
+                run.log(epoch=epoch, step=step, loss=loss_value, lr=optimizer.param_groups[0]["lr"],
+                        img_s=round(seen / (time.time() - t0), 1))
+            if step == total:
+                break
+            if step % cfg.run.checkpoint_every == 0 and i + 1 < loader.steps_per_epoch:
+                run.save_checkpoint(model, optimizer, scaler, step, epoch, i + 1, best_top1=best["top1"],
+                                    best_epoch=best["epoch"], best_model=best["model"])
+        epoch, start = epoch + 1, 0
+        if epoch % cfg.finetune.eval_every == 0 or step == total:
+            val = accuracy(model, val_loader, rt, cfg.train.precision)
+            run.log(epoch=epoch, step=step, val_top1=val["top1"], val_top5=val["top5"])
+            if val["top1"] > best["top1"]:
+                best = {"top1": val["top1"], "epoch": epoch, "model": copy.deepcopy(model.state_dict())}
+        run.save_checkpoint(model, optimizer, scaler, step, epoch, 0, best_top1=best["top1"],
+                            best_epoch=best["epoch"], best_model=best["model"])
+    bar.close()
+
+    model.load_state_dict(best["model"])
+    run.log(event="done", best_epoch=best["epoch"], val_top1=best["top1"])   # before model.pt: see pipeline
+    if rt.is_main:
+        save_classifier(model, classifier_arch(cfg.model, num_classes), run.path("model.pt"))
+    run.say(f"best val top-1 {best['top1']:.4f} at epoch {best['epoch']}; wrote {run.path('model.pt')}")
+
+
+if __name__ == "__main__":
+    engine.cli(main)

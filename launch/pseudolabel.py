@@ -1,0 +1,136 @@
+"""Balanced pseudo-label iterations: predict -> top-P per class -> fine-tune on pseudo + labeled,
+then on labeled only (head re-initialised); P grows each iteration; the best model by val wins.
+
+    python launch/pseudolabel.py --config configs/demo/pseudolabel.yaml [key=value ...]
+
+Writes in run.dir: iter<i>/ (predictions, pseudo_labels.csv, selection.json, the two fine-tune runs),
+model.pt (the best by val), predictions/ of that model, pseudo_labels.csv (its top_k x fixmatch_p
+selection, for FixMatch) and selection.json (every iteration's figures).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import csv  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from data.datasets import read_classes, read_split  # noqa: E402
+from data.loaders import build_loader, resolve_backend  # noqa: E402
+from trainer import config, dist, engine  # noqa: E402
+from trainer.config import PseudolabelConfig  # noqa: E402
+from trainer.models import load_classifier  # noqa: E402
+from trainer.predict import accuracy, write_predictions  # noqa: E402
+from trainer.select import select_balanced_from_npy  # noqa: E402
+
+
+def eval_loader(split, cfg, rt):
+    return build_loader(split, "eval", image_size=cfg.data.image_size, global_batch=cfg.inference.batch_size,
+                        rank=rt.rank, world=rt.world, shuffle=False, drop_last=False, workers=cfg.data.workers,
+                        backend=resolve_backend(cfg.data.backend), on_bad_image=cfg.data.on_bad_image)
+
+
+def predict(model_path, unlabeled, cfg, rt, out_dir):
+    if os.path.exists(os.path.join(out_dir, "embeddings.npy")):
+        return
+    model, _ = load_classifier(model_path)
+    write_predictions(model.to(rt.device), eval_loader(unlabeled, cfg, rt), rt, out_dir, len(unlabeled),
+                      cfg.pseudo.top_k, cfg.inference.precision)
+
+
+def val_top1(model_path, cfg, rt) -> float:
+    model, _ = load_classifier(model_path)
+    return accuracy(model.to(rt.device), eval_loader(read_split(cfg.data.root, "val"), cfg, rt), rt,
+                    cfg.inference.precision)["top1"]
+
+
+def select(pred_dir, unlabeled, num_classes, p, cfg, out_csv, out_json) -> dict:
+    """Top-p images per class from the predictions; writes the CSV (path,label,score) and a summary."""
+    chosen = select_balanced_from_npy(os.path.join(pred_dir, "topk_class.npy"),
+                                      os.path.join(pred_dir, "topk_prob.npy"), num_classes, p,
+                                      chunk=cfg.pseudo.chunk)
+    summary = {"p": p, "top_k": cfg.pseudo.top_k, **chosen.summary()}
+    if unlabeled.hidden_labels is not None:   # simulations only: measure, never train on them
+        correct = unlabeled.hidden_labels[chosen.indices] == chosen.labels
+        per_class = [float(correct[chosen.labels == c].mean()) if (chosen.labels == c).any() else None
+                     for c in range(num_classes)]
+        summary.update(precision=float(correct.mean()) if len(correct) else None, class_precision=per_class)
+    tmp = out_csv + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "score"])
+        for i, label, score in zip(chosen.indices, chosen.labels, chosen.scores):
+            writer.writerow([os.path.relpath(unlabeled.paths[i], unlabeled.root), int(label), f"{score:.6f}"])
+    os.replace(tmp, out_csv)
+    engine.write_json(out_json, summary)
+    return summary
+
+
+def finetune(finetune_main, cfg, run_dir, init, epochs, pseudo_labels=""):
+    """One fine-tune with the stage's own code; a finished one (model.pt present) is kept."""
+    if not os.path.exists(os.path.join(run_dir, "model.pt")):
+        finetune_main(["--config", cfg.pseudo.finetune_config, f"run.dir={run_dir}", f"data.root={cfg.data.root}",
+                       f"data.backend={cfg.data.backend}", f"finetune.init={init}",
+                       f"finetune.pseudo_labels={pseudo_labels}", f"train.epochs={epochs}",
+                       *cfg.pseudo.finetune_overrides])
+    return engine.read_done(run_dir)["val_top1"]
+
+
+def main(argv=None):
+    cfg = engine.parse(PseudolabelConfig, argv, "Balanced pseudo-label iterations")
+    num_classes = len(read_classes(cfg.data.root))
+    if not 0 < cfg.pseudo.top_k <= num_classes:
+        raise config.ConfigError(f"pseudo.top_k={cfg.pseudo.top_k}: expected 1..{num_classes} (the number of classes)")
+    if not cfg.pseudo.schedule or min(cfg.pseudo.schedule + [cfg.pseudo.fixmatch_p or 1]) <= 0:
+        raise config.ConfigError(f"pseudo.schedule={cfg.pseudo.schedule} / pseudo.fixmatch_p={cfg.pseudo.fixmatch_p}: "
+                                 "expected positive images-per-class counts")
+    rt = dist.init()
+    run = engine.Run("pseudolabel", cfg, rt)
+    unlabeled = read_split(cfg.data.root, "unlabeled")
+    finetune_main = engine.stage_module("finetune").main
+
+    start_val = val_top1(cfg.pseudo.model, cfg, rt)
+    iterations = [{"iteration": 0, "model": cfg.pseudo.model, "val_top1": start_val}]
+    run.log(iteration=0, val_top1=start_val)
+    current = cfg.pseudo.model
+    for it, p in enumerate(cfg.pseudo.schedule, start=1):
+        folder = run.path(f"iter{it}")
+        pred_dir, csv_path = os.path.join(folder, "predictions"), os.path.join(folder, "pseudo_labels.csv")
+        predict(current, unlabeled, cfg, rt, pred_dir)
+        if rt.is_main and not os.path.exists(csv_path):
+            select(pred_dir, unlabeled, num_classes, p, cfg, csv_path, os.path.join(folder, "selection.json"))
+        dist.barrier()
+        summary = engine.read_json(os.path.join(folder, "selection.json"))
+        run.say(f"iteration {it}: P={p}, {summary['selected']} pseudo-labels, {summary['duplicates']} images "
+                f"chosen for >1 class, precision {summary.get('precision')}")
+        finetune(finetune_main, cfg, os.path.join(folder, "pseudo"), current, cfg.pseudo.pseudo_epochs, csv_path)
+        val = finetune(finetune_main, cfg, os.path.join(folder, "labeled"),
+                       os.path.join(folder, "pseudo", "model.pt"), cfg.pseudo.labeled_epochs)
+        current = os.path.join(folder, "labeled", "model.pt")
+        iterations.append({"iteration": it, "p": p, "selected": summary["selected"],
+                           "duplicates": summary["duplicates"], "precision": summary.get("precision"),
+                           "model": current, "val_top1": val})
+        run.log(**{k: v for k, v in iterations[-1].items() if k != "model"})
+
+    best = max(iterations, key=lambda r: r["val_top1"])
+    run.say(f"best model by val: iteration {best['iteration']} ({best['val_top1']:.4f})")
+    if rt.is_main:
+        shutil.copyfile(best["model"], run.path("model.pt.tmp"))
+        os.replace(run.path("model.pt.tmp"), run.path("model.pt"))
+    dist.barrier()
+    predict(run.path("model.pt"), unlabeled, cfg, rt, run.path("predictions"))
+    fixmatch = None
+    if rt.is_main and cfg.pseudo.fixmatch_p:
+        fixmatch = select(run.path("predictions"), unlabeled, num_classes, cfg.pseudo.fixmatch_p, cfg,
+                          run.path("pseudo_labels.csv"), run.path("fixmatch_selection.json"))
+    if rt.is_main:
+        engine.write_json(run.path("selection.json"), {"iterations": iterations, "best_iteration": best["iteration"],
+                                                       "fixmatch_selection": fixmatch})
+    run.log(event="done", best_iteration=best["iteration"], val_top1=best["val_top1"])
+
+
+if __name__ == "__main__":
+    engine.cli(main)

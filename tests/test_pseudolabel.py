@@ -1,0 +1,121 @@
+import csv
+import json
+import os
+
+import numpy as np
+import torch
+
+from multiproc import run_ranks
+from tiny import ROOT, TINY_FINETUNE, fashion, kill_after_checkpoint, pretrained_backbone, stage
+from trainer import checkpoint
+
+FINETUNE = os.path.join(ROOT, "configs", "demo", "finetune.yaml")
+PSEUDO = os.path.join(ROOT, "configs", "demo", "pseudolabel.yaml")
+
+
+def finetune(data, init, run_dir, *extra, **kw):
+    return stage("finetune", "--config", FINETUNE, f"data.root={data}", f"run.dir={run_dir}",
+                 f"finetune.init={init}", *TINY_FINETUNE, *extra, **kw)
+
+
+def events(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_finetune_logs_val_and_resumes_after_kill(tmp_path_factory, tmp_path):
+    data = fashion(tmp_path_factory)
+    backbone = pretrained_backbone(tmp_path_factory, data)
+    args = ["train.epochs=6", "run.checkpoint_every=2"]
+    finetune(data, backbone, tmp_path / "straight", *args)
+    val = [e["val_top1"] for e in events(tmp_path / "straight") if "val_top1" in e and "event" not in e]
+    assert len(val) == 6 and all(0 <= v <= 1 for v in val)
+    killed = tmp_path / "killed"
+    step = kill_after_checkpoint("finetune", ["--config", FINETUNE, f"data.root={data}", f"run.dir={killed}",
+                                              f"finetune.init={backbone}", *TINY_FINETUNE, *args], killed, 4)
+    assert step < 6 * 5   # 40 labeled images / batch 8 = 5 steps per epoch
+    finetune(data, backbone, killed, *args)
+    a = checkpoint.load(str(tmp_path / "straight" / "model.pt"))["model"]
+    b = checkpoint.load(str(killed / "model.pt"))["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_bad_pseudo_label_rows_are_named(tmp_path_factory, tmp_path):
+    data = fashion(tmp_path_factory)
+    backbone = pretrained_backbone(tmp_path_factory, data)
+    cases = {"images/train/99999.png,1\n": "is not an image of unlabeled.csv",
+             "../outside.png,1\n": "expected a path relative to and inside",
+             "images/train/00000.png,10\n": "expected an integer label in [0, 10)"}
+    with open(os.path.join(data, "unlabeled.csv")) as f:
+        first_unlabeled = f.read().splitlines()[1].split(",")[0]
+    for row, message in cases.items():
+        bad = tmp_path / "bad.csv"
+        bad.write_text(f"path,label\n{first_unlabeled},3\n{row}")
+        proc = finetune(data, backbone, tmp_path / "run", f"finetune.pseudo_labels={bad}", check=False)
+        assert proc.returncode == 2, proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert f"{bad}:3" in last and message in last, last
+
+
+def test_pseudolabel_iterations(tmp_path_factory, tmp_path):
+    data = fashion(tmp_path_factory)
+    finetune(data, pretrained_backbone(tmp_path_factory, data), tmp_path / "ft", "train.epochs=2")
+    run = tmp_path / "pl"
+    stage("pseudolabel", "--config", PSEUDO, f"data.root={data}", f"run.dir={run}", "data.backend=torch",
+          "data.workers=0", f"pseudo.model={tmp_path / 'ft' / 'model.pt'}", "pseudo.top_k=3",
+          "pseudo.schedule=[5,10]", "pseudo.fixmatch_p=2", "pseudo.pseudo_epochs=1", "pseudo.labeled_epochs=1",
+          f"pseudo.finetune_config={FINETUNE}", "inference.batch_size=64",
+          f"pseudo.finetune_overrides=[{','.join(TINY_FINETUNE)}]")
+    summary = json.load(open(run / "selection.json"))
+    assert [r["iteration"] for r in summary["iterations"]] == [0, 1, 2]
+    hidden = {}
+    with open(os.path.join(data, "unlabeled.csv")) as f:
+        rows = list(csv.DictReader(f))
+    hidden = {r["path"]: int(r["label"]) for r in rows}
+    order = [r["path"] for r in rows]
+    for it, p in ((1, 5), (2, 10)):
+        folder = run / f"iter{it}"
+        with open(folder / "pseudo_labels.csv") as f:
+            chosen = list(csv.DictReader(f))
+        topk_class = np.load(folder / "predictions" / "topk_class.npy")
+        topk_prob = np.load(folder / "predictions" / "topk_prob.npy")
+        counts = np.bincount([int(r["label"]) for r in chosen], minlength=10)
+        assert counts.max() <= p and len({r["path"] for r in chosen}) == len(chosen)
+        for r in chosen:   # every pseudo-label is one of the image's top-K with its probability
+            i = order.index(r["path"])
+            k = list(topk_class[i]).index(int(r["label"]))
+            assert abs(topk_prob[i, k] - float(r["score"])) < 1e-5
+        precision = np.mean([hidden[r["path"]] == int(r["label"]) for r in chosen])
+        assert abs(summary["iterations"][it]["precision"] - precision) < 1e-9
+        assert (folder / "labeled" / "model.pt").exists() and (folder / "pseudo" / "model.pt").exists()
+    with open(run / "pseudo_labels.csv") as f:
+        assert np.bincount([int(r["label"]) for r in csv.DictReader(f)], minlength=10).max() <= 2
+    assert (run / "model.pt").exists() and np.load(run / "predictions" / "embeddings.npy").shape[0] == len(rows)
+
+
+def _predict(rank, data, world_dir):
+    from data.datasets import read_split
+    from data.loaders import build_loader
+    from trainer.dist import init
+    from trainer.models import Classifier, build_backbone
+    from trainer.predict import write_predictions
+    torch.manual_seed(0)
+    model = Classifier(build_backbone("small", width=8), 10)
+    split = read_split(data, "unlabeled")
+    rt = init()
+    loader = build_loader(split, "eval", image_size=28, global_batch=64, rank=rt.rank, world=rt.world,
+                          shuffle=False, drop_last=False, workers=0, backend="torch")
+    write_predictions(model, loader, rt, world_dir, len(split), 3)
+    return rank
+
+
+def test_two_rank_predictions_equal_one_rank(tmp_path_factory, tmp_path):
+    data = fashion(tmp_path_factory)
+    run_ranks(_predict, 1, data, str(tmp_path / "one"))
+    run_ranks(_predict, 2, data, str(tmp_path / "two"))
+    for name in ("topk_class.npy", "topk_prob.npy", "embeddings.npy"):
+        a, b = np.load(tmp_path / "one" / name), np.load(tmp_path / "two" / name)
+        assert a.shape == b.shape and a.shape[0] == 660
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    assert sorted(os.listdir(tmp_path / "two")) == ["embeddings.npy", "topk_class.npy", "topk_prob.npy"]
