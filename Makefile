@@ -24,7 +24,7 @@ data: setup $(FMNIST)
 	$(BIN)/python launch/prepare.py fashion-mnist --out $(DATA) --labels-per-class 30 --val-size 5000 --seed 0
 
 demo: data
-	$(BIN)/python launch/demo.py --data $(DATA)
+	$(BIN)/python launch/pipeline.py --config configs/demo/pipeline.yaml data.root=$(DATA)
 
 test: setup $(FMNIST)
 	sh tests/cluster/install.sh

@@ -38,8 +38,12 @@ def training_split(cfg):
         if path not in unlabeled:
             raise engine.StageError(f"{cfg.finetune.pseudo_labels}:{row}: {os.path.relpath(path, pseudo.root)} "
                                     f"is not an image of unlabeled.csv")
-    return dataclasses.replace(labeled, name="labeled+pseudo", paths=labeled.paths + pseudo.paths,
-                               labels=np.concatenate([labeled.labels, pseudo.labels]))
+    # an image that has since been labeled (active learning) keeps its real label only
+    known = set(labeled.paths)
+    keep = np.array([p not in known for p in pseudo.paths], bool)
+    return dataclasses.replace(labeled, name="labeled+pseudo",
+                               paths=labeled.paths + [p for p, k in zip(pseudo.paths, keep) if k],
+                               labels=np.concatenate([labeled.labels, pseudo.labels[keep]]))
 
 
 def loader_for(split, kind, cfg, rt, **kw):
@@ -64,7 +68,8 @@ def main(argv=None):
     val_loader = loader_for(read_split(cfg.data.root, "val"), "eval", cfg, rt, shuffle=False, drop_last=False)
 
     backbone = build_backbone(cfg.model.backbone, cfg.model.small_stem, cfg.model.width)
-    load_backbone_weights(backbone, cfg.finetune.init)
+    if cfg.finetune.init:   # "" trains from scratch: the supervised-only baseline
+        load_backbone_weights(backbone, cfg.finetune.init)
     model = dist.sync_batchnorm(Classifier(backbone, num_classes)).to(rt.device)
     optimizer = optim.classifier_sgd(model, cfg.optim.lr_backbone, cfg.optim.lr_head,
                                      cfg.optim.weight_decay, cfg.optim.momentum, cfg.optim.nesterov)
@@ -79,7 +84,7 @@ def main(argv=None):
         total = min(total, cfg.train.max_steps)
     warmup = min(int(cfg.optim.warmup_epochs * loader.steps_per_epoch), total)
     run.say(f"{len(train.paths)} training images ({train.name}), {num_classes} classes, init "
-            f"{cfg.finetune.init}, {loader.steps_per_epoch} steps/epoch, {total} steps")
+            f"{cfg.finetune.init or 'random'}, {loader.steps_per_epoch} steps/epoch, {total} steps")
     step, epoch, start = state["step"], state["epoch"], state["step_in_epoch"]
     bar = run.progress(total, step)
     while step < total:

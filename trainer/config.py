@@ -104,7 +104,7 @@ class SgdConfig:
 
 @dataclass
 class FinetuneSection:
-    init: str = "runs/demo/pretrain/backbone.pt"   # backbone.pt, or a model.pt whose backbone is reused
+    init: str = "runs/demo/pretrain/backbone.pt"   # backbone.pt, a model.pt whose backbone is reused, or "" (random init)
     labeled: str = "labeled"        # split name or CSV (path,label) relative to data.root
     pseudo_labels: str = ""         # optional CSV (path,label[,score]) of pseudo-labels, added to labeled
     eval_every: int = 1             # epochs between val evaluations (model.pt keeps the best by val)
@@ -167,6 +167,73 @@ class FixmatchConfig:
     optim: SgdConfig = field(default_factory=lambda: SgdConfig(lr_backbone=0.01, lr_head=0.01,
                                                                weight_decay=5e-4, nesterov=True))
     fixmatch: FixmatchSection = field(default_factory=FixmatchSection)
+
+
+@dataclass
+class EvaluateSection:
+    model: str = "runs/demo/fixmatch/model.pt"
+    scales: list[int] = field(default_factory=lambda: [28, 42, 56])   # px; TTA averages their probabilities
+    splits: list[str] = field(default_factory=lambda: ["val", "test"])
+    knn: bool = False               # instead: kNN top-1 of `backbone`'s embeddings (labeled -> each split)
+    backbone: str = "runs/demo/pretrain/backbone.pt"
+    k: int = 20
+    temperature: float = 0.07
+
+
+@dataclass
+class EvaluateConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)     # the backbone's, in knn mode
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+
+
+@dataclass
+class ActiveSection:
+    model: str = "runs/demo/fixmatch/model.pt"     # its margins pick the queries
+    backbone: str = "runs/demo/pretrain/backbone.pt"   # SSL embeddings for the clustering
+    labeled: str = "labeled"        # the labels so far (split name or CSV): never queried, kept in labeled.csv
+    clusters: int = 200             # at most the number of queries: the budget is split evenly over them
+    budget: float = 0.0025          # < 1: fraction of the labeled + unlabeled images; >= 1: a number of queries
+    niter: int = 20
+    max_points_per_centroid: int = 256   # faiss trains k-means on at most clusters x this many points; 0 = all
+    oracle: bool = False            # answer from unlabeled.csv's hidden labels (simulations only)
+    answers: str = ""               # an annotator's CSV (path,label) to import instead
+
+
+@dataclass
+class ActiveConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)     # the SSL backbone's
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    active: ActiveSection = field(default_factory=ActiveSection)
+
+
+@dataclass
+class StageSpec:
+    config: str = ""                # the stage's YAML
+    overrides: list[str] = field(default_factory=list)   # key=value, applied after the pipeline's own
+
+
+@dataclass
+class PipelineSection:
+    nproc: int = 1                  # processes per stage: 1 runs inline, more under torchrun
+    supervised: StageSpec = field(default_factory=lambda: StageSpec("configs/demo/supervised.yaml"))
+    pretrain: StageSpec = field(default_factory=lambda: StageSpec("configs/demo/pretrain.yaml"))
+    finetune: StageSpec = field(default_factory=lambda: StageSpec("configs/demo/finetune.yaml"))
+    pseudolabel: StageSpec = field(default_factory=lambda: StageSpec("configs/demo/pseudolabel.yaml"))
+    fixmatch: StageSpec = field(default_factory=lambda: StageSpec("configs/demo/fixmatch.yaml"))
+    active: StageSpec = field(default_factory=lambda: StageSpec("configs/demo/active.yaml"))
+    evaluate: StageSpec = field(default_factory=lambda: StageSpec("configs/demo/evaluate.yaml"))
+
+
+@dataclass
+class PipelineConfig:
+    run: RunConfig = field(default_factory=lambda: RunConfig(dir="runs/demo"))
+    data: DataConfig = field(default_factory=DataConfig)
+    pipeline: PipelineSection = field(default_factory=PipelineSection)
 
 
 # ---- loading ----

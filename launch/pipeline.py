@@ -1,0 +1,100 @@
+"""The whole recipe as one resumable run: supervised baseline, Barlow Twins, fine-tune, balanced
+pseudo-labels, FixMatch, active learning + FixMatch, evaluation with multi-scale TTA, report.
+
+    python launch/pipeline.py --config configs/demo/pipeline.yaml [--force STAGE ...] [key=value ...]
+
+Each stage runs its own launch script in run.dir/<stage>; a stage whose output exists is skipped,
+and a stage that was killed resumes from its checkpoint, so rerunning the command continues.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+from trainer import config, engine, report  # noqa: E402
+from trainer.config import PipelineConfig  # noqa: E402
+
+# (stage, script, which pipeline.<spec> configures it, the file that marks it finished,
+#  how it is wired to the stages before it: dir(stage) -> overrides)
+STAGES = [
+    ("supervised", "finetune", "supervised", "model.pt", lambda d: []),
+    ("pretrain", "pretrain", "pretrain", "backbone.pt", lambda d: []),
+    ("finetune", "finetune", "finetune", "model.pt", lambda d: [f"finetune.init={d('pretrain')}/backbone.pt"]),
+    ("pseudolabel", "pseudolabel", "pseudolabel", "selection.json",
+     lambda d: [f"pseudo.model={d('finetune')}/model.pt"]),
+    ("fixmatch", "fixmatch", "fixmatch", "model.pt",
+     lambda d: [f"fixmatch.init={d('pseudolabel')}/model.pt",
+                f"fixmatch.pseudo_labels={d('pseudolabel')}/pseudo_labels.csv"]),
+    ("active", "active", "active", "labeled.csv",
+     lambda d: [f"active.model={d('fixmatch')}/model.pt", f"active.backbone={d('pretrain')}/backbone.pt",
+                "active.oracle=true"]),
+    ("fixmatch_active", "fixmatch", "fixmatch", "model.pt",
+     lambda d: [f"fixmatch.init={d('fixmatch')}/model.pt", f"fixmatch.labeled={d('active')}/labeled.csv",
+                f"fixmatch.pseudo_labels={d('pseudolabel')}/pseudo_labels.csv"]),
+    ("evaluate_knn", "evaluate", "evaluate", "eval.json",
+     lambda d: ["evaluate.knn=true", f"evaluate.backbone={d('pretrain')}/backbone.pt"]),
+] + [
+    (f"evaluate_{model}", "evaluate", "evaluate", "eval.json",
+     lambda d, model=model: [f"evaluate.model={d(model)}/model.pt"])
+    for model in report.MODEL_STAGES
+]
+
+
+def run_stage(script: str, argv: list[str], nproc: int):
+    if nproc == 1:   # inline: a killed pipeline leaves no orphan behind
+        engine.stage_module(script).main(argv)
+        return
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(engine.LAUNCH_DIR, f"{script}.py"), *argv]
+    if subprocess.run(cmd).returncode != 0:
+        raise engine.StageError(f"stage {script} failed under torchrun (command: {' '.join(cmd)})")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Run the whole semiscale recipe")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--force", action="append", default=[], metavar="STAGE",
+                        help="rerun STAGE and everything after it (repeatable; 'all' for everything)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    cfg = config.load(PipelineConfig, args.config, args.overrides)
+    names = [s[0] for s in STAGES]
+    unknown = [f for f in args.force if f not in names + ["all"]]
+    if unknown:
+        raise config.ConfigError(f"--force {unknown[0]}: expected 'all' or one of {', '.join(names)}")
+    os.makedirs(cfg.run.dir, exist_ok=True)
+    config.dump(cfg, os.path.join(cfg.run.dir, "config.yaml"))
+    times_path = os.path.join(cfg.run.dir, "stage_times.json")
+    times = engine.read_json(times_path) if os.path.exists(times_path) else {}
+
+    def stage_dir(name):
+        return os.path.join(cfg.run.dir, name)
+
+    forced = len(names) if not args.force else min(
+        0 if "all" in args.force else names.index(f) for f in args.force)
+    for i, (name, script, spec_name, output, wiring) in enumerate(STAGES):
+        folder = stage_dir(name)
+        if i >= forced and os.path.exists(folder):
+            shutil.rmtree(folder)
+        if os.path.exists(os.path.join(folder, output)):
+            print(f"[pipeline] {name}: done, skipped ({folder}/{output} exists)", flush=True)
+            continue
+        spec = getattr(cfg.pipeline, spec_name)
+        stage_argv = ["--config", spec.config, f"run.dir={folder}", f"data.root={cfg.data.root}",
+                      f"data.backend={cfg.data.backend}", *wiring(stage_dir), *spec.overrides]
+        print(f"[pipeline] {name}: {script}.py {' '.join(stage_argv)}", flush=True)
+        t0 = time.time()
+        run_stage(script, stage_argv, cfg.pipeline.nproc)
+        times[name] = times.get(name, 0.0) + time.time() - t0
+        engine.write_json(times_path, times)
+    report.write(cfg.run.dir, times)
+    print(f"[pipeline] report: {os.path.join(cfg.run.dir, 'report.md')}", flush=True)
+
+
+if __name__ == "__main__":
+    engine.cli(main)
