@@ -3,10 +3,14 @@
 GPU present: `mixed` (nvJPEG) decode and GPU ops on device torch.cuda.current_device(), views come
 out as CUDA tensors. Otherwise (or device="cpu"): CPU decode and ops, CPU tensors.
 
-Each epoch runs a fresh pipeline (the graph is traced once and deserialized per epoch) over this rank's
-file list in the exact order data.loaders.ShardedSampler gives, with DALI's own shuffling off: sharding,
-epoch length and resume are those of the torch path. DALI's random draws come from one pipeline seed per (seed, epoch, rank, start_step): a resumed
-epoch sees the same rows in the same order, not the same augmentation draws.
+Each epoch runs a fresh pipeline (each graph is traced once per process, then deserialized) over this
+rank's file list in the exact order data.loaders.ShardedSampler gives, with DALI's own shuffling off:
+sharding, epoch length and resume are those of the torch path. DALI's random draws come from one
+pipeline seed per (seed, epoch, rank, start_step): a resumed epoch sees the same rows in the same
+order, not the same augmentation draws (the torch path seeds per sample).
+
+Colour jitter differs in one model: DALI's hue is a rotation in YIQ (luma kept), torchvision shifts
+HSV hue; brightness, contrast, saturation and greyscale match torchvision's to ~1-2 levels.
 
 A file DALI cannot decode kills its pipeline, so the split is scanned once up front with
 data.datasets.load_image (cached on disk per file list + sizes + mtimes): bad files raise or are
@@ -15,6 +19,7 @@ from load_image (alpha, non-DALI formats) are converted once to RGB PNGs in the 
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -22,7 +27,7 @@ import math
 import os
 import shutil
 import tempfile
-import weakref
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -43,7 +48,7 @@ log = logging.getLogger(__name__)
 MEAN_255 = [255 * m for m in IMAGENET_MEAN]
 STD_255 = [255 * s for s in IMAGENET_STD]
 
-# Augmentation constants shared with data.transforms (same formulas, same meaning).
+# data.transforms' augmentation parameters (it computes them inline: keep the two in step).
 def barlow_twins_min_scale(size):
     return min(0.25, 0.08 * math.sqrt(224 / size))
 
@@ -71,19 +76,27 @@ def _uniform(low, high):
     return fn.random.uniform(range=[low, high])
 
 
-def _normalise(images, crop=None):
-    """uint8 HWC -> float32 CHW normalised, with a random horizontal flip unless `crop` (eval) is given."""
-    if crop is not None:
-        return fn.crop_mirror_normalize(images, crop=crop, mean=MEAN_255, std=STD_255, dtype=types.FLOAT,
-                                        output_layout="CHW")
-    return fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(), mean=MEAN_255, std=STD_255,
-                                    dtype=types.FLOAT, output_layout="CHW")
+def _normalise(images, evaluate=False):
+    """uint8 HWC -> float32 CHW normalised, randomly flipped unless evaluating."""
+    mirror = 0 if evaluate else fn.random.coin_flip()
+    return fn.crop_mirror_normalize(images, mirror=mirror, mean=MEAN_255, std=STD_255, dtype=types.FLOAT,
+                                    output_layout="CHW")
 
 
-def _fit(images, size):
-    # Shorter side to `size` (bilinear, antialiased like PIL), longer side centre-trimmed.
-    images = fn.resize(images, resize_shorter=size, interp_type=types.INTERP_LINEAR, antialias=True)
-    return fn.crop(images, crop=(size, size))
+def _fit(images, image_shape, size):
+    """torchvision's Resize(size) + CenterCrop(size), to the pixel: the same output sizes and offsets.
+
+    Shorter side to `size` and the longer one to floor(size * long / short) (DALI alone would round),
+    bilinear antialiased (PIL's filter); the crop offset is round-half-to-even((side - size) / 2).
+    """
+    height_width = fn.cast(image_shape[0:2], dtype=types.INT32)
+    resized = (height_width * size) // dmath.min(image_shape[0], image_shape[1])
+    images = fn.resize(images, size=fn.cast(resized, dtype=types.FLOAT), interp_type=types.INTERP_LINEAR,
+                       antialias=True)
+    excess = resized - size
+    half = excess // 2
+    start = half + (excess - 2 * half) * (half - 2 * (half // 2))   # half + 1 when excess odd and half odd
+    return fn.slice(images, start=start, shape=[size, size], axis_names="HW")
 
 
 def _colour_jitter_and_grey(images):
@@ -113,8 +126,10 @@ def _gaussian_blur(images, kernel, p):
     taps = types.Constant(np.square(np.arange(kernel, dtype=np.float32) - kernel // 2))
     weights = dmath.exp(taps * (-0.5 / (sigma * sigma)))
     weights = weights / fn.reductions.sum(weights)
-    images = fn.filter(images, fn.reshape(weights, shape=[1, kernel]), border="reflect_101")
-    return fn.filter(images, fn.reshape(weights, shape=[kernel, 1]), border="reflect_101")
+    rows, columns = fn.reshape(weights, shape=[1, kernel]), fn.reshape(weights, shape=[kernel, 1])
+    if images.device == "gpu":   # the GPU filter takes its kernels as a GPU input
+        rows, columns = rows.gpu(), columns.gpu()
+    return fn.filter(fn.filter(images, rows, border="reflect_101"), columns, border="reflect_101")
 
 
 def _barlow_twins_view(images, size, blur_p, solarize_p):
@@ -168,7 +183,7 @@ def _cutout(normalised, size):
     """One square of CUTOUT_AREA of the image, anywhere inside it, set to 0 (the mean colour)."""
     side = fn.cast(dmath.sqrt(_uniform(*CUTOUT_AREA)) * size, dtype=types.INT32)
     free = fn.cast(size - side, dtype=types.FLOAT)
-    anchor = fn.cast(fn.stack(_uniform(0, 1) * free, _uniform(0, 1) * free), dtype=types.FLOAT)
+    anchor = fn.stack(_uniform(0, 1) * free, _uniform(0, 1) * free)
     shape = fn.cast(fn.stack(side, side), dtype=types.FLOAT)
     return fn.erase(normalised, anchor=anchor, shape=shape, axis_names="HW", fill_value=0.0)
 
@@ -177,20 +192,48 @@ def _cutout(normalised, size):
 def _pipeline(file_list, kind, size, scales, gpu):
     encoded, row = fn.readers.file(file_list=file_list, random_shuffle=False, pad_last_batch=True, name="reader")
     images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    image_shape = fn.peek_image_shape(encoded, dtype=types.INT32)   # H, W, C after EXIF orientation
     if kind == "barlow_twins":
         views = [_barlow_twins_view(images, size, blur_p=1.0, solarize_p=0.0),
                  _barlow_twins_view(images, size, blur_p=0.1, solarize_p=0.2)]
     elif kind == "train":
         views = [_train_view(images, size)]
     elif kind == "weak_strong":
-        fitted = _fit(images, size)
+        fitted = _fit(images, image_shape, size)
         weak = _reflect_translate(fitted, size)
         strong = _rand_augment(_reflect_translate(fitted, size), size)
         views = [_normalise(weak), _cutout(_normalise(strong), size)]
     else:  # eval
-        views = [_normalise(fn.resize(images, resize_shorter=s, interp_type=types.INTERP_LINEAR, antialias=True),
-                            crop=(s, s)) for s in scales]
+        views = [_normalise(_fit(images, image_shape, s), evaluate=True) for s in scales]
     return (*views, row)
+
+
+_graph_lock = threading.Lock()
+_graphs: dict[tuple, bytes] = {}   # (kind, size, scales, gpu) -> serialized graph, traced once per process
+_file_list_dir: list[str] = []
+
+
+def _epoch_pipeline(rows_and_files, kind, size, scales, gpu, seed, **params):
+    """A built pipeline reading `rows_and_files` in order.
+
+    Tracing a graph takes seconds (RandAugment's branches ~10 s), so each graph is traced once per
+    process with its reader on this process's one file list, serialized, and deserialized per epoch
+    after rewriting that list (the reader reads it when the pipeline is built, under the lock).
+    """
+    with _graph_lock:
+        if not _file_list_dir:
+            _file_list_dir.append(tempfile.mkdtemp(prefix="semiscale-dali-"))
+            atexit.register(shutil.rmtree, _file_list_dir[0], ignore_errors=True)
+        file_list = os.path.join(_file_list_dir[0], "files.txt")
+        with open(file_list, "w", encoding="utf-8") as f:   # "path label", the label being the row
+            f.writelines(f"{path} {row}\n" for row, path in rows_and_files)
+        key = (kind, size, tuple(scales), gpu)
+        if key not in _graphs:
+            _graphs[key] = _pipeline(file_list=file_list, kind=kind, size=size, scales=scales, gpu=gpu,
+                                     **params).serialize()
+        pipe = Pipeline.deserialize(serialized_pipeline=_graphs[key], seed=seed, **params)
+        pipe.build()
+    return pipe
 
 
 # ---------------------------------------------------------------- file scan (bad files, conversions)
@@ -265,11 +308,12 @@ def _decodable_rows(split: Split, found: dict[str, dict], on_bad_image: str) -> 
         path = split.paths[bad[0]]
         raise BadImageError(path, found[path]["bad"])
     n = len(split.paths)
+    if not bad:
+        return np.arange(n)
     if len(bad) == n:
         raise BadImageError(split.root, f"no decodable image in split {split.name!r}")
-    if bad:
-        log.warning("split %r: %d undecodable image(s) replaced by the next decodable row, e.g. %s: %s",
-                    split.name, len(bad), split.paths[bad[0]], found[split.paths[bad[0]]]["bad"])
+    log.warning("split %r: %d undecodable image(s) replaced by the next decodable row, e.g. %s: %s",
+                split.name, len(bad), split.paths[bad[0]], found[split.paths[bad[0]]]["bad"])
     stand_in = np.arange(n)
     is_bad = np.zeros(n, dtype=bool)
     is_bad[bad] = True
@@ -316,10 +360,6 @@ class DaliLoader:
         self.stand_in = _decodable_rows(split, found, on_bad_image)
         self.files = [found.get(p, {}).get("converted", p) for p in split.paths]
         self.labels = None if split.labels is None else torch.as_tensor(split.labels, dtype=torch.int64)
-        self._workdir = tempfile.mkdtemp(prefix="semiscale-dali-")
-        weakref.finalize(self, shutil.rmtree, self._workdir, ignore_errors=True)
-        self._file_list = os.path.join(self._workdir, "files.txt")
-        self._graph = None   # serialized once: tracing the graph (RandAugment's branches) takes seconds
 
     @property
     def steps_per_epoch(self) -> int:
@@ -332,15 +372,11 @@ class DaliLoader:
         rows = np.concatenate(steps) if steps else np.empty(0, dtype=np.int64)
         if len(rows) == 0:
             return (self._empty_batch() for _ in steps)
-        with open(self._file_list, "w", encoding="utf-8") as f:   # "path label", the label being the row
-            f.writelines(f"{self.files[r]} {r}\n" for r in rows)
-        params = dict(batch_size=self.sampler.global_batch // self.sampler.world, num_threads=self.threads,
-                      device_id=torch.cuda.current_device() if self.gpu else None, prefetch_queue_depth=2)
-        if self._graph is None:
-            self._graph = _pipeline(file_list=self._file_list, kind=self.kind, size=self.image_size,
-                                    scales=self.scales, gpu=self.gpu, **params).serialize()
-        pipe = Pipeline.deserialize(serialized_pipeline=self._graph, seed=self._pipeline_seed(epoch, start_step),
-                                    **params)
+        pipe = _epoch_pipeline(((r, self.files[r]) for r in rows), self.kind, self.image_size, self.scales,
+                               self.gpu, self._pipeline_seed(epoch, start_step),
+                               batch_size=self.sampler.global_batch // self.sampler.world, num_threads=self.threads,
+                               device_id=torch.cuda.current_device() if self.gpu else None,
+                               prefetch_queue_depth=2)
         outputs = [f"view{i}" for i in range(len(self.view_sizes))]
         iterator = DALIGenericIterator([pipe], output_map=[*outputs, "row"], reader_name="reader",
                                        last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
