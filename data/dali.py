@@ -23,7 +23,6 @@ import atexit
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -41,29 +40,15 @@ from PIL import Image
 
 from data.datasets import BadImageError, Split, load_image
 from data.loaders import KINDS, ShardedSampler
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from data.transforms import (CUTOUT_AREA, IMAGENET_MEAN, IMAGENET_STD, RAND_AUGMENT_MAX_MAGNITUDE,
+                             RAND_AUGMENT_OPS, TRAIN_MIN_SCALE, barlow_twins_min_scale, blur_kernel,
+                             translate_padding)
 
 log = logging.getLogger(__name__)
 
 MEAN_255 = [255 * m for m in IMAGENET_MEAN]
 STD_255 = [255 * s for s in IMAGENET_STD]
 
-# data.transforms' augmentation parameters (it computes them inline: keep the two in step).
-def barlow_twins_min_scale(size):
-    return min(0.25, 0.08 * math.sqrt(224 / size))
-
-
-def blur_kernel(size):
-    return max(3, int(0.1 * size) // 2 * 2 + 1)
-
-
-def translate_padding(size):
-    return max(1, round(0.125 * size))
-
-
-TRAIN_MIN_SCALE = 0.25
-RAND_AUGMENT_OPS, RAND_AUGMENT_MAX_MAGNITUDE = 2, 10
-CUTOUT_AREA = (0.02, 0.25)
 
 
 # ---------------------------------------------------------------- augmentation graph pieces

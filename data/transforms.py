@@ -14,6 +14,26 @@ from torchvision.transforms import v2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# augmentation parameters, shared with the DALI pipelines (data/dali.py)
+TRAIN_MIN_SCALE = 0.25              # labels are scarce: keep most of the object
+RAND_AUGMENT_OPS, RAND_AUGMENT_MAX_MAGNITUDE = 2, 10
+CUTOUT_AREA = (0.02, 0.25)          # one square of up to half the side
+
+
+def barlow_twins_min_scale(size):
+    # 0.08 of the area at 224 px; small images keep larger crops (0.12 at 96 px, 0.23 at 28 px).
+    return min(0.25, 0.08 * math.sqrt(224 / size))
+
+
+def blur_kernel(size):
+    # The paper's kernel is ~10% of the side (23 px at 224), kept odd and at least 3.
+    return max(3, int(0.1 * size) // 2 * 2 + 1)
+
+
+def translate_padding(size):
+    # Up to 12.5% translation, as FixMatch's weak augmentation.
+    return max(1, round(0.125 * size))
+
 
 class MultiView:
     """Applies one pipeline per view to the same image and returns the tuple of views."""
@@ -40,12 +60,9 @@ def _with_probability(transform, p):
 
 
 def _barlow_twins_view(size, blur_p, solarize_p):
-    # 0.08 of the area at 224 px; small images keep larger crops (0.12 at 96 px, 0.23 at 28 px).
-    min_scale = min(0.25, 0.08 * math.sqrt(224 / size))
-    # The paper's kernel is ~10% of the side (23 px at 224), kept odd and at least 3.
-    kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
+    kernel = blur_kernel(size)
     return _pipeline(
-        [v2.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=v2.InterpolationMode.BICUBIC),
+        [v2.RandomResizedCrop(size, scale=(barlow_twins_min_scale(size), 1.0), interpolation=v2.InterpolationMode.BICUBIC),
          v2.RandomHorizontalFlip(),
          v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
          v2.RandomGrayscale(p=0.2)],
@@ -62,13 +79,12 @@ def barlow_twins(size) -> MultiView:
 
 def train(size):
     """Labeled fine-tuning: a mild random resized crop (labels are scarce; keep most of the object) + flip."""
-    return _pipeline([v2.RandomResizedCrop(size, scale=(0.25, 1.0)), v2.RandomHorizontalFlip()])
+    return _pipeline([v2.RandomResizedCrop(size, scale=(TRAIN_MIN_SCALE, 1.0)), v2.RandomHorizontalFlip()])
 
 
 def _flip_translate(size):
-    # Up to 12.5% translation with reflected borders, as FixMatch's weak augmentation.
     return [*_fit(size), v2.RandomHorizontalFlip(),
-            v2.RandomCrop(size, padding=max(1, round(0.125 * size)), padding_mode="reflect")]
+            v2.RandomCrop(size, padding=translate_padding(size), padding_mode="reflect")]
 
 
 def weak(size):
@@ -76,14 +92,14 @@ def weak(size):
     return _pipeline(_flip_translate(size))
 
 
-def strong(size, num_ops=2, max_magnitude=10):
+def strong(size, num_ops=RAND_AUGMENT_OPS, max_magnitude=RAND_AUGMENT_MAX_MAGNITUDE):
     """FixMatch strong view: flip + translation, RandAugment at a random magnitude per sample, cutout."""
     # torchvision's RandAugment has one fixed magnitude; choosing among one instance per magnitude
     # (bins 0..max_magnitude span each op's full range) draws the magnitude per sample.
     rand_augment = v2.RandomChoice([v2.RandAugment(num_ops, magnitude, num_magnitude_bins=max_magnitude + 1)
                                     for magnitude in range(1, max_magnitude + 1)])
-    # Cutout: one square of up to half the side, filled with the mean colour (0 after normalising).
-    cutout = v2.RandomErasing(p=1.0, scale=(0.02, 0.25), ratio=(1.0, 1.0), value=0)
+    # Cutout filled with the mean colour (0 after normalising).
+    cutout = v2.RandomErasing(p=1.0, scale=CUTOUT_AREA, ratio=(1.0, 1.0), value=0)
     return _pipeline([*_flip_translate(size), rand_augment], after_normalise=[cutout])
 
 
