@@ -14,7 +14,6 @@ import dataclasses  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from data.datasets import read_classes, read_split  # noqa: E402

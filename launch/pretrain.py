@@ -11,7 +11,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dataclasses  # noqa: E402
 import time  # noqa: E402
 
-import torch  # noqa: E402
 
 from data.datasets import read_classes, read_split  # noqa: E402
 from data.loaders import build_loader, resolve_backend  # noqa: E402

@@ -13,10 +13,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import csv  # noqa: E402
-import json  # noqa: E402
 import shutil  # noqa: E402
 
-import numpy as np  # noqa: E402
 
 from data.datasets import read_classes, read_split  # noqa: E402
 from data.loaders import build_loader, resolve_backend  # noqa: E402

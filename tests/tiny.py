@@ -4,6 +4,9 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One intra-op thread per stage process: several torch processes share 2 cores here, and with the
+# default thread count each step is several times slower from oversubscription.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 _built = {}
 
 
@@ -25,6 +28,7 @@ def stage(name: str, *args: str, torchrun: int = 0, check: bool = True, **kw) ->
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", script]
     else:
         cmd = [sys.executable, script]
+    kw.setdefault("env", ENV)
     proc = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=600, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -43,7 +47,7 @@ def kill_after_checkpoint(name: str, args: list, run_dir, min_step: int) -> int:
 
     from trainer import checkpoint
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", f"{name}.py"), *map(str, args)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     ckpt = os.path.join(run_dir, "checkpoint.pt")
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -68,3 +72,27 @@ def pretrained_backbone(tmp_path_factory, data: str) -> str:
 
 TINY_FINETUNE = ["model.width=8", "train.batch_size=8", "train.precision=fp32", "data.backend=torch",
                  "data.workers=0", "run.log_every=1", "finetune.eval_every=1"]
+
+
+def initial_backbone(config_path: str, *overrides) -> dict:
+    """The backbone pretrain.py starts from: same config, same seed, same constructor."""
+    from trainer import config, engine
+    from trainer.config import PretrainConfig
+    from trainer.models import build_backbone
+    cfg = config.load(PretrainConfig, config_path, list(overrides))
+    engine.seed_everything(cfg.run.seed)
+    return build_backbone(cfg.model.backbone, cfg.model.small_stem, cfg.model.width).state_dict()
+
+
+def assert_trained_alike(one: dict, two: dict, init: dict, atol: float = 1e-4):
+    """Two runs' weights agree per tensor within min(atol, 1% of how far training moved it),
+    so tensors that training barely moves are still compared meaningfully."""
+    import torch
+    assert one.keys() == two.keys() == init.keys()
+    for k in one:
+        if not one[k].is_floating_point():   # BatchNorm step counters
+            assert torch.equal(one[k], two[k]), k
+            continue
+        moved = (one[k] - init[k]).abs().max().item()
+        gap = (one[k] - two[k]).abs().max().item()
+        assert moved > 0 and gap <= min(atol, 0.01 * moved), f"{k}: runs differ by {gap}, training moved {moved}"

@@ -36,6 +36,11 @@ def init() -> Runtime:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")):
+        # the agent's store outlives a failed group and its stale addresses make the restarted one
+        # hang or fail to connect; a store per attempt avoids it
+        raise ValueError("torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in every torchrun's "
+                         "environment (docs/cluster.md)")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(minutes=30))

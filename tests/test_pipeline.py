@@ -1,0 +1,75 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import yaml
+
+from tiny import ROOT, TINY_FINETUNE, TINY_PRETRAIN, fashion
+
+COMMON = ["data.workers=0", "run.log_every=1"]
+TINY_STAGES = {
+    "supervised": TINY_FINETUNE + ["train.epochs=2"],
+    "pretrain": TINY_PRETRAIN + ["train.max_steps=4"],
+    "finetune": TINY_FINETUNE + ["train.epochs=2"],
+    "pseudolabel": ["pseudo.top_k=3", "pseudo.schedule=[5]", "pseudo.fixmatch_p=2", "pseudo.pseudo_epochs=1",
+                    "pseudo.labeled_epochs=1", "inference.batch_size=64",
+                    f"pseudo.finetune_overrides=[{','.join(TINY_FINETUNE)}]"],
+    "fixmatch": ["train.batch_size=8", "fixmatch.mu=2", "train.max_steps=3", "train.precision=fp32"],
+    "active": ["model.width=8", "active.clusters=3", "active.budget=6", "inference.batch_size=64"],
+    "evaluate": ["model.width=8", "evaluate.scales=[28,32]", "inference.batch_size=64"],
+}
+
+
+def write_config(tmp_path, data):
+    spec = {name: {"config": os.path.join(ROOT, "configs", "demo", f"{name}.yaml"),
+                   "overrides": COMMON + overrides} for name, overrides in TINY_STAGES.items()}
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"run": {"dir": str(tmp_path / "run")},
+                                    "data": {"root": data, "backend": "torch"}, "pipeline": spec}))
+    return str(path)
+
+
+def command(config):
+    return [sys.executable, os.path.join(ROOT, "launch", "pipeline.py"), "--config", config]
+
+
+def test_pipeline_runs_resumes_after_kill_and_reports(tmp_path_factory, tmp_path):
+    data = fashion(tmp_path_factory)
+    config = write_config(tmp_path, data)
+    run = tmp_path / "run"
+    # kill it inside a stage: once pseudo-labelling has started, everything before it is done
+    proc = subprocess.Popen(command(config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not (run / "pseudolabel" / "config.yaml").exists():
+        time.sleep(0.1)
+    assert proc.poll() is None, "the pipeline ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished_before = {s for s in ("supervised", "pretrain", "finetune") if (run / s / "config.yaml").exists()}
+    assert finished_before == {"supervised", "pretrain", "finetune"}
+    mtime = (run / "pretrain" / "backbone.pt").stat().st_mtime
+
+    out = subprocess.run(command(config), capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for stage in ("supervised", "pretrain", "finetune"):
+        assert f"[pipeline] {stage}: done, skipped" in out.stdout
+    assert (run / "pretrain" / "backbone.pt").stat().st_mtime == mtime   # not redone
+
+    report = json.load(open(run / "report.json"))
+    stages = [row["stage"] for row in report["accuracy"]]
+    assert stages == ["supervised", "knn", "finetune", "pseudolabel", "fixmatch", "fixmatch_active", "tta"]
+    for row in report["accuracy"]:   # each figure is the stage's own eval.json, not a copy
+        assert 0 <= row["test"] <= 1
+    final = json.load(open(run / "evaluate_fixmatch_active" / "eval.json"))["splits"]["test"]
+    assert report["accuracy"][-1]["test"] == final["tta"]["top1"]
+    assert [r["iteration"] for r in report["iterations"]] == [0, 1]
+    assert set(report["stage_seconds"]) >= {"pseudolabel", "fixmatch", "active", "evaluate_knn"}
+    for png in report["plots"]:
+        assert (run / png).stat().st_size > 1000
+    assert "| + multi-scale TTA |" in (run / "report.md").read_text()
+
+    again = subprocess.run(command(config), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("done, skipped") == len(report["stage_seconds"])
