@@ -154,9 +154,9 @@ class FixmatchSection:
     pseudo_labels: str = ""         # CSV of pseudo-labels added to the labeled set (the K=10, P=16 selection)
     mu: int = 7                     # unlabeled batch = mu x labeled batch
     threshold: float = 0.95         # confidence needed for a pseudo-label to count
-    lambda_u: float = 1.0
-    ema: float = 0.999
-    eval_every: int = 1
+    lambda_u: float = 1.0           # weight of the unlabeled loss
+    ema: float = 0.999              # decay of the weights' average, warmed up as min(ema, (1+t)/(10+t))
+    eval_every: int = 1             # epochs (passes over the unlabeled set) between val evaluations
 
 
 @dataclass
@@ -172,7 +172,7 @@ class FixmatchConfig:
 @dataclass
 class EvaluateSection:
     model: str = "runs/demo/fixmatch/model.pt"
-    scales: list[int] = field(default_factory=lambda: [28, 42, 56])   # px; TTA averages their probabilities
+    scales: list[int] = field(default_factory=lambda: [28, 36])   # px; TTA averages their probabilities
     splits: list[str] = field(default_factory=lambda: ["val", "test"])
     knn: bool = False               # instead: kNN top-1 of `backbone`'s embeddings (labeled -> each split)
     backbone: str = "runs/demo/pretrain/backbone.pt"

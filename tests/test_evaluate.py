@@ -1,0 +1,120 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+
+from tiny import ROOT, fashion, stage
+from data.datasets import load_image, read_split
+from trainer import engine
+from trainer.knn import knn_accuracy
+from trainer.models import Classifier, build_backbone, save_classifier
+
+EVALUATE = os.path.join(ROOT, "configs", "demo", "evaluate.yaml")
+TINY = ["model.width=8", "data.backend=torch", "data.workers=0", "inference.batch_size=64"]
+SCALES = [28, 40]
+
+
+def tiny_classifier(data, path, seed=0):
+    """A random width-8 backbone with a nearest-class-mean head on the labeled images' standardised features:
+    a quick classifier whose predictions depend on the image (and on its scale), saved as model.pt."""
+    torch.manual_seed(seed)
+    model = Classifier(build_backbone("small", width=8), 10).eval()
+    labeled = read_split(data, "labeled")
+    with torch.no_grad():
+        features = model.backbone(pixels(labeled.paths, 28))
+        mean, std = features.mean(0), features.std(0) + 1e-6
+        means = torch.stack([((features - mean) / std)[torch.from_numpy(labeled.labels == c)].mean(0) for c in range(10)])
+        model.head.weight.copy_(means / std)
+        model.head.bias.copy_(-(mean / std) @ means.T)
+    save_classifier(model, {"backbone": "small", "small_stem": False, "width": 8, "num_classes": 10}, str(path))
+    return model
+
+
+def pixels(paths, size):
+    """The evaluation view, built here with torchvision's functional ops: shorter side to `size`, centre crop."""
+    def view(path):
+        image = TF.resize(load_image(path), size)
+        x = TF.to_tensor(TF.center_crop(image, size))
+        return TF.normalize(x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    return torch.stack([view(p) for p in paths])
+
+
+def top1_top5(probs, labels):
+    top = np.argsort(-probs, axis=1)[:, :5]
+    return float((top[:, 0] == labels).mean()), float((top == labels[:, None]).any(1).mean())
+
+
+@pytest.fixture(scope="module")
+def classifier_run(tmp_path_factory):
+    data = fashion(tmp_path_factory)
+    tmp = tmp_path_factory.mktemp("evaluate")
+    model = tiny_classifier(data, tmp / "model.pt")
+    stage("evaluate", "--config", EVALUATE, f"data.root={data}", f"run.dir={tmp / 'run'}",
+          f"evaluate.model={tmp / 'model.pt'}", f"evaluate.scales={SCALES}", *TINY)
+    return data, model, tmp / "run"
+
+
+def test_tta_averages_probabilities_not_logits():
+    sharp = torch.tensor([[0.9, 0.0999, 0.0001]])
+    split = torch.tensor([[0.0001, 0.5, 0.4999]])
+    tta = engine.stage_module("evaluate").tta_probabilities(torch.stack([sharp, split]))
+    torch.testing.assert_close(tta, (sharp + split) / 2)
+    assert tta.argmax(1).item() == 0          # averaging logits (a geometric mean) would pick class 1
+    assert (sharp * split).argmax(1).item() == 1
+
+
+def test_eval_json_matches_an_independent_computation(classifier_run):
+    data, model, run = classifier_run
+    result = json.load(open(run / "eval.json"))
+    assert set(result["splits"]) == {"val", "test"}
+    done = [json.loads(line) for line in open(run / "metrics.jsonl") if '"done"' in line][-1]
+    for name, scores in result["splits"].items():
+        split = read_split(data, name)
+        with torch.no_grad():
+            probs = [torch.softmax(model(pixels(split.paths, s)), 1).numpy() for s in SCALES]
+        assert scores["images"] == len(split)
+        for s, p in zip(SCALES, probs):
+            assert scores["scales"][str(s)] == pytest.approx(dict(zip(("top1", "top5"), top1_top5(p, split.labels))))
+        tta = dict(zip(("top1", "top5"), top1_top5(np.mean(probs, axis=0), split.labels)))
+        assert scores["tta"] == pytest.approx(tta)
+        assert done[f"{name}_top1"] == scores["tta"]["top1"]
+    # the scales really disagree on this model, so the comparison above could fail
+    assert result["splits"]["test"]["scales"]["28"] != result["splits"]["test"]["scales"]["40"]
+
+
+def test_two_ranks_give_the_same_eval_json(classifier_run, tmp_path):
+    data, _, run = classifier_run
+    config = json.load(open(run / "eval.json"))
+    stage("evaluate", "--config", EVALUATE, f"data.root={data}", f"run.dir={tmp_path}",
+          f"evaluate.model={config['model']}", f"evaluate.scales={SCALES}", *TINY, torchrun=2)
+    assert json.load(open(tmp_path / "eval.json")) == config   # hit counts: exact
+
+
+def test_knn_mode_equals_trainer_knn(tmp_path_factory, tmp_path):
+    data = fashion(tmp_path_factory)
+    torch.manual_seed(1)
+    backbone = build_backbone("small", width=8).eval()
+    torch.save(backbone.state_dict(), tmp_path / "backbone.pt")
+    stage("evaluate", "--config", EVALUATE, "--knn", f"data.root={data}", f"run.dir={tmp_path / 'run'}",
+          f"evaluate.backbone={tmp_path / 'backbone.pt'}", "evaluate.k=5", *TINY)
+    result = json.load(open(tmp_path / "run" / "eval.json"))
+    labeled = read_split(data, "labeled")
+    with torch.no_grad():
+        references = backbone(pixels(labeled.paths, 28)).numpy()
+        for name in ("val", "test"):
+            split = read_split(data, name)
+            expected = knn_accuracy(references, labeled.labels, backbone(pixels(split.paths, 28)).numpy(),
+                                    split.labels, 10, k=5, temperature=0.07)
+            assert result["knn"][name] == pytest.approx(expected, abs=1e-9)
+
+
+def test_unlabeled_split_is_refused_in_one_line(tmp_path_factory, tmp_path):
+    data = fashion(tmp_path_factory)
+    proc = stage("evaluate", "--config", EVALUATE, f"data.root={data}", f"run.dir={tmp_path}",
+                 "evaluate.splits=[val,unlabeled]", *TINY, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "evaluate.py: error: evaluate.splits: 'unlabeled' has no label column to score against"]

@@ -1,0 +1,292 @@
+"""Balanced pseudo-label selection: the top-P images of every class, from per-image top-K predictions.
+
+Every (image, class, score) in an image's top-K is a candidate for that class; each class keeps its P
+best-scoring candidates, so at most P·C pseudo-labels. An image kept by several classes counts as a
+duplicate and stays once, under its highest-scoring class.
+
+Ties are broken exactly and independently of chunking or shard order:
+  - within a class, equal scores -> the lower image index ranks first;
+  - for a duplicate image, equal scores -> the lower class id wins.
+
+Selection streams: `TopPerClass.update` takes the top-K rows chunk by chunk and keeps only the current
+top-P of every class, so memory is O(chunk·K + P·C), never O(N·C); shards merge with `merge` (the
+global top-P of a class is the top-P of the union of the shards' top-P).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+PathLike = str | os.PathLike
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The chosen pseudo-labels, ordered by image index."""
+
+    indices: np.ndarray       # (M,) int64 image indices, ascending, each at most once
+    labels: np.ndarray        # (M,) int64 pseudo-label of each image
+    scores: np.ndarray        # (M,) float32 score of that label
+    class_counts: np.ndarray  # (C,) int64 images kept per class (after removing duplicates)
+    num_duplicates: int       # images that were among the top-P of more than one class
+    num_dropped: int          # (image, class) selections removed because the image stayed elsewhere
+
+    def summary(self) -> dict:
+        return {"selected": int(len(self.indices)), "duplicates": self.num_duplicates,
+                "dropped": self.num_dropped, "class_counts": self.class_counts.tolist()}
+
+
+def _check_params(num_classes: int, p: int) -> None:
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if p <= 0:
+        raise ValueError(f"p (images per class) must be >= 1, got {p}")
+
+
+class BadRowError(ValueError):
+    """A top-K row that cannot be used; `array` is "topk_class" or "topk_prob", `row` counts from 0."""
+
+    def __init__(self, array: str, row: int, reason: str):
+        super().__init__(f"{array} row {row}: {reason}")
+        self.array, self.row, self.reason = array, row, reason
+
+
+def _first_bad_row(bad: np.ndarray) -> int:
+    return int(np.flatnonzero(bad.reshape(len(bad), -1).any(axis=1))[0])
+
+
+def _sortable(score: np.ndarray) -> np.ndarray:
+    """float32 -> uint32 whose unsigned order is the float order (sign flip / bit inversion)."""
+    bits = score.view(np.uint32)
+    return bits ^ np.where(bits >> 31, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
+
+
+def _unsortable(key: np.ndarray) -> np.ndarray:
+    key = key.astype(np.uint32)
+    return (key ^ np.where(key >> 31, np.uint32(0x80000000), np.uint32(0xFFFFFFFF))).view(np.float32)
+
+
+def _sort_candidates(cls, score, idx, num_classes):
+    """Sort candidates by (class, score descending, image index).
+
+    numpy's SIMD sort of one packed uint64 key (class | inverted score | index) is ~4x faster than
+    np.lexsort over three keys; indices too large to pack (>= 2^(32 - class bits)) take the lexsort path.
+    Kept over faiss's k-selection (float_minheap_array_t.addn, one heap per class), which needs the
+    sparse top-K scattered into a dense class x image block: 1.3 s vs 0.3 s for the whole selection at
+    N=512k, C=800, K=10, P=500 on 2 cores (and faiss's Python API has no standalone GPU k-select).
+    """
+    class_bits = max(1, (num_classes - 1).bit_length())
+    index_bits = 32 - class_bits
+    if index_bits <= 0 or (len(idx) and idx.max() >= (1 << index_bits)):
+        order = np.lexsort((idx, -score, cls))
+        return cls[order], score[order], idx[order]
+    key = cls.astype(np.uint64) << (32 + index_bits)
+    key |= (~_sortable(score)).astype(np.uint64) << index_bits
+    key |= idx.astype(np.uint64)
+    key.sort()
+    cls = (key >> (32 + index_bits)).astype(np.int32)
+    score = _unsortable(~((key >> index_bits) & 0xFFFFFFFF))
+    idx = (key & ((1 << index_bits) - 1)).astype(np.int64)
+    return cls, score, idx
+
+
+class TopPerClass:
+    """Streaming top-P images per class over chunks of top-K predictions (see module docstring)."""
+
+    def __init__(self, num_classes: int, p: int):
+        _check_params(num_classes, p)
+        self.num_classes, self.p = num_classes, p
+        # kept candidates, sorted by (class, score desc, index), at most p per class
+        self._cls = np.empty(0, np.int32)
+        self._score = np.empty(0, np.float32)
+        self._idx = np.empty(0, np.int64)
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._num_pending = 0
+        # a candidate scoring below its class's threshold (the p-th kept score) can never enter
+        self._threshold = np.full(num_classes, -np.inf, np.float32)
+
+    def update(self, topk_class, topk_prob, first_index: int = 0, *, indices=None) -> "TopPerClass":
+        """Add rows of top-K predictions: row r is image first_index + r, or indices[r] when given."""
+        topk_class, topk_prob = np.asarray(topk_class), np.asarray(topk_prob)
+        self._validate(topk_class, topk_prob)
+        n, k = topk_class.shape
+        if indices is None:
+            if first_index < 0:
+                raise ValueError(f"first_index must be >= 0, got {first_index}")
+            row_index = np.arange(first_index, first_index + n, dtype=np.int64)
+        else:
+            row_index = np.asarray(indices, dtype=np.int64)
+            if row_index.shape != (n,):
+                raise ValueError(f"indices has shape {row_index.shape}, expected ({n},) like the top-K rows")
+            if n and row_index.min() < 0:
+                raise ValueError(f"indices row {int(np.argmin(row_index))} is negative")
+        cls = topk_class.astype(np.int32, copy=False).ravel()
+        score = topk_prob.astype(np.float32, copy=False).ravel() + np.float32(0)  # -0.0 -> +0.0
+        passing = np.flatnonzero(score >= self._threshold[cls])
+        self._add_pending(cls[passing], score[passing], row_index[passing // k])
+        return self
+
+    def merge(self, others: Sequence["TopPerClass"]) -> "TopPerClass":
+        """Fold other trackers (e.g. other ranks' shards) into this one."""
+        for other in others:
+            if (other.num_classes, other.p) != (self.num_classes, self.p):
+                raise ValueError(f"cannot merge TopPerClass(num_classes={other.num_classes}, p={other.p}) "
+                                 f"into TopPerClass(num_classes={self.num_classes}, p={self.p})")
+            other._compact()
+            self._add_pending(other._cls, other._score, other._idx)
+        return self
+
+    def kept(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(class, score, image index) of every kept candidate, sorted by class, score desc, index."""
+        self._compact()
+        return self._cls, self._score, self._idx
+
+    def result(self) -> Selection:
+        """The selection, each duplicate image kept under its highest-scoring (then lowest) class."""
+        cls, score, idx = self.kept()
+        order = np.lexsort((cls, -score, idx))
+        cls, score, idx = cls[order], score[order], idx[order]
+        first = np.ones(len(idx), bool)
+        first[1:] = idx[1:] != idx[:-1]
+        group_sizes = np.diff(np.append(np.flatnonzero(first), len(idx)))
+        labels = cls[first].astype(np.int64)
+        return Selection(indices=idx[first], labels=labels, scores=score[first],
+                         class_counts=np.bincount(labels, minlength=self.num_classes).astype(np.int64),
+                         num_duplicates=int((group_sizes > 1).sum()), num_dropped=int((~first).sum()))
+
+    def _validate(self, topk_class, topk_prob) -> None:
+        if topk_class.ndim != 2 or topk_class.shape != topk_prob.shape:
+            raise ValueError(f"topk_class {topk_class.shape} and topk_prob {topk_prob.shape} must have the "
+                             "same 2-D shape (images, K)")
+        if not np.issubdtype(topk_class.dtype, np.integer):
+            raise ValueError(f"topk_class must hold integer class ids, got dtype {topk_class.dtype}")
+        k = topk_class.shape[1]
+        if k < 1:
+            raise ValueError("top-K arrays have no columns: K must be >= 1")
+        if k > self.num_classes:
+            raise ValueError(f"K={k} predictions per image exceeds num_classes={self.num_classes}")
+        if not len(topk_class):
+            return
+        bad = (topk_class < 0) | (topk_class >= self.num_classes)
+        if bad.any():
+            row = _first_bad_row(bad)
+            raise BadRowError("topk_class", row, f"class ids {topk_class[row].tolist()} outside "
+                              f"[0, {self.num_classes})")
+        nan = np.isnan(topk_prob)
+        if nan.any():
+            raise BadRowError("topk_prob", _first_bad_row(nan), "contains NaN")
+        sorted_cls = np.sort(topk_class, axis=1)
+        repeated = sorted_cls[:, 1:] == sorted_cls[:, :-1]
+        if repeated.any():
+            row = _first_bad_row(repeated)
+            raise BadRowError("topk_class", row, f"repeats a class: {topk_class[row].tolist()}")
+
+    def _add_pending(self, cls, score, idx) -> None:
+        self._pending.append((cls, score, idx))
+        self._num_pending += len(cls)
+        if self._num_pending > self.p * self.num_classes:
+            self._compact()
+
+    def _compact(self) -> None:
+        if not self._pending:
+            return
+        cls, score, idx = (np.concatenate([kept] + [part[i] for part in self._pending])
+                           for i, kept in enumerate((self._cls, self._score, self._idx)))
+        self._pending, self._num_pending = [], 0
+        cls, score, idx = _sort_candidates(cls, score, idx, self.num_classes)
+        class_start = np.searchsorted(cls, np.arange(self.num_classes))
+        keep = np.arange(len(cls)) - class_start[cls] < self.p
+        self._cls, self._score, self._idx = cls[keep], score[keep], idx[keep]
+        counts = np.bincount(self._cls, minlength=self.num_classes)
+        full = counts == self.p
+        self._threshold[full] = self._score[np.cumsum(counts)[full] - 1]
+
+
+def select_balanced(topk_class, topk_prob, num_classes: int, p: int, *, chunk: int = 32768) -> Selection:
+    """Balanced selection over in-memory top-K arrays (N, K), processed `chunk` rows at a time."""
+    topk_class, topk_prob = np.asarray(topk_class), np.asarray(topk_prob)
+    tracker = TopPerClass(num_classes, p)
+    for start in range(0, max(len(topk_class), 1), chunk):  # an empty input still gets validated
+        try:
+            tracker.update(topk_class[start:start + chunk], topk_prob[start:start + chunk], start)
+        except BadRowError as error:
+            raise BadRowError(error.array, start + error.row, error.reason) from None
+    return tracker.result()
+
+
+def _npy_header(path: PathLike) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) of a C-ordered .npy file."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"{path}: unsupported .npy format version {version}")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(f)
+        if fortran_order or dtype.hasobject:
+            raise ValueError(f"{path}: expected a C-ordered numeric array, got fortran_order={fortran_order} "
+                             f"dtype={dtype}")
+        return shape, dtype, f.tell()
+
+
+def _npy_chunks(path: PathLike, chunk: int) -> Iterator[np.ndarray]:
+    """The rows of a .npy file, `chunk` rows at a time, read straight from the file.
+
+    np.fromfile rather than np.load(mmap_mode="r"): pages of a memory map stay resident (and count in
+    the process's RSS) until unmapped, so memory would grow to the whole file.
+    """
+    shape, dtype, offset = _npy_header(path)
+    row_size = int(np.prod(shape[1:], dtype=np.int64))
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for start in range(0, shape[0], chunk):
+            rows = min(chunk, shape[0] - start)
+            block = np.fromfile(f, dtype=dtype, count=rows * row_size)
+            if block.size != rows * row_size:
+                raise ValueError(f"{path}: file truncated at row {start}")
+            yield block.reshape((rows,) + tuple(shape[1:]))
+
+
+def _as_list(paths) -> list:
+    return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+
+
+def select_balanced_from_npy(class_paths, prob_paths, num_classes: int, p: int, *, index_paths=None,
+                             chunk: int = 32768) -> Selection:
+    """Balanced selection streamed from .npy files of top-K class ids (N, K) and scores (N, K).
+
+    Each of class_paths / prob_paths is one path or a list of per-shard paths (same order). Rows are
+    numbered consecutively across shards, unless index_paths gives each shard's 1-D image-index file.
+    Memory stays O(chunk·K + P·C).
+    """
+    _check_params(num_classes, p)
+    class_paths, prob_paths = _as_list(class_paths), _as_list(prob_paths)
+    index_paths = [None] * len(class_paths) if index_paths is None else _as_list(index_paths)
+    if not len(class_paths) == len(prob_paths) == len(index_paths):
+        raise ValueError(f"got {len(class_paths)} class files, {len(prob_paths)} score files and "
+                         f"{len(index_paths)} index files: one of each per shard expected")
+    tracker = TopPerClass(num_classes, p)
+    next_index = 0
+    for class_path, prob_path, index_path in zip(class_paths, prob_paths, index_paths):
+        shape = _npy_header(class_path)[0]
+        paths = {"topk_class": class_path, "topk_prob": prob_path}
+        if len(shape) != 2 or _npy_header(prob_path)[0] != shape:
+            raise ValueError(f"{class_path} {shape} and {prob_path} {_npy_header(prob_path)[0]} must have the "
+                             "same 2-D shape (images, K)")
+        if index_path is not None and _npy_header(index_path)[0] != shape[:1]:
+            raise ValueError(f"{index_path} has shape {_npy_header(index_path)[0]}, expected ({shape[0]},) "
+                             f"like {class_path}")
+        index_chunks = _npy_chunks(index_path, chunk) if index_path is not None else None
+        for start, (classes, probs) in zip(range(0, shape[0], chunk),
+                                           zip(_npy_chunks(class_path, chunk), _npy_chunks(prob_path, chunk))):
+            indices = next(index_chunks) if index_chunks else None
+            try:
+                tracker.update(classes, probs, next_index + start, indices=indices)
+            except BadRowError as error:
+                raise ValueError(f"{paths[error.array]} row {start + error.row}: {error.reason}") from None
+            except ValueError as error:
+                raise ValueError(f"{class_path} / {prob_path}: {error}") from None
+        next_index += shape[0]
+    return tracker.result()
