@@ -55,7 +55,7 @@ def parse(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["import"]:
         if len(argv) < 2 or argv[1].startswith("-"):
-            raise config.ConfigError("import: expected the answers CSV, e.g. `active.py import answers.csv --config ...`")
+            raise config.ConfigError("import: expected the answers CSV: active.py import ANSWERS.csv --config ...")
         argv = argv[2:] + [f"active.answers={argv[1]}", "active.oracle=false"]   # the file answers, not the oracle
     elif argv[:1] == ["run"]:
         argv = argv[1:]
@@ -266,7 +266,8 @@ def import_answers(path: str, queries: list[dict], queries_path: str, root: str,
             raise engine.StageError(f"{path}:{lineno}: path {row[path_col]!r} escapes the dataset: expected a path "
                                     f"relative to and inside {root}")
         if rel not in queried:
-            raise engine.StageError(f"{path}:{lineno}: {rel} is not one of the {len(queried)} queries in {queries_path}")
+            raise engine.StageError(f"{path}:{lineno}: {rel} is not one of the {len(queried)} queries in "
+                                    f"{queries_path}")
         if rel in lines:
             raise engine.StageError(f"{path}:{lineno}: {rel} is already answered on line {lines[rel]}")
         lines[rel] = lineno

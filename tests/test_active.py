@@ -39,7 +39,7 @@ def oracle_run(tmp_path_factory):
     args = ["--config", ACTIVE, f"data.root={data}", f"active.model={tmp / 'model.pt'}",
             f"active.backbone={tmp / 'backbone.pt'}", f"active.budget={QUERIES}", f"active.clusters={CLUSTERS}",
             "active.max_points_per_centroid=0", *TINY]
-    stage("active", *args, f"run.dir={tmp / 'run'}", "active.oracle=true")
+    active.main([*args, f"run.dir={tmp / 'run'}", "active.oracle=true"])
     return data, model, backbone, tmp / "run", args
 
 
@@ -103,7 +103,8 @@ def test_oracle_answers_are_the_hidden_labels_merged_into_labeled_csv(oracle_run
     classes = read_classes(data)
     summary = json.load(open(run / "answers_summary.json"))
     assert summary["answered"] == QUERIES and summary["answer_accuracy"] == 1.0
-    assert summary["guess_accuracy"] == pytest.approx(np.mean([classes[hidden[q["path"]]] == q["guess"] for q in queries]))
+    guessed_right = [classes[hidden[q["path"]]] == q["guess"] for q in queries]
+    assert summary["guess_accuracy"] == pytest.approx(np.mean(guessed_right))
     assert json.loads(open(run / "metrics.jsonl").read().splitlines()[-1])["event"] == "done"
     sheet = Image.open(run / "queries.png")
     assert sheet.width == active.COLUMNS * (active.THUMB + 2 * active.PAD) and not os.path.exists(run / "queries-2.png")

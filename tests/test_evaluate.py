@@ -8,13 +8,14 @@ import torchvision.transforms.functional as TF
 
 from tiny import ROOT, fashion, stage
 from data.datasets import load_image, read_split
-from trainer import engine
+from trainer import config, engine
 from trainer.knn import knn_accuracy
 from trainer.models import Classifier, build_backbone, save_classifier
 
 EVALUATE = os.path.join(ROOT, "configs", "demo", "evaluate.yaml")
 TINY = ["model.width=8", "data.backend=torch", "data.workers=0", "inference.batch_size=64"]
 SCALES = [28, 40]
+evaluate = engine.stage_module("evaluate")
 
 
 def tiny_classifier(data, path, seed=0):
@@ -26,7 +27,8 @@ def tiny_classifier(data, path, seed=0):
     with torch.no_grad():
         features = model.backbone(pixels(labeled.paths, 28))
         mean, std = features.mean(0), features.std(0) + 1e-6
-        means = torch.stack([((features - mean) / std)[torch.from_numpy(labeled.labels == c)].mean(0) for c in range(10)])
+        standardised = (features - mean) / std
+        means = torch.stack([standardised[torch.from_numpy(labeled.labels == c)].mean(0) for c in range(10)])
         model.head.weight.copy_(means / std)
         model.head.bias.copy_(-(mean / std) @ means.T)
     save_classifier(model, {"backbone": "small", "small_stem": False, "width": 8, "num_classes": 10}, str(path))
@@ -52,15 +54,15 @@ def classifier_run(tmp_path_factory):
     data = fashion(tmp_path_factory)
     tmp = tmp_path_factory.mktemp("evaluate")
     model = tiny_classifier(data, tmp / "model.pt")
-    stage("evaluate", "--config", EVALUATE, f"data.root={data}", f"run.dir={tmp / 'run'}",
-          f"evaluate.model={tmp / 'model.pt'}", f"evaluate.scales={SCALES}", *TINY)
+    evaluate.main(["--config", EVALUATE, f"data.root={data}", f"run.dir={tmp / 'run'}",
+                   f"evaluate.model={tmp / 'model.pt'}", f"evaluate.scales={SCALES}", *TINY])
     return data, model, tmp / "run"
 
 
 def test_tta_averages_probabilities_not_logits():
     sharp = torch.tensor([[0.9, 0.0999, 0.0001]])
     split = torch.tensor([[0.0001, 0.5, 0.4999]])
-    tta = engine.stage_module("evaluate").tta_probabilities(torch.stack([sharp, split]))
+    tta = evaluate.tta_probabilities(torch.stack([sharp, split]))
     torch.testing.assert_close(tta, (sharp + split) / 2)
     assert tta.argmax(1).item() == 0          # averaging logits (a geometric mean) would pick class 1
     assert (sharp * split).argmax(1).item() == 1
@@ -98,8 +100,8 @@ def test_knn_mode_equals_trainer_knn(tmp_path_factory, tmp_path):
     torch.manual_seed(1)
     backbone = build_backbone("small", width=8).eval()
     torch.save(backbone.state_dict(), tmp_path / "backbone.pt")
-    stage("evaluate", "--config", EVALUATE, "--knn", f"data.root={data}", f"run.dir={tmp_path / 'run'}",
-          f"evaluate.backbone={tmp_path / 'backbone.pt'}", "evaluate.k=5", *TINY)
+    evaluate.main(["--config", EVALUATE, "--knn", f"data.root={data}", f"run.dir={tmp_path / 'run'}",
+                   f"evaluate.backbone={tmp_path / 'backbone.pt'}", "evaluate.k=5", *TINY])
     result = json.load(open(tmp_path / "run" / "eval.json"))
     labeled = read_split(data, "labeled")
     with torch.no_grad():
@@ -111,10 +113,9 @@ def test_knn_mode_equals_trainer_knn(tmp_path_factory, tmp_path):
             assert result["knn"][name] == pytest.approx(expected, abs=1e-9)
 
 
-def test_unlabeled_split_is_refused_in_one_line(tmp_path_factory, tmp_path):
+def test_unlabeled_split_is_refused_before_any_work(tmp_path_factory, tmp_path):
     data = fashion(tmp_path_factory)
-    proc = stage("evaluate", "--config", EVALUATE, f"data.root={data}", f"run.dir={tmp_path}",
-                 "evaluate.splits=[val,unlabeled]", *TINY, check=False)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        "evaluate.py: error: evaluate.splits: 'unlabeled' has no label column to score against"]
+    with pytest.raises(config.ConfigError, match="^evaluate.splits: 'unlabeled' has no label column to score against$"):
+        evaluate.main(["--config", EVALUATE, f"data.root={data}", f"run.dir={tmp_path / 'run'}",
+                       "evaluate.splits=[val,unlabeled]", *TINY])
+    assert not os.path.exists(tmp_path / "run")
