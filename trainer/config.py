@@ -105,7 +105,7 @@ class SgdConfig:
 @dataclass
 class FinetuneSection:
     init: str = "runs/demo/pretrain/backbone.pt"   # backbone.pt, a model.pt whose backbone is reused, or "" (random init)
-    labeled: str = "labeled"        # split name or CSV (path,label) relative to data.root
+    labeled: str = "labeled"        # split name, or a CSV file (path,label) whose image paths are relative to data.root
     pseudo_labels: str = ""         # optional CSV (path,label[,score]) of pseudo-labels, added to labeled
     eval_every: int = 1             # epochs between val evaluations (model.pt keeps the best by val)
 
