@@ -55,10 +55,7 @@ def main(argv=None):
             "model": state.get("best_model")}
     ddp = dist.wrap_ddp(model, rt)
 
-    total = cfg.train.epochs * loader.steps_per_epoch
-    if cfg.train.max_steps:
-        total = min(total, cfg.train.max_steps)
-    warmup = min(int(cfg.optim.warmup_epochs * loader.steps_per_epoch), total)
+    total, warmup = schedule.plan(cfg.train.epochs, cfg.train.max_steps, cfg.optim.warmup_epochs, loader.steps_per_epoch)
     run.say(f"{len(train.paths)} training images ({train.name}), {num_classes} classes, init "
             f"{cfg.finetune.init or 'random'}, {loader.steps_per_epoch} steps/epoch, {total} steps")
     step, epoch, start = state["step"], state["epoch"], state["step_in_epoch"]

@@ -145,10 +145,7 @@ def main(argv=None):
     ddp = dist.wrap_ddp(model, rt)
 
     steps_per_epoch = unlabeled_loader.steps_per_epoch
-    total = cfg.train.epochs * steps_per_epoch
-    if cfg.train.max_steps:
-        total = min(total, cfg.train.max_steps)
-    warmup = min(int(cfg.optim.warmup_epochs * steps_per_epoch), total)
+    total, warmup = schedule.plan(cfg.train.epochs, cfg.train.max_steps, cfg.optim.warmup_epochs, steps_per_epoch)
     images_per_step = B + 2 * U
     run.say(f"{len(train.paths)} labeled images ({train.name}), {len(unlabeled.paths)} unlabeled, {rt.world} "
             f"rank(s), batch {B} + {cfg.fixmatch.mu}x{B} unlabeled, {steps_per_epoch} steps/epoch, {total} steps, "

@@ -73,10 +73,7 @@ def main(argv=None):
     ddp = dist.wrap_ddp(model, rt)
 
     steps_per_epoch = loader.steps_per_epoch
-    total = cfg.train.epochs * steps_per_epoch
-    if cfg.train.max_steps:
-        total = min(total, cfg.train.max_steps)
-    warmup = min(int(cfg.optim.warmup_epochs * steps_per_epoch), total)
+    total, warmup = schedule.plan(cfg.train.epochs, cfg.train.max_steps, cfg.optim.warmup_epochs, steps_per_epoch)
     step = state["step"]
     run.say(f"{len(images.paths)} images, {rt.world} rank(s), global batch {B}, "
             f"{steps_per_epoch} steps/epoch, {total} steps, backend {resolve_backend(cfg.data.backend)}")

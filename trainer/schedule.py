@@ -7,6 +7,14 @@ global_batch / 256 is the caller's job, done once when the groups are built, e.g
 import math
 
 
+def plan(epochs: int, max_steps: int, warmup_epochs: float, steps_per_epoch: int) -> tuple[int, int]:
+    """(total steps, warm-up steps): epochs x steps_per_epoch, capped by max_steps when it is set."""
+    total = epochs * steps_per_epoch
+    if max_steps:
+        total = min(total, max_steps)
+    return total, min(int(warmup_epochs * steps_per_epoch), total)
+
+
 def lr_factor(step: int, total_steps: int, warmup_steps: int, final_factor: float = 0.001) -> float:
     """step / warmup_steps while warming up, then a cosine from 1 down to final_factor at total_steps.
 
