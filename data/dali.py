@@ -183,6 +183,8 @@ def _pipeline(file_list, kind, size, scales, gpu):
                  _barlow_twins_view(images, size, blur_p=0.1, solarize_p=0.2)]
     elif kind == "train":
         views = [_train_view(images, size)]
+    elif kind == "weak":
+        views = [_normalise(_reflect_translate(_fit(images, image_shape, size), size))]
     elif kind == "weak_strong":
         fitted = _fit(images, image_shape, size)
         weak = _reflect_translate(fitted, size)
@@ -338,7 +340,7 @@ class DaliLoader:
                              f"{global_batch}{' with drop_last' if drop_last else ''}")
         self.split, self.kind, self.image_size, self.seed = split, kind, image_size, seed
         self.scales = list(scales or [image_size])
-        self.view_sizes = self.scales if kind == "eval" else [image_size] * (1 if kind == "train" else 2)
+        self.view_sizes = self.scales if kind == "eval" else [image_size] * (1 if kind in ("train", "weak") else 2)
         self.threads = max(1, workers)
         self.gpu = _use_gpu(device)
         found = scan_files(split.paths, self.threads)

@@ -19,7 +19,7 @@ import torch
 from data import transforms
 from data.datasets import ImageDataset, Split
 
-KINDS = ("barlow_twins", "train", "weak_strong", "eval")
+KINDS = ("barlow_twins", "train", "weak", "weak_strong", "eval")
 
 
 class ShardedSampler:
@@ -131,6 +131,8 @@ def views_for(kind: str, image_size: int, scales: list[int] | None = None) -> tr
         return transforms.barlow_twins(image_size)
     if kind == "train":
         return transforms.MultiView(transforms.train(image_size))
+    if kind == "weak":
+        return transforms.MultiView(transforms.weak(image_size))
     if kind == "weak_strong":
         return transforms.MultiView(transforms.weak(image_size), transforms.strong(image_size))
     if kind == "eval":

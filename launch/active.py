@@ -5,8 +5,8 @@ clusters of their self-supervised embeddings.
     python launch/active.py import ANSWERS.csv --config configs/demo/active.yaml [key=value ...]
 
 run: embeds every unlabeled image that active.labeled does not already label with active.backbone
-(L2-normalised, streamed to run.dir/embeddings.npy) and classifies it with active.model; clusters the
-embeddings with spherical k-means (active.clusters); takes from each cluster the images with the
+(L2-normalised, streamed to run.dir/embeddings.npy) and classifies it with active.model (top2.npy,
+guess.npy); clusters the embeddings with spherical k-means (active.clusters); takes from each cluster the images with the
 smallest margin p1 - p2 of the model's softmax, the budget split evenly over the clusters. Writes
 run.dir/queries.csv (path,cluster,margin,guess; most uncertain first; query number = data row),
 assignment.npy (every candidate's cluster) and contact sheets for the annotator: queries.png
@@ -33,7 +33,6 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.distributed as torch_dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont, ImageOps  # noqa: E402
 
@@ -42,10 +41,9 @@ from data.loaders import build_loader, resolve_backend  # noqa: E402
 from trainer import cluster, config, dist, engine  # noqa: E402
 from trainer.config import ActiveConfig  # noqa: E402
 from trainer.models import build_backbone, load_backbone_weights, load_classifier  # noqa: E402
-from trainer.predict import outputs  # noqa: E402
+from trainer.predict import stream_rows  # noqa: E402
 
 QUERY_COLUMNS = ["path", "cluster", "margin", "guess"]
-MERGE_ROWS = 65536   # embedding rows copied at a time when merging the ranks' shards
 
 
 # ---- configuration ----
@@ -101,54 +99,20 @@ def relative(split, path: str) -> str:
 
 # ---- inference: unit SSL embeddings (streamed) and the model's top-2 ----
 
-def _embed_and_top2(ssl, model, x):
-    probs = torch.softmax(model(x).float(), 1)
-    top2 = probs.topk(2, dim=1)
-    # one output tensor for the sharded loop: embedding, top-2 probabilities, predicted class
-    return torch.cat([F.normalize(ssl(x).float(), dim=1), top2.values, top2.indices[:, :1].float()], 1)
-
-
 @torch.no_grad()
-def predict(ssl, model, loader, rt, path: str, num_rows: int, precision: str):
-    """Rank 0 gets (top-2 probabilities (N, 2), guesses (N,), covered (N,) bool); embeddings go to `path`.
-
-    Each rank streams its unit embeddings to a shard file (no rank holds N x D floats); rank 0 merges
-    them by row into the .npy at `path`. Rows an undecodable image never produced stay uncovered.
-    """
+def predict(ssl, model, loader, rt, out_dir: str, num_rows: int, precision: str):
+    """out_dir/{embeddings,top2,guess}.npy: unit SSL embeddings, the model's top-2 probabilities and
+    its guess per row, streamed; rank 0 gets the mask of rows covered (an undecodable image's is not)."""
     ssl.eval()
     model.eval()
-    dim = ssl.out_dim
-    shard = f"{path}.rank-{rt.rank}.bin"
-    parts = []
-    with open(shard, "wb") as f:
-        for index, out in outputs(lambda v: _embed_and_top2(ssl, model, v[0]), loader, rt, precision):
-            f.write(out[:, :dim].numpy().tobytes())
-            parts.append((index.numpy(), out[:, dim:dim + 2].numpy(), out[:, dim + 2].numpy().astype(np.int64)))
-    ranks = [parts]
-    if dist.world_size() > 1:   # small arrays only: N x 3 numbers
-        ranks = [None] * dist.world_size()
-        torch_dist.all_gather_object(ranks, parts)
-    dist.barrier()
-    if not rt.is_main:
-        return None
-    top2, guess = np.zeros((num_rows, 2), np.float32), np.zeros(num_rows, np.int64)
-    covered = np.zeros(num_rows, bool)
-    merged = np.lib.format.open_memmap(path + ".tmp", "w+", np.float32, (num_rows, dim))
-    for rank, rank_parts in enumerate(ranks):
-        index = np.concatenate([i for i, _, _ in rank_parts]) if rank_parts else np.zeros(0, np.int64)
-        if rank_parts:
-            top2[index] = np.concatenate([p for _, p, _ in rank_parts])
-            guess[index] = np.concatenate([g for _, _, g in rank_parts])
-        covered[index] = True
-        rows = np.memmap(f"{path}.rank-{rank}.bin", np.float32, "r", shape=(len(index), dim)) if len(index) else []
-        for start in range(0, len(index), MERGE_ROWS):
-            merged[index[start:start + MERGE_ROWS]] = rows[start:start + MERGE_ROWS]
-        del rows
-        os.remove(f"{path}.rank-{rank}.bin")
-    merged.flush()
-    del merged
-    os.replace(path + ".tmp", path)
-    return top2, guess, covered
+
+    def embedding_top2_guess(views):
+        probs, classes = torch.softmax(model(views[0]).float(), 1).topk(2, dim=1)
+        return torch.cat([F.normalize(ssl(views[0]).float(), dim=1), probs, classes[:, :1].float()], 1)
+
+    columns = [(os.path.join(out_dir, "embeddings.npy"), ssl.out_dim, np.float32),
+               (os.path.join(out_dir, "top2.npy"), 2, np.float32), (os.path.join(out_dir, "guess.npy"), 1, np.int64)]
+    return stream_rows(embedding_top2_guess, loader, rt, columns, num_rows, precision)
 
 
 # ---- queries ----
@@ -331,12 +295,11 @@ def make_queries(cfg, rt, run, classes) -> dict:
                           backend=resolve_backend(cfg.data.backend), on_bad_image=cfg.data.on_bad_image)
     run.say(f"{len(pool)} candidate images, {count} queries over {cfg.active.clusters} clusters")
     t0 = time.time()
-    predicted = predict(ssl.to(rt.device), model.to(rt.device), loader, rt, run.path("embeddings.npy"), len(pool),
-                        cfg.inference.precision)
+    covered = predict(ssl.to(rt.device), model.to(rt.device), loader, rt, run.dir, len(pool), cfg.inference.precision)
     timing = {"inference_seconds": time.time() - t0}
     if rt.is_main:
-        top2, guess, covered = predicted
         embeddings = np.load(run.path("embeddings.npy"), mmap_mode="r")
+        top2, guess = np.load(run.path("top2.npy")), np.load(run.path("guess.npy"))[:, 0]
         chosen, margin, assignment, timing["kmeans_seconds"] = select_queries(embeddings, top2, covered, count, cfg)
         np.save(run.path("assignment.npy"), assignment)
         write_queries(run.path("queries.csv"), pool, chosen, margin, assignment, guess, classes)

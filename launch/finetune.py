@@ -40,7 +40,7 @@ def main(argv=None):
     if B % rt.world or B > len(train.paths):
         raise engine.StageError(f"train.batch_size={B}: must divide by {rt.world} rank(s) and be at most "
                                 f"the {len(train.paths)} training images")
-    loader = loader_for(train, "train", cfg, rt)
+    loader = loader_for(train, cfg.finetune.augment, cfg, rt)
     val_loader = loader_for(read_split(cfg.data.root, "val"), "eval", cfg, rt, shuffle=False, drop_last=False)
 
     backbone = build_backbone(cfg.model.backbone, cfg.model.small_stem, cfg.model.width)

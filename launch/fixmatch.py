@@ -120,7 +120,7 @@ def main(argv=None):
         raise engine.StageError(f"train.batch_size={B}: must divide by {rt.world} rank(s), be at most the "
                                 f"{len(train.paths)} labeled images and, times fixmatch.mu={cfg.fixmatch.mu}, "
                                 f"at most the {len(unlabeled.paths)} unlabeled images")
-    labeled_loader = loader_for(train, "train", cfg, rt, B, cfg.run.seed)
+    labeled_loader = loader_for(train, "weak", cfg, rt, B, cfg.run.seed)   # FixMatch: ℓs on weak views
     # Another seed for the unlabeled loader: its augmentations are not drawn in step with the labeled ones.
     unlabeled_loader = loader_for(unlabeled, "weak_strong", cfg, rt, U, cfg.run.seed + 1)
     val_loader = loader_for(read_split(cfg.data.root, "val"), "eval", cfg, rt, U, cfg.run.seed,

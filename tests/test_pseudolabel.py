@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -94,7 +95,7 @@ def test_pseudolabel_iterations(tmp_path_factory, tmp_path):
     assert (run / "model.pt").exists() and np.load(run / "predictions" / "embeddings.npy").shape[0] == len(rows)
 
 
-def _predict(rank, data, world_dir):
+def _predict(rank, data, world_dir, on_bad_image="error"):
     from data.datasets import read_split
     from data.loaders import build_loader
     from trainer.dist import init
@@ -105,7 +106,7 @@ def _predict(rank, data, world_dir):
     split = read_split(data, "unlabeled")
     rt = init()
     loader = build_loader(split, "eval", image_size=28, global_batch=64, rank=rt.rank, world=rt.world,
-                          shuffle=False, drop_last=False, workers=0, backend="torch")
+                          shuffle=False, drop_last=False, workers=0, backend="torch", on_bad_image=on_bad_image)
     write_predictions(model, loader, rt, world_dir, len(split), 3)
     return rank
 
@@ -119,3 +120,19 @@ def test_two_rank_predictions_equal_one_rank(tmp_path_factory, tmp_path):
         assert a.shape == b.shape and a.shape[0] == 660
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
     assert sorted(os.listdir(tmp_path / "two")) == ["embeddings.npy", "topk_class.npy", "topk_prob.npy"]
+
+
+def test_skipped_images_carry_their_stand_ins_predictions(tmp_path_factory, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(fashion(tmp_path_factory), data)
+    with open(data / "unlabeled.csv") as f:
+        paths = [r["path"] for r in csv.DictReader(f)]
+    for bad in (5, len(paths) - 1):   # the last one's stand-in wraps around to row 0
+        (data / paths[bad]).write_bytes(b"not an image")
+    run_ranks(_predict, 1, str(fashion(tmp_path_factory)), str(tmp_path / "clean"))
+    run_ranks(_predict, 2, str(data), str(tmp_path / "skip"), "skip")
+    for name in ("topk_class.npy", "topk_prob.npy", "embeddings.npy"):
+        clean, skip = np.load(tmp_path / "clean" / name), np.load(tmp_path / "skip" / name)
+        expected = clean.copy()
+        expected[5], expected[-1] = clean[6], clean[0]
+        np.testing.assert_allclose(skip, expected, rtol=0, atol=1e-5)

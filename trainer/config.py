@@ -108,6 +108,9 @@ class FinetuneSection:
     labeled: str = "labeled"        # split name, or a CSV file (path,label) whose image paths are relative to data.root
     pseudo_labels: str = ""         # optional CSV (path,label[,score]) of pseudo-labels, added to labeled
     eval_every: int = 1             # epochs between val evaluations (model.pt keeps the best by val)
+    # training view: "train" = random resized crop + flip (photos), "weak" = flip + small translation
+    # (FixMatch's weak view: centred objects whose shape is the class, e.g. Fashion-MNIST)
+    augment: str = choice("train", "train", "weak")
 
 
 @dataclass

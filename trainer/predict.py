@@ -1,6 +1,7 @@
 """Sharded inference: every rank runs its share of a split through a model."""
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -9,6 +10,8 @@ import torch.distributed as dist
 
 from trainer.dist import Runtime, barrier, world_size
 from trainer.engine import autocast
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -40,9 +43,30 @@ def embed(backbone, loader, rt: Runtime, num_rows: int, precision: str = "fp32")
     feats = np.concatenate([f for _, f in parts])
     out = np.zeros((num_rows, feats.shape[1]), np.float32)
     out[index] = feats
-    if len(np.unique(index)) != num_rows:
-        raise RuntimeError(f"inference covered {len(np.unique(index))} of {num_rows} rows")
+    covered = np.zeros(num_rows, bool)
+    covered[index] = True
+    fill_from_stand_ins(covered, out)
     return out
+
+
+def fill_from_stand_ins(covered: np.ndarray, *arrays) -> int:
+    """Give each row the loader never produced the outputs of its stand-in; returns how many rows.
+
+    Only on_bad_image=skip leaves rows uncovered: an undecodable image's row is replaced by the next
+    decodable row (wrapping) in every loader, so its outputs here are that row's, as in training.
+    """
+    missing = np.flatnonzero(~covered)
+    if len(missing) == 0:
+        return 0
+    present = np.flatnonzero(covered)
+    if len(present) == 0:
+        raise RuntimeError(f"inference produced none of the {len(covered)} rows")
+    source = present[np.searchsorted(present, missing) % len(present)]
+    for array in arrays:
+        array[missing] = array[source]
+    log.warning("%d of %d rows had no decodable image: they carry the outputs of the next decodable row",
+                len(missing), len(covered))
+    return len(missing)
 
 
 @torch.no_grad()
@@ -65,71 +89,80 @@ def accuracy(model, loader, rt: Runtime, precision: str = "fp32") -> dict[str, f
     return {"top1": (counts[0] / counts[2]).item(), "top5": (counts[1] / counts[2]).item()}
 
 
-PREDICTION_FILES = ("topk_class.npy", "topk_prob.npy", "embeddings.npy")
+MERGE_ROWS = 65536   # rows copied at a time when merging the ranks' shards: bounded memory
 
 
 @torch.no_grad()
+def stream_rows(fn, loader, rt: Runtime, columns, num_rows: int, precision: str = "fp32"):
+    """Run fn over this rank's shard of a split and write its outputs to .npy files ordered by row.
+
+    fn returns one float tensor per batch whose columns are, in order, those of `columns`:
+    [(path.npy, width, dtype), ...]. Each rank streams its rows to <path>.rank-<r> files, so no rank
+    holds N x D numbers; rank 0 merges them by row and returns the bool mask of rows the loader
+    produced (all of them unless on_bad_image=skip met an undecodable image); other ranks get None.
+    """
+    index_file = f"{columns[0][0]}.rank-{rt.rank}.index"
+    shards = [open(f"{path}.rank-{rt.rank}", "wb") for path, _, _ in columns]
+    with open(index_file, "wb") as index_out:
+        for index, out in outputs(fn, loader, rt, precision):
+            index_out.write(index.numpy().astype(np.int64).tobytes())
+            start = 0
+            for shard, (_, width, dtype) in zip(shards, columns):
+                shard.write(out[:, start:start + width].numpy().astype(dtype).tobytes())
+                start += width
+    for shard in shards:
+        shard.close()
+    barrier()
+    covered = _merge(columns, world_size(), num_rows) if rt.is_main else None
+    barrier()
+    return covered
+
+
+def _merge(columns, world: int, num_rows: int) -> np.ndarray:
+    merged = [np.lib.format.open_memmap(path + ".tmp", "w+", dtype, (num_rows, width)) for path, width, dtype in columns]
+    covered = np.zeros(num_rows, bool)
+    for rank in range(world):
+        index_file = f"{columns[0][0]}.rank-{rank}.index"
+        index = np.fromfile(index_file, np.int64)
+        covered[index] = True
+        for array, (path, width, dtype) in zip(merged, columns):
+            shard = np.memmap(f"{path}.rank-{rank}", dtype, "r", shape=(len(index), width)) if len(index) else []
+            for start in range(0, len(index), MERGE_ROWS):
+                array[index[start:start + MERGE_ROWS]] = shard[start:start + MERGE_ROWS]
+            del shard
+            os.remove(f"{path}.rank-{rank}")
+        os.remove(index_file)
+    for array in merged:
+        array.flush()
+    del merged
+    for path, _, _ in columns:
+        os.replace(path + ".tmp", path)
+    return covered
+
+
+PREDICTION_FILES = ("topk_class.npy", "topk_prob.npy", "embeddings.npy")
+
+
 def write_predictions(model, loader, rt: Runtime, out_dir: str, num_rows: int, top_k: int,
                       precision: str = "fp32"):
-    """Top-K classes and probabilities plus the backbone embedding of every row, merged by row.
-
-    Each rank streams its shard to rank-<r> files (embeddings straight to disk, so no rank holds
-    N x D floats, and nobody holds N x C probabilities); rank 0 then merges them into
-    out_dir/{topk_class,topk_prob,embeddings}.npy ordered by row, and removes the shards.
-    """
+    """out_dir/{topk_class,topk_prob,embeddings}.npy: top-K classes and probabilities plus the
+    backbone embedding of every row, ordered by row, streamed (nobody holds N x C probabilities)."""
     os.makedirs(out_dir, exist_ok=True)
     was_training = model.training
     model.eval()
-    prefix = os.path.join(out_dir, f"rank-{rt.rank}")
-    indices, classes, probs = [], [], []
-    dim = model.backbone.out_dim
-    with open(prefix + ".embeddings.bin", "wb") as emb_file:
-        for index, out in outputs(lambda v: _features_and_logits(model, v[0]), loader, rt, precision):
-            features, logits = out[:, :dim], out[:, dim:]
-            p, c = torch.softmax(logits, 1).topk(top_k, dim=1)
-            indices.append(index.numpy())
-            classes.append(c.numpy().astype(np.int32))
-            probs.append(p.numpy().astype(np.float32))
-            emb_file.write(features.numpy().astype(np.float32).tobytes())
+
+    def classes_probs_features(views):
+        features = model.backbone(views[0])
+        probs, classes = torch.softmax(model.head(features).float(), 1).topk(top_k, dim=1)
+        return torch.cat([classes.float(), probs, features.float()], 1)   # class ids < 2**24: exact in float32
+
+    paths = [os.path.join(out_dir, name) for name in PREDICTION_FILES]
+    columns = list(zip(paths, (top_k, top_k, model.backbone.out_dim), (np.int32, np.float32, np.float32)))
+    covered = stream_rows(classes_probs_features, loader, rt, columns, num_rows, precision)
     model.train(was_training)
-    np.save(prefix + ".index.npy", np.concatenate(indices) if indices else np.zeros(0, np.int64))
-    np.save(prefix + ".topk_class.npy", np.concatenate(classes) if classes else np.zeros((0, top_k), np.int32))
-    np.save(prefix + ".topk_prob.npy", np.concatenate(probs) if probs else np.zeros((0, top_k), np.float32))
+    if rt.is_main and not covered.all():
+        arrays = [np.load(p, mmap_mode="r+") for p in paths]
+        fill_from_stand_ins(covered, *arrays)
+        for array in arrays:
+            array.flush()
     barrier()
-    if rt.is_main:
-        _merge(out_dir, world_size(), num_rows, top_k, dim)
-    barrier()
-
-
-def _features_and_logits(model, x):
-    features = model.backbone(x)
-    # one output tensor for the sharded loop: features then logits, split again by the caller
-    return torch.cat([features, model.head(features)], 1)
-
-
-def _merge(out_dir: str, world: int, num_rows: int, top_k: int, dim: int):
-    shards = [os.path.join(out_dir, f"rank-{r}") for r in range(world)]
-    merged = {name: np.lib.format.open_memmap(os.path.join(out_dir, name + ".tmp"), "w+", dtype, shape)
-              for name, dtype, shape in (("topk_class.npy", np.int32, (num_rows, top_k)),
-                                         ("topk_prob.npy", np.float32, (num_rows, top_k)),
-                                         ("embeddings.npy", np.float32, (num_rows, dim)))}
-    seen = np.zeros(num_rows, bool)
-    for shard in shards:
-        index = np.load(shard + ".index.npy")
-        seen[index] = True
-        merged["topk_class.npy"][index] = np.load(shard + ".topk_class.npy")
-        merged["topk_prob.npy"][index] = np.load(shard + ".topk_prob.npy")
-        embeddings = np.memmap(shard + ".embeddings.bin", np.float32, "r", shape=(len(index), dim))
-        for start in range(0, len(index), 65536):   # bounded memory however large the shard
-            merged["embeddings.npy"][index[start:start + 65536]] = embeddings[start:start + 65536]
-        del embeddings
-    if not seen.all():
-        raise RuntimeError(f"predictions cover {seen.sum()} of {num_rows} rows")
-    for array in merged.values():
-        array.flush()
-    del merged
-    for name in PREDICTION_FILES:
-        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
-    for shard in shards:
-        for suffix in (".index.npy", ".topk_class.npy", ".topk_prob.npy", ".embeddings.bin"):
-            os.remove(shard + suffix)
