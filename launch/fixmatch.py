@@ -6,7 +6,7 @@ confident prediction on a weak view as the target of a strong view; the weights'
 
 An epoch is one pass over the unlabeled images (fixmatch.mu x train.batch_size per step); the labeled
 loader cycles through its own epochs alongside. Writes run.dir/model.pt: the EMA weights of the
-epoch with the best EMA val top-1.
+epoch with the best EMA val top-1, or the starting model when no epoch beats it on val.
 """
 import os
 import sys
@@ -155,6 +155,8 @@ def main(argv=None):
         val = accuracy(model, val_loader, rt, cfg.train.precision)
         run.log(epoch=0, step=0, val_top1=val["top1"], val_top5=val["top5"])
         run.say(f"val top-1 at initialisation: {val['top1']:.4f}")
+        # the starting model competes too: an epoch must beat it on val to replace it
+        best = {"top1": val["top1"], "epoch": 0, "model": copy.deepcopy(ema.model.state_dict())}
 
     def save(step, epoch, step_in_epoch):
         run.save_checkpoint(model, optimizer, scaler, step, epoch, step_in_epoch, ema=ema.state_dict(),
@@ -204,7 +206,8 @@ def main(argv=None):
     if rt.is_main:
         save_classifier(ema.model, arch, run.path("model.pt"))
     run.log(event="done", best_epoch=best["epoch"], val_top1=best["top1"])
-    run.say(f"best EMA val top-1 {best['top1']:.4f} at epoch {best['epoch']}; wrote {run.path('model.pt')}")
+    which = f"epoch {best['epoch']}" if best["epoch"] else "the starting model (no epoch beat it)"
+    run.say(f"best EMA val top-1 {best['top1']:.4f}: {which}; wrote {run.path('model.pt')}")
 
 
 if __name__ == "__main__":

@@ -227,3 +227,17 @@ def test_bad_pseudo_label_row_is_named(setup, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         f"fixmatch.py: error: {pseudo}:4: images/train/missing.png is not an image of unlabeled.csv")
+
+
+def test_model_is_the_best_by_val_among_start_and_epochs(setup, tmp_path):
+    # a learning rate of 50 wrecks the model: the starting model should win on val and be kept
+    out = fixmatch(setup, tmp_path, "train.max_steps=5", "optim.lr_backbone=50", "optim.lr_head=50")
+    events = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    start = next(e["val_top1"] for e in events if e.get("step") == 0 and "val_top1" in e)
+    epoch = next(e["val_top1_ema"] for e in events if "val_top1_ema" in e)
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)["model"]
+    if epoch > start:
+        assert_same_weights(saved, final_state(tmp_path)[1], atol=0)
+    else:
+        assert_same_weights(saved, torch.load(setup[1], weights_only=True)["model"], atol=0)
+        assert "the starting model (no epoch beat it)" in out.stdout + out.stderr
