@@ -70,6 +70,8 @@ def test_pipeline_runs_resumes_after_kill_and_reports(tmp_path_factory, tmp_path
     for png in report["plots"]:
         assert (run / png).stat().st_size > 1000
     assert "| + multi-scale TTA |" in (run / "report.md").read_text()
+    chain = [row for row in report["accuracy"] if row["stage"] != "supervised"]
+    assert report["val_drops"] == [b["stage"] for a, b in zip(chain, chain[1:]) if b["val"] < a["val"]]
 
     again = subprocess.run(command(config), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("done, skipped") == len(report["stage_seconds"])

@@ -63,6 +63,12 @@ def accuracy_table(run_dir: str) -> list[dict]:
     return rows
 
 
+def val_drops(accuracy: list[dict]) -> list[tuple[dict, dict]]:
+    """(previous, stage) pairs of the recipe's chain (the supervised baseline aside) where val fell."""
+    chain = [r for r in accuracy if r["stage"] != "supervised" and r.get("val") is not None]
+    return [(a, b) for a, b in zip(chain, chain[1:]) if b["val"] < a["val"]]
+
+
 def iteration_table(run_dir: str) -> list[dict]:
     """Table 4: per pseudo-label iteration, P, pseudo-labels, duplicates, precision, val top-1."""
     selection = _json(os.path.join(run_dir, "pseudolabel", "selection.json"))
@@ -82,7 +88,10 @@ def write(run_dir: str, stage_seconds: dict):
     lines = ["# semiscale run report", "", f"Run dir: `{os.path.abspath(run_dir)}`", "",
              "## Accuracy after each stage (top-1 %)", "", "| stage | val | test |", "|---|---|---|"]
     lines += [f"| {r['name']} | {_fmt(r.get('val'))} | {_fmt(r.get('test'))} |" for r in accuracy]
-    lines += ["", "Model selection uses val only; test is reported, never used to choose.", "",
+    drops = val_drops(accuracy)
+    lines += ["", "Every stage at least as good as the one before it on val: " + (
+        "no; " + "; ".join(f"{b['name']} {_fmt(b['val'])} < {_fmt(a['val'])}" for a, b in drops) if drops
+        else "yes") + ".", "Model selection uses val only; test is reported, never used to choose.", "",
               "## Pseudo-label iterations", "",
               "| iteration | P | pseudo-labels | images chosen for >1 class | precision % | val top-1 % |",
               "|---|---|---|---|---|---|"]
@@ -97,9 +106,10 @@ def write(run_dir: str, stage_seconds: dict):
     with open(os.path.join(run_dir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(run_dir, "report.json"), "w") as f:
-        json.dump({"accuracy": accuracy, "iterations": iterations, "stage_seconds": stage_seconds,
+        json.dump({"accuracy": accuracy, "val_drops": [b["stage"] for _, b in drops], "iterations": iterations,
+                   "stage_seconds": stage_seconds,
                    "plots": [os.path.basename(p) for p in plots]}, f, indent=2)
-    print("\n".join(lines[4:4 + 4 + len(accuracy)]), flush=True)
+    print("\n".join(lines[4:4 + 6 + len(accuracy)]), flush=True)   # the table and the verdict line
 
 
 # ---- plots ----
