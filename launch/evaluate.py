@@ -6,15 +6,18 @@ or (--knn) the kNN top-1 of a backbone's embeddings with the labeled images as r
 
 Writes run.dir/eval.json:
     {"model": PATH, "splits": {SPLIT: {"images": N, "scales": {"28": {"top1", "top5"}, ...},
-                                       "tta": {"top1", "top5"}}}}
+                                       "tta": {"top1", "top5"}, "tta_scales": [px, ...]}}}
     --knn: {"backbone": PATH, "k": K, "temperature": T, "knn": {SPLIT: top1}}
 TTA averages the softmax probabilities of the evaluate.scales views (each image is resized so its
-shorter side is the scale). Every rank scores its shard of a split; only hit counts cross ranks.
+shorter side is the scale): of all of them (evaluate.tta=all, the report's fixed 96/144/192 px), or of
+the subset of them with the best val top-1 (evaluate.tta=val; test is then scored with val's choice). Every rank scores its shard of a split; only hit counts cross ranks.
 """
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import itertools  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as torch_dist  # noqa: E402
@@ -38,13 +41,21 @@ def scale_probabilities(model, views) -> torch.Tensor:
     return torch.stack([torch.softmax(model(v).float(), 1) for v in views])
 
 
+def scale_subsets(num_scales: int, mode: str) -> list[tuple[int, ...]]:
+    """TTA candidates as tuples of scale indices: all the scales, or (mode "val") every non-empty
+    subset, fewest scales first so that a tie on val goes to the cheaper one."""
+    if mode == "all":
+        return [tuple(range(num_scales))]
+    return [c for size in range(1, num_scales + 1) for c in itertools.combinations(range(num_scales), size)]
+
+
 @torch.no_grad()
-def hit_counts(model, loader, labels, num_scales, rt, precision) -> torch.Tensor:
-    """(scales + 1, 3) top-1 hits, top-5 hits and images per scale and (last row) for TTA, summed over ranks."""
+def hit_counts(model, loader, labels, num_scales, subsets, rt, precision) -> torch.Tensor:
+    """(scales + subsets, 3) top-1 hits, top-5 hits and images per scale, then per TTA subset, summed over ranks."""
     model.eval()
-    counts = torch.zeros(num_scales + 1, 3, dtype=torch.float64)
+    counts = torch.zeros(num_scales + len(subsets), 3, dtype=torch.float64)
     for index, per_scale in outputs(lambda views: scale_probabilities(model, views), loader, rt, precision):
-        probs = torch.cat([per_scale, tta_probabilities(per_scale)[None]])
+        probs = torch.cat([per_scale, *(tta_probabilities(per_scale[list(s)])[None] for s in subsets)])
         y = torch.from_numpy(labels[index.numpy()])
         hit = probs.topk(min(5, probs.shape[2]), dim=2).indices == y[None, :, None]
         batch = torch.stack([hit[..., 0].sum(1), hit.any(2).sum(1), torch.full((len(probs),), len(y))], 1)
@@ -56,7 +67,7 @@ def hit_counts(model, loader, labels, num_scales, rt, precision) -> torch.Tensor
 
 def labeled_splits(cfg) -> dict:
     splits = {}
-    for name in cfg.evaluate.splits:
+    for name in sorted(cfg.evaluate.splits, key=lambda n: n != "val"):   # val first (see evaluate.tta)
         split = read_split(cfg.data.root, name)
         if split.labels is None:
             raise config.ConfigError(f"evaluate.splits: {name!r} has no label column to score against")
@@ -78,17 +89,21 @@ def evaluate_classifier(cfg, splits, rt, run) -> dict:
         raise engine.StageError(f"{cfg.evaluate.model}: a {arch['num_classes']}-class model, but "
                                 f"{cfg.data.root}/classes.txt names {num_classes} classes")
     model.to(rt.device)
-    scales = cfg.evaluate.scales
-    results = {}
-    for name, split in splits.items():
-        counts = hit_counts(model, eval_loader(split, cfg, rt, scales), split.labels, len(scales), rt,
+    scales, subsets = cfg.evaluate.scales, scale_subsets(len(cfg.evaluate.scales), cfg.evaluate.tta)
+    results, chosen = {}, subsets[0]
+    for name, split in splits.items():   # val first: in tta=val mode it picks the subset test is scored with
+        counts = hit_counts(model, eval_loader(split, cfg, rt, scales), split.labels, len(scales), subsets, rt,
                             cfg.inference.precision)
         scores = [{"top1": (c[0] / c[2]).item(), "top5": (c[1] / c[2]).item()} for c in counts]
-        results[name] = {"images": int(counts[0, 2]), "scales": dict(zip(map(str, scales), scores)),
-                         "tta": scores[-1]}
-        run.say(f"{name}: top-1 " + ", ".join(f"{s} px {r['top1']:.4f}" for s, r in zip(scales, scores))
-                + f", TTA {scores[-1]['top1']:.4f}")
-        run.log(split=name, **{f"top1_{s}": r["top1"] for s, r in zip(scales, scores)}, top1_tta=scores[-1]["top1"])
+        per_scale, per_subset = scores[:len(scales)], dict(zip(subsets, scores[len(scales):]))
+        if name == "val" and len(subsets) > 1:
+            chosen = max(subsets, key=lambda s: per_subset[s]["top1"])   # max keeps the first of equals
+        results[name] = {"images": int(counts[0, 2]), "scales": dict(zip(map(str, scales), per_scale)),
+                         "tta": per_subset[chosen], "tta_scales": [scales[i] for i in chosen]}
+        run.say(f"{name}: top-1 " + ", ".join(f"{s} px {r['top1']:.4f}" for s, r in zip(scales, per_scale))
+                + f", TTA over {results[name]['tta_scales']} px {per_subset[chosen]['top1']:.4f}")
+        run.log(split=name, **{f"top1_{s}": r["top1"] for s, r in zip(scales, per_scale)},
+                top1_tta=per_subset[chosen]["top1"])
     return {"model": cfg.evaluate.model, "splits": results}
 
 
@@ -122,6 +137,9 @@ def main(argv=None):
         raise config.ConfigError(f"evaluate.scales={cfg.evaluate.scales}: expected a list of positive sizes (px)")
     if not cfg.evaluate.splits:
         raise config.ConfigError("evaluate.splits: expected at least one split (e.g. [val, test])")
+    if cfg.evaluate.tta == "val" and "val" not in cfg.evaluate.splits:
+        raise config.ConfigError(f"evaluate.tta=val chooses the TTA scales on val: evaluate.splits="
+                                 f"{cfg.evaluate.splits} must include val")
     splits = labeled_splits(cfg)
     rt = dist.init()
     run = engine.Run("evaluate", cfg, rt)

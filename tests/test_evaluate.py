@@ -119,3 +119,31 @@ def test_unlabeled_split_is_refused_before_any_work(tmp_path_factory, tmp_path):
         evaluate.main(["--config", EVALUATE, f"data.root={data}", f"run.dir={tmp_path / 'run'}",
                        "evaluate.splits=[val,unlabeled]", *TINY])
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_tta_val_mode_picks_the_subset_best_on_val_and_scores_test_with_it(classifier_run, tmp_path):
+    data, _, run = classifier_run
+    model = json.load(open(run / "eval.json"))["model"]
+    scales = [28, 40, 20]
+    evaluate.main(["--config", EVALUATE, f"data.root={data}", f"run.dir={tmp_path / 'val'}", f"evaluate.model={model}",
+                   f"evaluate.scales={scales}", "evaluate.tta=val", "evaluate.splits=[test,val]", *TINY])
+    chosen = json.load(open(tmp_path / "val" / "eval.json"))["splits"]
+    # every subset scored on its own in the plain mode, fewest scales first
+    subsets = [[28], [40], [20], [28, 40], [28, 20], [40, 20], [28, 40, 20]]
+    alone = []
+    for i, subset in enumerate(subsets):
+        evaluate.main(["--config", EVALUATE, f"data.root={data}", f"run.dir={tmp_path / str(i)}",
+                       f"evaluate.model={model}", f"evaluate.scales={subset}", *TINY])
+        alone.append(json.load(open(tmp_path / str(i) / "eval.json"))["splits"])
+    val_top1 = [a["val"]["tta"]["top1"] for a in alone]
+    best = val_top1.index(max(val_top1))
+    assert chosen["val"]["tta_scales"] == chosen["test"]["tta_scales"] == subsets[best]
+    assert chosen["val"]["tta"] == alone[best]["val"]["tta"] and chosen["test"]["tta"] == alone[best]["test"]["tta"]
+    assert len(set(val_top1)) > 1   # the subsets disagree on val, so picking the best one is a real choice
+
+
+def test_tta_val_mode_needs_val(classifier_run, tmp_path):
+    data, _, run = classifier_run
+    with pytest.raises(config.ConfigError, match="evaluate.tta=val chooses the TTA scales on val"):
+        evaluate.main(["--config", EVALUATE, f"data.root={data}", f"run.dir={tmp_path}", "evaluate.tta=val",
+                       "evaluate.splits=[test]", *TINY])

@@ -176,6 +176,7 @@ class FixmatchConfig:
 class EvaluateSection:
     model: str = "runs/demo/fixmatch/model.pt"
     scales: list[int] = field(default_factory=lambda: [28, 36])   # px; TTA averages their probabilities
+    tta: str = choice("all", "all", "val")   # TTA over all the scales, or over the subset best on val
     splits: list[str] = field(default_factory=lambda: ["val", "test"])
     knn: bool = False               # instead: kNN top-1 of `backbone`'s embeddings (labeled -> each split)
     backbone: str = "runs/demo/pretrain/backbone.pt"

@@ -53,7 +53,7 @@ def accuracy_table(run_dir: str) -> list[dict]:
             rows.append({"stage": "knn", "name": ROWS["knn"], **{s: knn["knn"][s] for s in ("val", "test")}})
         if result:
             splits = result["splits"]
-            first = str(min(map(int, splits["val"]["scales"])))
+            first = next(iter(splits["val"]["scales"]))   # the first of evaluate.scales: the training size
             rows.append({"stage": stage, "name": ROWS[stage],
                          **{s: splits[s]["scales"][first]["top1"] for s in ("val", "test") if s in splits}})
             if stage != "supervised":
