@@ -10,7 +10,8 @@ Writes run.dir/eval.json:
     --knn: {"backbone": PATH, "k": K, "temperature": T, "knn": {SPLIT: top1}}
 TTA averages the softmax probabilities of the evaluate.scales views (each image is resized so its
 shorter side is the scale): of all of them (evaluate.tta=all, the report's fixed 96/144/192 px), or of
-the subset of them with the best val top-1 (evaluate.tta=val; test is then scored with val's choice). Every rank scores its shard of a split; only hit counts cross ranks.
+the subset of them with the best val top-1 (evaluate.tta=val; test is then scored with val's choice).
+Every rank scores its shard of a split; only hit counts cross ranks.
 """
 import os
 import sys

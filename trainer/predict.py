@@ -93,13 +93,14 @@ MERGE_ROWS = 65536   # rows copied at a time when merging the ranks' shards: bou
 
 
 @torch.no_grad()
-def stream_rows(fn, loader, rt: Runtime, columns, num_rows: int, precision: str = "fp32"):
+def stream_rows(fn, loader, rt: Runtime, columns, num_rows: int, precision: str = "fp32", stand_ins: bool = False):
     """Run fn over this rank's shard of a split and write its outputs to .npy files ordered by row.
 
     fn returns one float tensor per batch whose columns are, in order, those of `columns`:
     [(path.npy, width, dtype), ...]. Each rank streams its rows to <path>.rank-<r> files, so no rank
     holds N x D numbers; rank 0 merges them by row and returns the bool mask of rows the loader
     produced (all of them unless on_bad_image=skip met an undecodable image); other ranks get None.
+    stand_ins=True gives the rows not produced their stand-in's outputs before the files appear.
     """
     index_file = f"{columns[0][0]}.rank-{rt.rank}.index"
     shards = [open(f"{path}.rank-{rt.rank}", "wb") for path, _, _ in columns]
@@ -113,12 +114,12 @@ def stream_rows(fn, loader, rt: Runtime, columns, num_rows: int, precision: str 
     for shard in shards:
         shard.close()
     barrier()
-    covered = _merge(columns, world_size(), num_rows) if rt.is_main else None
+    covered = _merge(columns, world_size(), num_rows, stand_ins) if rt.is_main else None
     barrier()
     return covered
 
 
-def _merge(columns, world: int, num_rows: int) -> np.ndarray:
+def _merge(columns, world: int, num_rows: int, stand_ins: bool) -> np.ndarray:
     merged = [np.lib.format.open_memmap(path + ".tmp", "w+", dtype, (num_rows, width)) for path, width, dtype in columns]
     covered = np.zeros(num_rows, bool)
     for rank in range(world):
@@ -132,6 +133,8 @@ def _merge(columns, world: int, num_rows: int) -> np.ndarray:
             del shard
             os.remove(f"{path}.rank-{rank}")
         os.remove(index_file)
+    if stand_ins:
+        fill_from_stand_ins(covered, *merged)
     for array in merged:
         array.flush()
     del merged
@@ -158,11 +161,5 @@ def write_predictions(model, loader, rt: Runtime, out_dir: str, num_rows: int, t
 
     paths = [os.path.join(out_dir, name) for name in PREDICTION_FILES]
     columns = list(zip(paths, (top_k, top_k, model.backbone.out_dim), (np.int32, np.float32, np.float32)))
-    covered = stream_rows(classes_probs_features, loader, rt, columns, num_rows, precision)
+    stream_rows(classes_probs_features, loader, rt, columns, num_rows, precision, stand_ins=True)
     model.train(was_training)
-    if rt.is_main and not covered.all():
-        arrays = [np.load(p, mmap_mode="r+") for p in paths]
-        fill_from_stand_ins(covered, *arrays)
-        for array in arrays:
-            array.flush()
-    barrier()
