@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
+import itertools  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -40,7 +41,8 @@ def check(cfg):
                                      ("fixmatch.mu", fm.mu, fm.mu >= 1, "at least 1"),
                                      ("fixmatch.threshold", fm.threshold, 0 < fm.threshold <= 1, "in (0, 1]"),
                                      ("fixmatch.ema", fm.ema, 0 <= fm.ema < 1, "in [0, 1)"),
-                                     ("fixmatch.eval_every", fm.eval_every, fm.eval_every >= 1, "at least 1")):
+                                     ("fixmatch.eval_every", fm.eval_every, fm.eval_every >= 1, "at least 1"),
+                                     ("fixmatch.bn_batches", fm.bn_batches, fm.bn_batches >= 0, "at least 0")):
         if not ok:
             raise config.ConfigError(f"{key}={value}: expected {expected}")
 
@@ -94,6 +96,16 @@ def train_step(ddp, labeled, unlabeled, hidden_labels, optimizer, scaler, cfg, d
     return out, row
 
 
+def recalibrate_bn(model, loader, batches, device):
+    """Running statistics of `model`'s own weights, averaged over `batches` batches (torch's SWA helper).
+
+    The EMA copies the live model's buffers, which belong to other weights and to a batch that is
+    mostly strong views; evaluation sees clean images.
+    """
+    images = (batch["views"][0] for batch in itertools.islice(loader.epoch(0), batches))
+    torch.optim.swa_utils.update_bn(images, model, device)
+
+
 def summarise(sums: torch.Tensor, has_hidden: bool) -> dict:
     """Means over the epoch and over ranks (every rank has the same number of steps and images)."""
     s = dict(zip(STATS, dist.all_reduce_mean_(sums.clone()).tolist()))
@@ -125,6 +137,7 @@ def main(argv=None):
     unlabeled_loader = loader_for(unlabeled, "weak_strong", cfg, rt, U, cfg.run.seed + 1)
     val_loader = loader_for(read_split(cfg.data.root, "val"), "eval", cfg, rt, U, cfg.run.seed,
                             shuffle=False, drop_last=False)
+    bn_loader = loader_for(unlabeled, "eval", cfg, rt, U, cfg.run.seed + 2)
     hidden = None if unlabeled.hidden_labels is None else torch.as_tensor(unlabeled.hidden_labels).to(rt.device)
 
     model, arch = load_classifier(cfg.fixmatch.init)
@@ -192,6 +205,8 @@ def main(argv=None):
         sums.zero_()
         if epoch % cfg.fixmatch.eval_every == 0 or step == total:
             raw = accuracy(model, val_loader, rt, cfg.train.precision)
+            if cfg.fixmatch.bn_batches:
+                recalibrate_bn(ema.model, bn_loader, cfg.fixmatch.bn_batches, rt.device)
             averaged = accuracy(ema.model, val_loader, rt, cfg.train.precision)
             event.update(val_top1=raw["top1"], val_top1_ema=averaged["top1"], val_top5_ema=averaged["top5"])
             if averaged["top1"] > best["top1"]:

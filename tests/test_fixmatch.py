@@ -1,4 +1,5 @@
 import csv
+import itertools
 import json
 import os
 import signal
@@ -11,6 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from data.datasets import read_split
+from data.loaders import build_loader
 from tiny import ROOT, fashion, stage
 from trainer import checkpoint
 from trainer.ema import EMA
@@ -244,3 +247,27 @@ def test_model_is_the_best_by_val_among_start_and_epochs(setup, tmp_path):
     else:
         assert_same_weights(saved, torch.load(setup[1], weights_only=True)["model"], atol=0)
         assert "the starting model (no epoch beat it)" in out.stdout + out.stderr
+
+
+def test_ema_batchnorm_statistics_come_from_clean_unlabeled_batches(setup, tmp_path):
+    """fixmatch.bn_batches=2: before evaluation the EMA's BatchNorm statistics are recomputed with
+    its own weights over the first 2 clean (eval-view) unlabeled batches, averaged batch by batch."""
+    data, _ = setup
+    fixmatch(setup, tmp_path, "train.max_steps=3", "fixmatch.bn_batches=2", "run.seed=3")
+    ema = final_state(tmp_path)[1]
+    loader = build_loader(read_split(data, "unlabeled"), "eval", image_size=28, global_batch=16, seed=3 + 2,
+                          workers=0)
+    means, variances = [], []
+    for batch in itertools.islice(loader.epoch(0), 2):
+        stem = nn.functional.conv2d(batch["views"][0], ema["backbone.stem.0.weight"], padding=1)
+        channels = stem.transpose(0, 1).flatten(1).double()
+        means.append(channels.mean(1))
+        variances.append(channels.var(1))   # unbiased, as BatchNorm's running estimate
+    torch.testing.assert_close(ema["backbone.stem.1.running_mean"].double(), torch.stack(means).mean(0),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ema["backbone.stem.1.running_var"].double(), torch.stack(variances).mean(0),
+                               rtol=1e-5, atol=1e-6)
+    assert ema["backbone.stem.1.num_batches_tracked"].item() == 2
+    # the live model keeps the statistics of its training batches
+    assert not torch.equal(final_state(tmp_path)[0]["backbone.stem.1.running_mean"],
+                           ema["backbone.stem.1.running_mean"])

@@ -160,6 +160,9 @@ class FixmatchSection:
     lambda_u: float = 1.0           # weight of the unlabeled loss
     ema: float = 0.999              # decay of the weights' average, warmed up as min(ema, (1+t)/(10+t))
     eval_every: int = 1             # epochs (passes over the unlabeled set) between val evaluations
+    # Before each evaluation, BatchNorm statistics of the EMA weights from this many clean unlabeled
+    # batches (0: keep the live model's, gathered over weak and strong views)
+    bn_batches: int = 0
 
 
 @dataclass

@@ -110,7 +110,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
-                m = self.momentum
+                # momentum None: a cumulative average, as torch's BatchNorm
+                m = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
         y = centred * torch.rsqrt(var + self.eps).view(shape)
