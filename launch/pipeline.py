@@ -85,8 +85,9 @@ def main(argv=None):
             print(f"[pipeline] {name}: done, skipped ({folder}/{output} exists)", flush=True)
             continue
         spec = getattr(cfg.pipeline, spec_name)
+        extra = cfg.pipeline.fixmatch_active_overrides if name == "fixmatch_active" else []
         stage_argv = ["--config", spec.config, f"run.dir={folder}", f"data.root={cfg.data.root}",
-                      f"data.backend={cfg.data.backend}", *wiring(stage_dir), *spec.overrides]
+                      f"data.backend={cfg.data.backend}", *wiring(stage_dir), *spec.overrides, *extra]
         print(f"[pipeline] {name}: {script}.py {' '.join(stage_argv)}", flush=True)
         t0 = time.time()
         run_stage(script, stage_argv, cfg.pipeline.nproc)

@@ -27,6 +27,7 @@ def write_config(tmp_path, data):
     spec = {name: {"config": os.path.join(ROOT, "configs", "demo", f"{name}.yaml"),
                    "overrides": COMMON + overrides} for name, overrides in TINY_STAGES.items()}
     path = tmp_path / "pipeline.yaml"
+    spec["fixmatch_active_overrides"] = ["train.max_steps=2"]
     path.write_text(yaml.safe_dump({"run": {"dir": str(tmp_path / "run")},
                                     "data": {"root": data, "backend": "torch"}, "pipeline": spec}))
     return str(path)
@@ -34,6 +35,10 @@ def write_config(tmp_path, data):
 
 def command(config):
     return [sys.executable, os.path.join(ROOT, "launch", "pipeline.py"), "--config", config]
+
+
+def steps(run_dir):
+    return max(e.get("step", 0) for e in map(json.loads, open(run_dir / "metrics.jsonl")))
 
 
 def test_pipeline_runs_resumes_after_kill_and_reports(tmp_path_factory, tmp_path):
@@ -63,6 +68,8 @@ def test_pipeline_runs_resumes_after_kill_and_reports(tmp_path_factory, tmp_path
     assert stages == ["supervised", "knn", "finetune", "pseudolabel", "fixmatch", "fixmatch_active", "tta"]
     for row in report["accuracy"]:   # each figure is the stage's own eval.json, not a copy
         assert 0 <= row["test"] <= 1
+    # the FixMatch after active learning takes its own overrides after FixMatch's (3 steps -> 2)
+    assert [steps(run / s) for s in ("fixmatch", "fixmatch_active")] == [3, 2]
     final = json.load(open(run / "evaluate_fixmatch_active" / "eval.json"))["splits"]["test"]
     assert report["accuracy"][-1]["test"] == final["tta"]["top1"]
     assert [r["iteration"] for r in report["iterations"]] == [0, 1]

@@ -233,6 +233,8 @@ class PipelineSection:
     pseudolabel: StageSpec = field(default_factory=lambda: StageSpec("configs/demo/pseudolabel.yaml"))
     fixmatch: StageSpec = field(default_factory=lambda: StageSpec("configs/demo/fixmatch.yaml"))
     active: StageSpec = field(default_factory=lambda: StageSpec("configs/demo/active.yaml"))
+    # the FixMatch after active learning runs pipeline.fixmatch's config and overrides, then these
+    fixmatch_active_overrides: list[str] = field(default_factory=list)
     evaluate: StageSpec = field(default_factory=lambda: StageSpec("configs/demo/evaluate.yaml"))
 
 
