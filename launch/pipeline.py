@@ -33,7 +33,7 @@ STAGES = [
     ("active", "active", "active", "labeled.csv",
      lambda d: [f"active.model={d('fixmatch')}/model.pt", f"active.backbone={d('pretrain')}/backbone.pt",
                 "active.oracle=true"]),
-    ("fixmatch_active", "fixmatch", "fixmatch", "model.pt",
+    ("fixmatch_active", "fixmatch", "fixmatch_active", "model.pt",
      lambda d: [f"fixmatch.init={d('fixmatch')}/model.pt", f"fixmatch.labeled={d('active')}/labeled.csv",
                 f"fixmatch.pseudo_labels={d('pseudolabel')}/pseudo_labels.csv"]),
     ("evaluate_knn", "evaluate", "evaluate", "eval.json",
@@ -85,9 +85,8 @@ def main(argv=None):
             print(f"[pipeline] {name}: done, skipped ({folder}/{output} exists)", flush=True)
             continue
         spec = getattr(cfg.pipeline, spec_name)
-        extra = cfg.pipeline.fixmatch_active_overrides if name == "fixmatch_active" else []
         stage_argv = ["--config", spec.config, f"run.dir={folder}", f"data.root={cfg.data.root}",
-                      f"data.backend={cfg.data.backend}", *wiring(stage_dir), *spec.overrides, *extra]
+                      f"data.backend={cfg.data.backend}", *wiring(stage_dir), *spec.overrides]
         print(f"[pipeline] {name}: {script}.py {' '.join(stage_argv)}", flush=True)
         t0 = time.time()
         run_stage(script, stage_argv, cfg.pipeline.nproc)

@@ -233,9 +233,13 @@ class PipelineSection:
     pseudolabel: StageSpec = field(default_factory=lambda: StageSpec("configs/demo/pseudolabel.yaml"))
     fixmatch: StageSpec = field(default_factory=lambda: StageSpec("configs/demo/fixmatch.yaml"))
     active: StageSpec = field(default_factory=lambda: StageSpec("configs/demo/active.yaml"))
-    # the FixMatch after active learning runs pipeline.fixmatch's config and overrides, then these
-    fixmatch_active_overrides: list[str] = field(default_factory=list)
+    fixmatch_active_overrides: list[str] = field(default_factory=list)   # after fixmatch's, see below
     evaluate: StageSpec = field(default_factory=lambda: StageSpec("configs/demo/evaluate.yaml"))
+
+    @property
+    def fixmatch_active(self) -> StageSpec:
+        """The FixMatch after active learning: pipeline.fixmatch, then fixmatch_active_overrides."""
+        return StageSpec(self.fixmatch.config, [*self.fixmatch.overrides, *self.fixmatch_active_overrides])
 
 
 @dataclass
