@@ -117,7 +117,7 @@ def write(run_dir: str, stage_seconds: dict):
 def plot_ablation(run_dir, accuracy):
     if not accuracy:
         return None
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(accuracy) + 1.5))
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(accuracy) + 1.5))
     names = [r["name"] for r in accuracy][::-1]
     test = [100 * (r.get("test") or 0) for r in accuracy][::-1]
     bars = ax.barh(names, test, color="#4c72b0")
@@ -126,6 +126,7 @@ def plot_ablation(run_dir, accuracy):
     ax.set_xlabel("test top-1 (%)")
     ax.set_xlim(min(test) - 10 if test else 0, 100)
     ax.set_title("Accuracy after each stage")
+    fig.tight_layout()   # room for the stage names
     return _save(fig, run_dir, "ablation.png")
 
 
@@ -134,8 +135,9 @@ def plot_curves(run_dir):
     for stage in ("pretrain", "finetune", "fixmatch", "fixmatch_active"):
         events = _events(os.path.join(run_dir, stage))
         loss = [(e["step"], e["loss"]) for e in events if "loss" in e]
-        val = [(e["epoch"], e[k]) for e in events for k in ("val_top1", "val_top1_ema", "knn_top1")
-               if k in e and "event" not in e]
+        val = {k: [(e["step"], e[k]) for e in events if k in e and "event" not in e]
+               for k in ("val_top1", "val_top1_ema", "knn_top1")}
+        val = {k: points for k, points in val.items() if points}
         if loss:
             panels.append((stage, loss, val))
     if not panels:
@@ -148,8 +150,10 @@ def plot_curves(run_dir):
         ax.set_ylabel("loss", color="#4c72b0")
         if val:
             twin = ax.twinx()
-            twin.plot(*zip(*sorted(val)), "o-", color="#dd8452", ms=3)
+            for (key, points), colour in zip(val.items(), ("#dd8452", "#55a868", "#c44e52")):
+                twin.plot(*zip(*sorted(points)), "o-", color=colour, ms=3, label=key)
             twin.set_ylabel("val / kNN top-1", color="#dd8452")
+            twin.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     return _save(fig, run_dir, "training_curves.png")
 
