@@ -6,7 +6,8 @@ confident prediction on a weak view as the target of a strong view; the weights'
 
 An epoch is one pass over the unlabeled images (fixmatch.mu x train.batch_size per step); the labeled
 loader cycles through its own epochs alongside. Writes run.dir/model.pt: the EMA weights of the
-epoch with the best EMA val top-1, or the starting model when no epoch beats it on val.
+epoch with the best EMA val top-1, or the starting model when no epoch beats it on val. With
+fixmatch.bn_batches > 0 the EMA is evaluated (and saved) with BatchNorm statistics of its own weights.
 """
 import os
 import sys
@@ -137,7 +138,7 @@ def main(argv=None):
     unlabeled_loader = loader_for(unlabeled, "weak_strong", cfg, rt, U, cfg.run.seed + 1)
     val_loader = loader_for(read_split(cfg.data.root, "val"), "eval", cfg, rt, U, cfg.run.seed,
                             shuffle=False, drop_last=False)
-    bn_loader = loader_for(unlabeled, "eval", cfg, rt, U, cfg.run.seed + 2)
+    bn_loader = loader_for(unlabeled, "eval", cfg, rt, U, cfg.run.seed + 2) if cfg.fixmatch.bn_batches else None
     hidden = None if unlabeled.hidden_labels is None else torch.as_tensor(unlabeled.hidden_labels).to(rt.device)
 
     model, arch = load_classifier(cfg.fixmatch.init)
