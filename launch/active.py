@@ -295,7 +295,7 @@ def make_queries(cfg, rt, run, classes) -> dict:
                           backend=resolve_backend(cfg.data.backend), on_bad_image=cfg.data.on_bad_image)
     run.say(f"{len(pool)} candidate images, {count} queries over {cfg.active.clusters} clusters")
     t0 = time.time()
-    covered = predict(ssl.to(rt.device), model.to(rt.device), loader, rt, run.dir, len(pool), cfg.inference.precision)
+    covered = predict(rt.place(ssl), rt.place(model), loader, rt, run.dir, len(pool), cfg.inference.precision)
     timing = {"inference_seconds": time.time() - t0}
     if rt.is_main:
         embeddings = np.load(run.path("embeddings.npy"), mmap_mode="r")

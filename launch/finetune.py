@@ -46,7 +46,7 @@ def main(argv=None):
     backbone = build_backbone(cfg.model.backbone, cfg.model.small_stem, cfg.model.width)
     if cfg.finetune.init:   # "" trains from scratch: the supervised-only baseline
         load_backbone_weights(backbone, cfg.finetune.init)
-    model = dist.sync_batchnorm(Classifier(backbone, num_classes)).to(rt.device)
+    model = rt.place(dist.sync_batchnorm(Classifier(backbone, num_classes)))
     optimizer = optim.classifier_sgd(model, cfg.optim.lr_backbone, cfg.optim.lr_head,
                                      cfg.optim.weight_decay, cfg.optim.momentum, cfg.optim.nesterov)
     scaler = engine.grad_scaler(cfg.train.precision, rt.device)

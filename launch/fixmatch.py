@@ -145,7 +145,7 @@ def main(argv=None):
     if arch["num_classes"] != num_classes:
         raise engine.StageError(f"fixmatch.init={cfg.fixmatch.init}: a model for {arch['num_classes']} classes, "
                                 f"but {cfg.data.root}/classes.txt has {num_classes}")
-    model = dist.sync_batchnorm(model).to(rt.device)
+    model = rt.place(dist.sync_batchnorm(model))
     ema = EMA(model, cfg.fixmatch.ema)
     optimizer = optim.classifier_sgd(model, cfg.optim.lr_backbone, cfg.optim.lr_head, cfg.optim.weight_decay,
                                      cfg.optim.momentum, cfg.optim.nesterov)

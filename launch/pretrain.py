@@ -62,7 +62,7 @@ def main(argv=None):
     # model: N ranks see one global batch (synchronised BatchNorm, cross-correlation all-reduced)
     backbone = build_backbone(cfg.model.backbone, cfg.model.small_stem, cfg.model.width)
     model = BarlowTwins(backbone, cfg.barlow.projector, cfg.barlow.lambd, B)
-    model = dist.sync_batchnorm(model).to(rt.device)
+    model = rt.place(dist.sync_batchnorm(model))
     scale = B / 256   # learning rates are given per 256 images
     optimizer = optim.build_optimizer(
         "apex_lars" if cfg.optim.impl == "apex" else "lars", model,

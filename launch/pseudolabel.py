@@ -35,13 +35,13 @@ def predict(model_path, unlabeled, cfg, rt, out_dir):
     if os.path.exists(os.path.join(out_dir, "embeddings.npy")):
         return
     model, _ = load_classifier(model_path)
-    write_predictions(model.to(rt.device), eval_loader(unlabeled, cfg, rt), rt, out_dir, len(unlabeled),
+    write_predictions(rt.place(model), eval_loader(unlabeled, cfg, rt), rt, out_dir, len(unlabeled),
                       cfg.pseudo.top_k, cfg.inference.precision)
 
 
 def val_top1(model_path, cfg, rt) -> float:
     model, _ = load_classifier(model_path)
-    return accuracy(model.to(rt.device), eval_loader(read_split(cfg.data.root, "val"), cfg, rt), rt,
+    return accuracy(rt.place(model), eval_loader(read_split(cfg.data.root, "val"), cfg, rt), rt,
                     cfg.inference.precision)["top1"]
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from data.datasets import read_split
 from data.loaders import build_loader
-from tiny import ROOT, fashion, stage
+from tiny import ROOT, assert_trained_alike, fashion, stage
 from trainer import checkpoint
 from trainer.ema import EMA
 from trainer.fixmatch import fixmatch_loss
@@ -198,29 +198,26 @@ def write_pseudo_labels(data, path, rows):
 def test_two_ranks_equal_one_rank(setup, tmp_path):
     """Same global batch (8 labeled + 16 unlabeled): 2 gloo ranks (global-batch BatchNorm over the
     concatenated [labeled, weak, strong] batch, averaged gradients) train what 1 process trains,
-    up to float reordering (seen: 3e-6 on weights, up to ~1e-4 on the larger BatchNorm running
-    variances after 3 steps; atol 5e-5 plus rtol 1e-5), with pseudo-labels joining the labeled set."""
+    up to float reordering, with pseudo-labels joining the labeled set. The channels-last kernels'
+    reordering grows fast here: after 1/2/3 steps the runs differ by 0.2/2.7/7% of what the weights
+    moved, as much as 1 process with and without channels-last does; 2 steps, within 5%."""
     data, init = setup
     pseudo = tmp_path / "pseudo.csv"
     write_pseudo_labels(data, pseudo, rows=8)
     # threshold 0.1: the largest of 10 probabilities is at least 0.1, so every unlabeled image takes part
     # and no weak-view confidence sits on the edge of the mask, where a last-bit difference between
     # the runs would flip it and move the weights by ~2e-4 (seen with threshold 0.15)
-    args = ["train.max_steps=3", f"fixmatch.pseudo_labels={pseudo}", "fixmatch.threshold=0.1"]
+    args = ["train.max_steps=2", f"fixmatch.pseudo_labels={pseudo}", "fixmatch.threshold=0.1"]
     out = fixmatch(setup, tmp_path / "one", *args)
     assert "48 labeled images (labeled+pseudo), 652 unlabeled" in out.stdout + out.stderr
     fixmatch(setup, tmp_path / "two", *args, torchrun=2)
     one, two = final_state(tmp_path / "one"), final_state(tmp_path / "two")
-    assert_same_weights(one[0], two[0], atol=5e-5, rtol=1e-5)
-    assert_same_weights(one[1], two[1], atol=5e-5, rtol=1e-5)
+    start = torch.load(init, weights_only=True)["model"]
+    assert_trained_alike(one[0], two[0], start)
+    assert_trained_alike(one[1], two[1], start)   # the EMA
     losses = [[e["loss"] for e in map(json.loads, open(tmp_path / run / "metrics.jsonl")) if "lr" in e]
               for run in ("one", "two")]
-    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-5)
-    # the tolerance is far below what the 3 steps moved the parameters (seen: 0.025)
-    start = torch.load(init, weights_only=True)["model"]
-    parameters = [k for k in start if "running" not in k and "num_batches" not in k]
-    moved = max((one[0][k] - start[k]).abs().max().item() for k in parameters)
-    assert moved > 100 * 5e-5
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
 def test_bad_pseudo_label_row_is_named(setup, tmp_path):
@@ -263,10 +260,11 @@ def test_ema_batchnorm_statistics_come_from_clean_unlabeled_batches(setup, tmp_p
         channels = stem.transpose(0, 1).flatten(1).double()
         means.append(channels.mean(1))
         variances.append(channels.var(1))   # unbiased, as BatchNorm's running estimate
+    # float32 channels-last BatchNorm sums in another order than this float64 reference (seen: 4e-5 relative)
     torch.testing.assert_close(ema["backbone.stem.1.running_mean"].double(), torch.stack(means).mean(0),
-                               rtol=1e-5, atol=1e-6)
+                               rtol=2e-4, atol=1e-5)
     torch.testing.assert_close(ema["backbone.stem.1.running_var"].double(), torch.stack(variances).mean(0),
-                               rtol=1e-5, atol=1e-6)
+                               rtol=2e-4, atol=1e-5)
     assert ema["backbone.stem.1.num_batches_tracked"].item() == 2
     # the live model keeps the statistics of its training batches
     assert not torch.equal(final_state(tmp_path)[0]["backbone.stem.1.running_mean"],

@@ -84,9 +84,11 @@ def initial_backbone(config_path: str, *overrides) -> dict:
     return build_backbone(cfg.model.backbone, cfg.model.small_stem, cfg.model.width).state_dict()
 
 
-def assert_trained_alike(one: dict, two: dict, init: dict, atol: float = 1e-4):
-    """Two runs' weights agree per tensor within min(atol, 1% of how far training moved it),
-    so tensors that training barely moves are still compared meaningfully."""
+def assert_trained_alike(one: dict, two: dict, init: dict, atol: float = 1e-3):
+    """Two runs' weights agree per tensor within min(atol, 5% of how far training moved it),
+    so tensors that training barely moves are still compared meaningfully. Measured after 6 LARS
+    steps at lr 3: channels-last kernels reorder float sums by batch size (gap <= 1.7% of the
+    movement); local instead of synchronised BatchNorm on 2 ranks gives 45-150% on most tensors."""
     import torch
     assert one.keys() == two.keys() == init.keys()
     for k in one:
@@ -95,4 +97,4 @@ def assert_trained_alike(one: dict, two: dict, init: dict, atol: float = 1e-4):
             continue
         moved = (one[k] - init[k]).abs().max().item()
         gap = (one[k] - two[k]).abs().max().item()
-        assert moved > 0 and gap <= min(atol, 0.01 * moved), f"{k}: runs differ by {gap}, training moved {moved}"
+        assert moved > 0 and gap <= min(atol, 0.05 * moved), f"{k}: runs differ by {gap}, training moved {moved}"
