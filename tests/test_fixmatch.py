@@ -198,26 +198,27 @@ def write_pseudo_labels(data, path, rows):
 def test_two_ranks_equal_one_rank(setup, tmp_path):
     """Same global batch (8 labeled + 16 unlabeled): 2 gloo ranks (global-batch BatchNorm over the
     concatenated [labeled, weak, strong] batch, averaged gradients) train what 1 process trains,
-    up to float reordering, with pseudo-labels joining the labeled set. The channels-last kernels'
-    reordering grows fast here: after 1/2/3 steps the runs differ by 0.2/2.7/7% of what the weights
-    moved, as much as 1 process with and without channels-last does; 2 steps, within 5%."""
+    up to float reordering, with pseudo-labels joining the labeled set. Reordering weighs more here
+    than in pretraining: after one step 1 process with and without channels-last differ by 0.2% or
+    6.1% of what the weights moved, depending on the fixture's model (2 ranks then match one of the
+    two); local instead of global-batch BatchNorm moves the stem 58-167% off. Within 20% after 1 step."""
     data, init = setup
     pseudo = tmp_path / "pseudo.csv"
     write_pseudo_labels(data, pseudo, rows=8)
     # threshold 0.1: the largest of 10 probabilities is at least 0.1, so every unlabeled image takes part
     # and no weak-view confidence sits on the edge of the mask, where a last-bit difference between
     # the runs would flip it and move the weights by ~2e-4 (seen with threshold 0.15)
-    args = ["train.max_steps=2", f"fixmatch.pseudo_labels={pseudo}", "fixmatch.threshold=0.1"]
+    args = ["train.max_steps=1", f"fixmatch.pseudo_labels={pseudo}", "fixmatch.threshold=0.1"]
     out = fixmatch(setup, tmp_path / "one", *args)
     assert "48 labeled images (labeled+pseudo), 652 unlabeled" in out.stdout + out.stderr
     fixmatch(setup, tmp_path / "two", *args, torchrun=2)
     one, two = final_state(tmp_path / "one"), final_state(tmp_path / "two")
     start = torch.load(init, weights_only=True)["model"]
-    assert_trained_alike(one[0], two[0], start)
-    assert_trained_alike(one[1], two[1], start)   # the EMA
+    assert_trained_alike(one[0], two[0], start, share=0.2)
+    assert_trained_alike(one[1], two[1], start, share=0.2)   # the EMA
     losses = [[e["loss"] for e in map(json.loads, open(tmp_path / run / "metrics.jsonl")) if "lr" in e]
               for run in ("one", "two")]
-    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert len(losses[0]) == 1 and losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
 def test_bad_pseudo_label_row_is_named(setup, tmp_path):
