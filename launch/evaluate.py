@@ -89,7 +89,7 @@ def evaluate_classifier(cfg, splits, rt, run) -> dict:
     if arch["num_classes"] != num_classes:
         raise engine.StageError(f"{cfg.evaluate.model}: a {arch['num_classes']}-class model, but "
                                 f"{cfg.data.root}/classes.txt names {num_classes} classes")
-    rt.place(model)
+    model = rt.place(model)
     scales, subsets = cfg.evaluate.scales, scale_subsets(len(cfg.evaluate.scales), cfg.evaluate.tta)
     results, chosen = {}, subsets[0]
     for name, split in splits.items():   # val first: in tta=val mode it picks the subset test is scored with
@@ -114,7 +114,7 @@ def evaluate_knn(cfg, splits, rt, run) -> dict:
         raise config.ConfigError(f"evaluate.k={cfg.evaluate.k}: expected 1..{len(labeled)} (the labeled images)")
     backbone = build_backbone(cfg.model.backbone, cfg.model.small_stem, cfg.model.width)
     load_backbone_weights(backbone, cfg.evaluate.backbone)
-    rt.place(backbone)
+    backbone = rt.place(backbone)
     precision = cfg.inference.precision
     references = embed(backbone, eval_loader(labeled, cfg, rt), rt, len(labeled), precision)
     num_classes = len(read_classes(cfg.data.root))
