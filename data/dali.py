@@ -1,21 +1,26 @@
 """NVIDIA DALI twins of data.transforms' pipelines, behind the same Loader interface as data.loaders.
 
-GPU present: `mixed` (nvJPEG) decode and GPU ops on device torch.cuda.current_device(), views come
-out as CUDA tensors. Otherwise (or device="cpu"): CPU decode and ops, CPU tensors.
+The caller names the torch device the training runs on: a CUDA device gets `mixed` (nvJPEG) decode
+and GPU ops on it, views come out as CUDA tensors there; any other device gets CPU decode and ops, CPU
+tensors.
 
-Each epoch runs a fresh pipeline (each graph is traced once per process, then deserialized) over this
-rank's file list in the exact order data.loaders.ShardedSampler gives, with DALI's own shuffling off:
-sharding, epoch length and resume are those of the torch path. DALI's random draws come from one
-pipeline seed per (seed, epoch, rank, start_step): a resumed epoch sees the same rows in the same
-order, not the same augmentation draws (the torch path seeds per sample).
+A pipeline reads a file list of this rank's rows in the exact order data.loaders.ShardedSampler gives,
+with DALI's own shuffling off: sharding, epoch length and resume are those of the torch path. epoch()
+runs a fresh pipeline per call; stream() runs one per chunk of whole epochs of at least
+STREAM_MIN_STEPS steps, so a small labeled loader cycled epoch after epoch does not rebuild one (nvJPEG
+state, thread pool, cold prefetch) every few steps. Each graph is traced once per process, then
+deserialized. DALI's random draws come from one pipeline seed per (seed, epoch, rank, start step) of
+the pipeline's first step: a resumed run sees the same rows in the same order, not the same
+augmentation draws (the torch path seeds per sample).
 
 Colour jitter differs in one model: DALI's hue is a rotation in YIQ (luma kept), torchvision shifts
 HSV hue; brightness, contrast, saturation and greyscale match torchvision's to ~1-2 levels.
 
 A file DALI cannot decode kills its pipeline, so the split is scanned once up front with
-data.datasets.load_image (cached on disk per file list + sizes + mtimes): bad files raise or are
-replaced like the torch path does (by the next decodable row); files DALI would decode differently
-from load_image (alpha, non-DALI formats) are converted once to RGB PNGs in the cache.
+data.datasets.load_image (cached on disk per file list + sizes + mtimes, and in-process per file list;
+or scanned elsewhere, e.g. on rank 0, and handed in): bad files raise or are replaced like the torch
+path does (by the next decodable row); files DALI would decode differently from load_image (alpha,
+non-DALI formats) are converted once to RGB PNGs in the cache.
 """
 from __future__ import annotations
 
@@ -48,7 +53,8 @@ log = logging.getLogger(__name__)
 
 MEAN_255 = [255 * m for m in IMAGENET_MEAN]
 STD_255 = [255 * s for s in IMAGENET_STD]
-
+# stream() builds a pipeline per this many steps or more (whole epochs): rebuilds are rare, file lists short.
+STREAM_MIN_STEPS = 256
 
 
 # ---------------------------------------------------------------- augmentation graph pieces
@@ -200,11 +206,11 @@ _graphs: dict[tuple, bytes] = {}   # (kind, size, scales, gpu) -> serialized gra
 _file_list_dir: list[str] = []
 
 
-def _epoch_pipeline(rows_and_files, kind, size, scales, gpu, seed, **params):
+def _build_pipeline(rows_and_files, kind, size, scales, gpu, seed, **params):
     """A built pipeline reading `rows_and_files` in order.
 
     Tracing a graph takes seconds (RandAugment's branches ~10 s), so each graph is traced once per
-    process with its reader on this process's one file list, serialized, and deserialized per epoch
+    process with its reader on this process's one file list, serialized, and deserialized per pipeline
     after rewriting that list (the reader reads it when the pipeline is built, under the lock).
     """
     with _graph_lock:
@@ -262,11 +268,24 @@ def _inspect(path, stat, converted_dir):
     return {"converted": target}
 
 
+_scans: dict[tuple[str, ...], dict[str, dict]] = {}   # paths -> scan_files(paths), for this process
+
+
 def scan_files(paths: list[str], threads: int = 2) -> dict[str, dict]:
     """{path: {"bad": reason} | {"converted": png}} for the files DALI cannot read as is.
 
-    Cached per list of (path, size, mtime): a long run, every rank and every later stage scan once.
+    Cached on disk per list of (path, size, mtime): a long run, every rank and every later stage scan
+    once. Memoised in-process per list of paths, unchecked (a split's files do not change during a run):
+    the loaders of one stage over one split (FixMatch's two) stat its files once.
     """
+    key = tuple(paths)
+    if key not in _scans:
+        _scans[key] = _scan(paths, threads)
+    return _scans[key]
+
+
+def _scan(paths, threads):
+    """scan_files without the in-process memo."""
     stats = [_stat(p) for p in paths]
     key = hashlib.sha256("\n".join(f"{p}\t{s}" for p, s in zip(paths, stats)).encode()).hexdigest()
     cache_file = os.path.join(cache_dir(), "image_scan", key + ".json")
@@ -315,20 +334,31 @@ def _decodable_rows(split: Split, found: dict[str, dict], on_bad_image: str) -> 
 
 # ---------------------------------------------------------------- loader
 
-def _use_gpu(device: str) -> bool:
-    if device not in ("auto", "gpu", "cpu"):
-        raise ValueError(f"DALI device {device!r}: expected one of auto, gpu, cpu")
-    if device == "gpu" and not torch.cuda.is_available():
-        raise ValueError("DALI device 'gpu': torch.cuda.is_available() is False")
-    return device == "gpu" or (device == "auto" and torch.cuda.is_available())
+def _gpu_device_id(device: torch.device) -> int | None:
+    """The CUDA device index DALI's GPU pipelines run on for training on `device`; None: CPU pipelines.
+
+    The caller decides the device (trainer.dist.resolve_device); this only checks that DALI can use it,
+    here rather than at the first pipeline build, where DALI fails with an internal assert.
+    """
+    if device.type != "cuda":
+        return None
+    visible = torch.cuda.device_count()
+    index = 0 if device.index is None else device.index
+    if index >= visible:
+        raise ValueError(f"DALI loader on device {device}: cannot build a GPU pipeline, {visible} CUDA device(s) "
+                         f"visible")
+    return index
 
 
 class DaliLoader:
-    """Same interface and batches as data.loaders.Loader: .steps_per_epoch, .epoch(epoch, start_step)."""
+    """Same interface and batches as data.loaders.Loader: .steps_per_epoch, .epoch(), .stream()."""
 
     def __init__(self, split: Split, kind: str, *, image_size: int, global_batch: int, rank: int = 0,
                  world: int = 1, seed: int = 0, shuffle: bool = True, drop_last: bool = True, workers: int = 2,
-                 on_bad_image: str = "error", scales: list[int] | None = None, device: str = "auto"):
+                 on_bad_image: str = "error", scales: list[int] | None = None,
+                 device: torch.device | str = "cpu", scanned: dict | None = None):
+        """`device`: the torch device the training runs on. `scanned`: scan_files(split.paths) computed
+        elsewhere (rank 0, broadcast); None scans here."""
         if kind not in KINDS:
             raise ValueError(f"loader kind {kind!r}: expected one of {', '.join(KINDS)}")
         if on_bad_image not in ("error", "skip"):
@@ -342,8 +372,9 @@ class DaliLoader:
         self.scales = list(scales or [image_size])
         self.view_sizes = self.scales if kind == "eval" else [image_size] * (1 if kind in ("train", "weak") else 2)
         self.threads = max(1, workers)
-        self.gpu = _use_gpu(device)
-        found = scan_files(split.paths, self.threads)
+        self.device_id = _gpu_device_id(torch.device(device))
+        self.gpu = self.device_id is not None
+        found = scan_files(split.paths, self.threads) if scanned is None else scanned
         self.stand_in = _decodable_rows(split, found, on_bad_image)
         self.files = [found.get(p, {}).get("converted", p) for p in split.paths]
         self.labels = None if split.labels is None else torch.as_tensor(split.labels, dtype=torch.int64)
@@ -354,16 +385,40 @@ class DaliLoader:
 
     def epoch(self, epoch: int, start_step: int = 0):
         """Iterator over this rank's batches of `epoch`, from `start_step` on (the pipeline starts now)."""
+        return self._run(self._steps(epoch, start_step), self._pipeline_seed(epoch, start_step))
+
+    def stream(self, step: int):
+        """Endless iterator over this rank's batches from global step `step` on, epoch after epoch.
+
+        The batches of successive epoch() calls, from one pipeline per chunk of whole epochs covering
+        at least STREAM_MIN_STEPS steps (each chunk's pipeline starts when the previous one is used up).
+        """
+        epoch, start_step = self.sampler.stream_start(step)
+        return self._stream(epoch, start_step)
+
+    def _stream(self, epoch, start_step):
+        while True:
+            # The fewest whole epochs from (epoch, start_step) on that hold STREAM_MIN_STEPS steps.
+            end = epoch + max(1, -(-(STREAM_MIN_STEPS + start_step) // self.steps_per_epoch))
+            steps = self._steps(epoch, start_step)
+            for later in range(epoch + 1, end):
+                steps += self._steps(later, 0)
+            yield from self._run(steps, self._pipeline_seed(epoch, start_step))
+            epoch, start_step = end, 0
+
+    def _steps(self, epoch, start_step):
+        """This rank's rows per step of `epoch` from `start_step` on, bad rows replaced by their stand-ins."""
         self.sampler.set_epoch(epoch, start_step)
-        steps = [self.stand_in[step] for step in self.sampler]
+        return [self.stand_in[step] for step in self.sampler]
+
+    def _run(self, steps, seed):
+        """Iterator over the batches of `steps` (rows per step), all read by one pipeline."""
         rows = np.concatenate(steps) if steps else np.empty(0, dtype=np.int64)
         if len(rows) == 0:
             return (self._empty_batch() for _ in steps)
-        pipe = _epoch_pipeline(((r, self.files[r]) for r in rows), self.kind, self.image_size, self.scales,
-                               self.gpu, self._pipeline_seed(epoch, start_step),
-                               batch_size=self.sampler.global_batch // self.sampler.world, num_threads=self.threads,
-                               device_id=torch.cuda.current_device() if self.gpu else None,
-                               prefetch_queue_depth=2)
+        pipe = _build_pipeline(((r, self.files[r]) for r in rows), self.kind, self.image_size, self.scales,
+                               self.gpu, seed, batch_size=self.sampler.global_batch // self.sampler.world,
+                               num_threads=self.threads, device_id=self.device_id, prefetch_queue_depth=2)
         outputs = [f"view{i}" for i in range(len(self.view_sizes))]
         iterator = DALIGenericIterator([pipe], output_map=[*outputs, "row"], reader_name="reader",
                                        last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
@@ -386,7 +441,7 @@ class DaliLoader:
         return torch.full_like(index, -1) if self.labels is None else self.labels[index]
 
     def _empty_batch(self):
-        device = "cuda" if self.gpu else "cpu"
+        device = torch.device("cuda", self.device_id) if self.gpu else torch.device("cpu")
         index = torch.empty(0, dtype=torch.int64)
         return {"views": [torch.empty(0, 3, s, s, device=device) for s in self.view_sizes],
                 "label": index.clone(), "index": index}

@@ -9,10 +9,14 @@ Sharding (global batch B, world W, per-rank batch B // W):
   [r*N//W, (r+1)*N//W) and walks it in order, so every row is seen exactly once and per-rank
   outputs concatenate in rank order. Every rank runs ceil(ceil(N/W) / (B//W)) steps; a rank with
   a smaller block ends with a short or empty batch (empty batches keep collectives in step).
+
+Loaders give `epoch(epoch, start_step)`, and training loaders (drop_last) `stream(step)`: every batch
+from global step `step` on, epoch after epoch, in the rows successive epoch() calls give.
 """
 from __future__ import annotations
 
 import importlib
+import itertools
 
 import torch
 
@@ -49,6 +53,15 @@ class ShardedSampler:
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start step {start_step}: expected 0..{self.steps_per_epoch} (steps per epoch)")
         self.epoch, self.start_step = epoch, start_step
+
+    def stream_start(self, step: int) -> tuple[int, int]:
+        """(epoch, start step) of global step `step`, where a loader's stream(step) begins."""
+        if not self.drop_last:
+            # Without drop_last an epoch may end in a short or empty batch: such loaders go an epoch at a time.
+            raise ValueError("stream() needs a training loader (drop_last=True): read eval loaders with epoch()")
+        if step < 0:
+            raise ValueError(f"stream step {step}: expected >= 0")
+        return divmod(step, self.steps_per_epoch)
 
     def __len__(self):
         return self.steps_per_epoch - self.start_step
@@ -94,11 +107,11 @@ class Collate:
 class Loader:
     """A torch DataLoader over a ShardedSampler. Workers restart each epoch so they see the epoch's seed."""
 
-    def __init__(self, dataset: ImageDataset, sampler: ShardedSampler, view_sizes: list[int], workers: int):
+    def __init__(self, dataset: ImageDataset, sampler: ShardedSampler, view_sizes: list[int], workers: int,
+                 pin_memory: bool):
         self.dataset, self.sampler = dataset, sampler
         self._loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                                                   collate_fn=Collate(view_sizes),
-                                                   pin_memory=torch.cuda.is_available())
+                                                   collate_fn=Collate(view_sizes), pin_memory=pin_memory)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -109,6 +122,13 @@ class Loader:
         self.sampler.set_epoch(epoch, start_step)
         self.dataset.set_epoch(epoch)
         return iter(self._loader)
+
+    def stream(self, step: int):
+        """Endless iterator over this rank's batches from global step `step` on, epoch after epoch."""
+        first_epoch, start_step = self.sampler.stream_start(step)
+        # Lazy: each epoch's iterator is made once the previous one is used up (they share the sampler).
+        return itertools.chain.from_iterable(self.epoch(epoch, start_step if epoch == first_epoch else 0)
+                                             for epoch in itertools.count(first_epoch))
 
 
 def resolve_backend(name: str) -> str:
@@ -142,12 +162,20 @@ def views_for(kind: str, image_size: int, scales: list[int] | None = None) -> tr
 
 def build_loader(split: Split, kind: str, *, image_size: int, global_batch: int, rank: int = 0, world: int = 1,
                  seed: int = 0, shuffle: bool = True, drop_last: bool = True, workers: int = 2,
-                 backend: str = "torch", on_bad_image: str = "error", scales: list[int] | None = None):
+                 backend: str = "torch", on_bad_image: str = "error", scales: list[int] | None = None,
+                 device: torch.device | str = "cpu", scanned: dict | None = None):
+    """A Loader (torch backend) or DaliLoader (dali backend) over `split`.
+
+    `device`: the torch device the training runs on, chosen by the caller: a CUDA device pins batches
+    (torch) or runs GPU pipelines on it (DALI). `scanned`: DALI only, data.dali.scan_files(split.paths)
+    computed elsewhere (e.g. on rank 0 and broadcast), so this loader does not scan the split itself.
+    """
+    device = torch.device(device)
     if resolve_backend(backend) == "dali":
         from data.dali import DaliLoader
         return DaliLoader(split, kind, image_size=image_size, global_batch=global_batch, rank=rank, world=world,
                           seed=seed, shuffle=shuffle, drop_last=drop_last, workers=workers,
-                          on_bad_image=on_bad_image, scales=scales)
+                          on_bad_image=on_bad_image, scales=scales, device=device, scanned=scanned)
     view_transform = views_for(kind, image_size, scales)
     view_sizes = (scales or [image_size]) if kind == "eval" else [image_size] * len(view_transform.pipelines)
     sampler = ShardedSampler(len(split), global_batch, rank=rank, world=world, seed=seed, shuffle=shuffle,
@@ -156,4 +184,4 @@ def build_loader(split: Split, kind: str, *, image_size: int, global_batch: int,
         raise ValueError(f"split {split.name!r} has {len(split)} rows: not enough for one step of global batch "
                          f"{global_batch}{' with drop_last' if drop_last else ''}")
     dataset = ImageDataset(split, view_transform, seed=seed, on_bad_image=on_bad_image)
-    return Loader(dataset, sampler, view_sizes, workers)
+    return Loader(dataset, sampler, view_sizes, workers, pin_memory=device.type == "cuda")

@@ -1,5 +1,6 @@
 """DaliLoader against the torchvision Loader: same batches, same pixels where deterministic, same
-statistics where random; sharding, seeding, resume and bad-file handling."""
+statistics where random; sharding, seeding, resume, streaming, device choice and bad-file handling."""
+import itertools
 import logging
 import os
 
@@ -46,7 +47,17 @@ def _write_dataset(root, images, labels):
 
 @pytest.fixture(autouse=True)
 def scan_cache(tmp_path_factory, monkeypatch):
+    """One disk cache for the session; each test starts with an empty in-process scan memo."""
     monkeypatch.setenv("SEMISCALE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setattr(dali, "_scans", {})
+
+
+def _count_calls(monkeypatch, name):
+    """The first arguments of every call to dali.`name` from now on."""
+    calls, original = [], getattr(dali, name)
+    monkeypatch.setattr(dali, name, lambda first, *args, **kwargs: calls.append(first) or original(first, *args,
+                                                                                                   **kwargs))
+    return calls
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +170,43 @@ def test_resume_mid_epoch_continues_the_same_order(dataset):
     assert _indices(loader, epoch=5) != whole
 
 
+def _stream_indices(loader, step, steps):
+    return [batch["index"].tolist() for batch in itertools.islice(loader.stream(step), steps)]
+
+
+def test_stream_gives_the_rows_of_successive_epochs_across_pipelines_and_resumes(dataset, monkeypatch):
+    monkeypatch.setattr(dali, "STREAM_MIN_STEPS", 7)   # 3 steps per epoch: pipelines of 3 epochs
+    loader = _loader(dataset, "dali", "weak", global_batch=8)
+    assert loader.steps_per_epoch == 3
+    successive = [rows for epoch in range(6) for rows in _indices(loader, epoch)]
+    builds = _count_calls(monkeypatch, "_build_pipeline")
+    assert _stream_indices(loader, 0, 18) == successive
+    assert len(builds) == 2
+    resumed = _stream_indices(loader, 7, 11)   # epoch 2, step 1: a pipeline for steps 7-14, then 15-23
+    assert resumed == successive[7:]
+    assert len(builds) == 4
+
+
+def test_stream_builds_one_pipeline_per_chunk_of_epochs(dataset, monkeypatch):
+    monkeypatch.setattr(dali, "STREAM_MIN_STEPS", 120)
+    loader = _loader(dataset, "dali", "train", global_batch=8)
+    sampler = dali.ShardedSampler(25, 8, seed=3)
+    expected = []
+    for epoch in range(41):
+        sampler.set_epoch(epoch)
+        expected += list(sampler)
+    builds = _count_calls(monkeypatch, "_build_pipeline")
+    stream = loader.stream(0)
+    assert [next(stream)["index"].tolist() for _ in range(120)] == expected[:120]   # 40 epochs
+    assert len(builds) == 1
+    assert next(stream)["index"].tolist() == expected[120] and len(builds) == 2
+
+
+def test_stream_is_for_drop_last_loaders(dataset):
+    with pytest.raises(ValueError, match=r"stream\(\) needs a training loader \(drop_last=True\)"):
+        _loader(dataset, "dali").stream(0)
+
+
 def _bad_and_odd_files(rng):
     """(name, writer, decodable) for corrupt files and for modes DALI must not decode on its own."""
     photo = _photo(rng, 40, 52, CASTS[0])
@@ -228,17 +276,52 @@ def test_scan_is_cached_until_a_file_changes(messy_dataset, monkeypatch):
     assert sorted(os.path.basename(p) for p, r in found.items() if "bad" in r) == \
         ["garbage.jpg", "truncated.jpg", "zero.jpg"]
     assert sorted(os.path.basename(p) for p, r in found.items() if "converted" in r) == ["palette.gif", "rgba.png"]
-    calls, load_image = [], dali.load_image
-    monkeypatch.setattr(dali, "load_image", lambda path: calls.append(path) or load_image(path))
+    calls = _count_calls(monkeypatch, "load_image")
+    monkeypatch.setattr(dali, "_scans", {})   # as in a new process
     assert dali.scan_files(paths) == found and calls == []
     os.utime(paths[0], ns=(1, 1))
+    monkeypatch.setattr(dali, "_scans", {})
     assert dali.scan_files(paths) == found and len(calls) == len(paths)
 
 
-def test_device_choice(dataset):
+def test_scan_is_memoised_in_process_per_path_list(dataset, monkeypatch, tmp_path):
+    monkeypatch.setenv("SEMISCALE_CACHE", str(tmp_path))   # nothing cached on disk
+    stats, inspected = _count_calls(monkeypatch, "_stat"), _count_calls(monkeypatch, "_inspect")
+    paths = read_split(dataset, "labeled").paths
+    found = dali.scan_files(paths)
+    assert len(stats) == len(inspected) == 25
+    assert dali.scan_files(list(paths)) is found   # an equal list: no stat, no decode
+    assert len(stats) == len(inspected) == 25
+    dali.scan_files(paths[:-1])                    # another list: scanned
+    assert len(stats) == len(inspected) == 25 + 24
+
+
+def test_loader_takes_a_scan_made_elsewhere_and_does_not_scan(dataset, monkeypatch):
     split = read_split(dataset, "labeled")
-    assert dali.DaliLoader(split, "train", image_size=32, global_batch=4, device="cpu").gpu is False
-    if not torch.cuda.is_available():
-        assert dali.DaliLoader(split, "train", image_size=32, global_batch=4).gpu is False
-        with pytest.raises(ValueError, match="torch.cuda.is_available"):
-            dali.DaliLoader(split, "train", image_size=32, global_batch=4, device="gpu")
+    stats, inspected = _count_calls(monkeypatch, "_stat"), _count_calls(monkeypatch, "_inspect")
+    scanned = {split.paths[1]: {"bad": "marked bad by rank 0"}}
+    with pytest.raises(BadImageError, match=r"01\.jpg: marked bad by rank 0"):
+        _loader(dataset, "dali", scanned=scanned)
+    loader = _loader(dataset, "dali", scanned=scanned, on_bad_image="skip")
+    assert stats == inspected == []
+    assert _indices(loader, epoch=0)[0] == [0, 2, 2, 3]   # row 1 read as its stand-in, row 2
+
+
+def test_the_caller_chooses_the_device(dataset, monkeypatch):
+    split = read_split(dataset, "labeled")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: pytest.fail("a loader asked is_available()"))
+    for device in ("cpu", torch.device("cpu")):
+        loader = dali.DaliLoader(split, "train", image_size=32, global_batch=4, device=device)
+        assert loader.device_id is None and not loader.gpu
+        assert next(loader.epoch(0))["views"][0].device.type == "cpu"
+    assert _loader(dataset, "dali").device_id is None   # the default: CPU
+    visible = torch.cuda.device_count()
+    if visible:
+        assert dali.DaliLoader(split, "train", image_size=32, global_batch=4, device="cuda:0").device_id == 0
+        missing = [torch.device("cuda", visible)]
+    else:   # DALI cannot build a GPU pipeline: one clear error when the loader is made
+        missing = ["cuda", "cuda:0", torch.device("cuda", 1)]
+    for device in missing:
+        with pytest.raises(ValueError, match=fr"^DALI loader on device {device}: cannot build a GPU pipeline, "
+                                             fr"{visible} CUDA device\(s\) visible$"):
+            dali.DaliLoader(split, "train", image_size=32, global_batch=4, device=device)

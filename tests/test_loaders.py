@@ -1,5 +1,6 @@
 """Datasets, transforms, the sharded sampler and the torch Loader, on tiny datasets written here."""
 import importlib.util
+import itertools
 import logging
 import os
 import sys
@@ -285,6 +286,29 @@ def test_worker_processes_and_resuming_do_not_change_the_batches(root):
     assert in_process[0]["label"].tolist() == [split.labels[i] for i in in_process[0]["index"].tolist()]
 
 
+def test_stream_continues_epoch_after_epoch_from_any_step(root):
+    loader = build_loader(read_split(root, "labeled"), "weak_strong", image_size=16, global_batch=4, seed=2,
+                          workers=0)
+    assert loader.steps_per_epoch == 3
+    successive = [batch for epoch in range(4) for batch in collect(loader, epoch)]
+    for start in (0, 4):   # an epoch start, and mid-epoch (epoch 1, step 1)
+        assert_same_batches(list(itertools.islice(loader.stream(start), 12 - start)), successive[start:])
+
+
+def test_stream_is_for_drop_last_loaders(root):
+    loader = build_loader(read_split(root, "test"), "eval", image_size=16, global_batch=4, shuffle=False,
+                          drop_last=False, workers=0)
+    with pytest.raises(ValueError, match=r"stream\(\) needs a training loader \(drop_last=True\)"):
+        loader.stream(0)
+
+
+def test_pins_memory_only_for_a_cuda_device(root):
+    split = read_split(root, "labeled")
+    for device, pinned in (("cpu", False), (torch.device("cpu"), False), ("cuda", True), ("cuda:1", True)):
+        loader = build_loader(split, "train", image_size=16, global_batch=4, workers=0, device=device)
+        assert loader._loader.pin_memory is pinned, device
+
+
 def test_eval_loader_gives_one_view_per_scale_and_empty_final_batches(root):
     split = read_split(root, "test")
     shards = [build_loader(split, "eval", image_size=16, global_batch=10, rank=r, world=2, shuffle=False,
@@ -321,10 +345,13 @@ def test_dali_backend_delegates_to_dali_loader(root, monkeypatch):
     monkeypatch.setitem(sys.modules, "data.dali", fake)
     monkeypatch.setattr(loaders, "resolve_backend", lambda name: "dali")
     split = read_split(root, "labeled")
-    loader = build_loader(split, "train", image_size=16, global_batch=4, backend="dali", world=2, rank=1)
+    scanned = {split.paths[0]: {"bad": "empty file"}}
+    loader = build_loader(split, "train", image_size=16, global_batch=4, backend="dali", world=2, rank=1,
+                          device="cuda:1", scanned=scanned)
     assert loader == "dali loader"
     assert calls == [(split, "train", dict(image_size=16, global_batch=4, rank=1, world=2, seed=0, shuffle=True,
-                                           drop_last=True, workers=2, on_bad_image="error", scales=None))]
+                                           drop_last=True, workers=2, on_bad_image="error", scales=None,
+                                           device=torch.device("cuda", 1), scanned=scanned))]
 
 
 def test_split_is_the_contract_dataclass():
