@@ -37,9 +37,9 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont, ImageOps  # noqa: E402
 
 from data.datasets import load_image, read_classes, read_split  # noqa: E402
-from data.loaders import build_loader, resolve_backend  # noqa: E402
-from trainer import cluster, config, dist, engine  # noqa: E402
+from trainer import cluster, config, dist, engine, knn  # noqa: E402
 from trainer.config import ActiveConfig  # noqa: E402
+from trainer.loading import eval_loader  # noqa: E402
 from trainer.models import build_backbone, load_backbone_weights, load_classifier  # noqa: E402
 from trainer.predict import stream_rows  # noqa: E402
 
@@ -117,14 +117,14 @@ def predict(ssl, model, loader, rt, out_dir: str, num_rows: int, precision: str)
 
 # ---- queries ----
 
-def select_queries(embeddings, top2, covered, count, cfg):
+def select_queries(embeddings, top2, covered, count, cfg, gpu=None):
     """(chosen rows ordered by margin, their margins, every row's cluster (-1: uncovered), k-means seconds)."""
     rows = np.flatnonzero(covered)
     check_counts(cfg.active.clusters, count, len(rows))
     x = embeddings if len(rows) == len(covered) else embeddings[rows]
     t0 = time.time()
     kmeans = cluster.spherical_kmeans(x, cfg.active.clusters, niter=cfg.active.niter, seed=cfg.run.seed,
-                                      max_points_per_centroid=cfg.active.max_points_per_centroid or None)
+                                      max_points_per_centroid=cfg.active.max_points_per_centroid or None, gpu=gpu)
     seconds = time.time() - t0
     chosen = cluster.margin_query(top2[rows], kmeans.assignment, count, cfg.active.clusters)
     assignment = np.full(len(covered), -1, np.int64)
@@ -290,9 +290,7 @@ def make_queries(cfg, rt, run, classes) -> dict:
                                 f"{cfg.data.root}/classes.txt names {len(classes)} classes")
     ssl = build_backbone(cfg.model.backbone, cfg.model.small_stem, cfg.model.width)
     load_backbone_weights(ssl, cfg.active.backbone)
-    loader = build_loader(pool, "eval", image_size=cfg.data.image_size, global_batch=cfg.inference.batch_size,
-                          rank=rt.rank, world=rt.world, shuffle=False, drop_last=False, workers=cfg.data.workers,
-                          backend=resolve_backend(cfg.data.backend), on_bad_image=cfg.data.on_bad_image)
+    loader = eval_loader(pool, cfg, rt, cfg.inference.batch_size)
     run.say(f"{len(pool)} candidate images, {count} queries over {cfg.active.clusters} clusters")
     t0 = time.time()
     covered = predict(rt.place(ssl), rt.place(model), loader, rt, run.dir, len(pool), cfg.inference.precision)
@@ -300,7 +298,8 @@ def make_queries(cfg, rt, run, classes) -> dict:
     if rt.is_main:
         embeddings = np.load(run.path("embeddings.npy"), mmap_mode="r")
         top2, guess = np.load(run.path("top2.npy")), np.load(run.path("guess.npy"))[:, 0]
-        chosen, margin, assignment, timing["kmeans_seconds"] = select_queries(embeddings, top2, covered, count, cfg)
+        chosen, margin, assignment, timing["kmeans_seconds"] = select_queries(embeddings, top2, covered, count, cfg,
+                                                                              knn.faiss_gpu(rt.device))
         np.save(run.path("assignment.npy"), assignment)
         write_queries(run.path("queries.csv"), pool, chosen, margin, assignment, guess, classes)
         t1 = time.time()
@@ -334,13 +333,14 @@ def answer_queries(cfg, run, classes) -> dict:
 def main(argv=None):
     cfg = parse(argv)
     classes = read_classes(cfg.data.root)
-    rt = dist.init()
+    rt = dist.init(cfg.run.device)
     run = engine.Run("active", cfg, rt)
     t0 = time.time()
     done = {} if cfg.active.answers else make_queries(cfg, rt, run, classes)
     if rt.is_main and (cfg.active.oracle or cfg.active.answers):
         done.update(answer_queries(cfg, run, classes))
     run.log(event="done", total_seconds=round(time.time() - t0, 3), **done)
+    dist.barrier()
 
 
 if __name__ == "__main__":

@@ -21,13 +21,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import itertools  # noqa: E402
 
 import torch  # noqa: E402
-import torch.distributed as torch_dist  # noqa: E402
 
 from data.datasets import read_classes, read_split  # noqa: E402
-from data.loaders import build_loader, resolve_backend  # noqa: E402
 from trainer import config, dist, engine  # noqa: E402
 from trainer.config import EvaluateConfig  # noqa: E402
-from trainer.knn import knn_accuracy  # noqa: E402
+from trainer.knn import faiss_gpu, knn_accuracy  # noqa: E402
+from trainer.loading import eval_loader  # noqa: E402
 from trainer.models import build_backbone, load_backbone_weights, load_classifier  # noqa: E402
 from trainer.predict import embed, outputs  # noqa: E402
 
@@ -61,9 +60,7 @@ def hit_counts(model, loader, labels, num_scales, subsets, rt, precision) -> tor
         hit = probs.topk(min(5, probs.shape[2]), dim=2).indices == y[None, :, None]
         batch = torch.stack([hit[..., 0].sum(1), hit.any(2).sum(1), torch.full((len(probs),), len(y))], 1)
         counts += batch.double()
-    if dist.world_size() > 1:
-        torch_dist.all_reduce(counts)
-    return counts
+    return dist.all_reduce_(counts)
 
 
 def labeled_splits(cfg) -> dict:
@@ -76,13 +73,6 @@ def labeled_splits(cfg) -> dict:
     return splits
 
 
-def eval_loader(split, cfg, rt, scales=None):
-    return build_loader(split, "eval", image_size=cfg.data.image_size, global_batch=cfg.inference.batch_size,
-                        rank=rt.rank, world=rt.world, shuffle=False, drop_last=False, workers=cfg.data.workers,
-                        backend=resolve_backend(cfg.data.backend), on_bad_image=cfg.data.on_bad_image,
-                        scales=scales)
-
-
 def evaluate_classifier(cfg, splits, rt, run) -> dict:
     model, arch = load_classifier(cfg.evaluate.model)
     num_classes = len(read_classes(cfg.data.root))
@@ -93,7 +83,7 @@ def evaluate_classifier(cfg, splits, rt, run) -> dict:
     scales, subsets = cfg.evaluate.scales, scale_subsets(len(cfg.evaluate.scales), cfg.evaluate.tta)
     results, chosen = {}, subsets[0]
     for name, split in splits.items():   # val first: in tta=val mode it picks the subset test is scored with
-        counts = hit_counts(model, eval_loader(split, cfg, rt, scales), split.labels, len(scales), subsets, rt,
+        counts = hit_counts(model, eval_loader(split, cfg, rt, cfg.inference.batch_size, scales), split.labels, len(scales), subsets, rt,
                             cfg.inference.precision)
         scores = [{"top1": (c[0] / c[2]).item(), "top5": (c[1] / c[2]).item()} for c in counts]
         per_scale, per_subset = scores[:len(scales)], dict(zip(subsets, scores[len(scales):]))
@@ -116,14 +106,14 @@ def evaluate_knn(cfg, splits, rt, run) -> dict:
     load_backbone_weights(backbone, cfg.evaluate.backbone)
     backbone = rt.place(backbone)
     precision = cfg.inference.precision
-    references = embed(backbone, eval_loader(labeled, cfg, rt), rt, len(labeled), precision)
+    references = embed(backbone, eval_loader(labeled, cfg, rt, cfg.inference.batch_size), rt, len(labeled), precision)
     num_classes = len(read_classes(cfg.data.root))
     results = {}
     for name, split in splits.items():
-        queries = embed(backbone, eval_loader(split, cfg, rt), rt, len(split), precision)
-        if rt.is_main:   # every rank holds the embeddings; one search is enough (and faiss-GPU uses device 0)
+        queries = embed(backbone, eval_loader(split, cfg, rt, cfg.inference.batch_size), rt, len(split), precision)
+        if rt.is_main:   # every rank holds the embeddings; one search is enough
             results[name] = knn_accuracy(references, labeled.labels, queries, split.labels, num_classes,
-                                         cfg.evaluate.k, cfg.evaluate.temperature)
+                                         cfg.evaluate.k, cfg.evaluate.temperature, gpu=faiss_gpu(rt.device))
             run.say(f"{name}: kNN top-1 {results[name]:.4f}")
     return {"backbone": cfg.evaluate.backbone, "k": cfg.evaluate.k, "temperature": cfg.evaluate.temperature,
             "knn": results}
@@ -142,7 +132,7 @@ def main(argv=None):
         raise config.ConfigError(f"evaluate.tta=val chooses the TTA scales on val: evaluate.splits="
                                  f"{cfg.evaluate.splits} must include val")
     splits = labeled_splits(cfg)
-    rt = dist.init()
+    rt = dist.init(cfg.run.device)
     run = engine.Run("evaluate", cfg, rt)
     result = (evaluate_knn if cfg.evaluate.knn else evaluate_classifier)(cfg, splits, rt, run)
     if rt.is_main:

@@ -15,22 +15,16 @@ import time  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from data.datasets import labeled_with_pseudo_labels, read_classes, read_split  # noqa: E402
-from data.loaders import build_loader, resolve_backend  # noqa: E402
 from trainer import dist, engine, optim, schedule  # noqa: E402
+from trainer.loading import eval_loader, loader  # noqa: E402
 from trainer.config import FinetuneConfig  # noqa: E402
 from trainer.models import Classifier, build_backbone, classifier_arch, load_backbone_weights, save_classifier  # noqa: E402
 from trainer.predict import accuracy  # noqa: E402
 
 
-def loader_for(split, kind, cfg, rt, **kw):
-    return build_loader(split, kind, image_size=cfg.data.image_size, global_batch=cfg.train.batch_size,
-                        rank=rt.rank, world=rt.world, seed=cfg.run.seed, workers=cfg.data.workers,
-                        backend=resolve_backend(cfg.data.backend), on_bad_image=cfg.data.on_bad_image, **kw)
-
-
 def main(argv=None):
     cfg = engine.parse(FinetuneConfig, argv, "Fine-tune backbone + linear head")
-    rt = dist.init()
+    rt = dist.init(cfg.run.device)
     run = engine.Run("finetune", cfg, rt)
     engine.seed_everything(cfg.run.seed)
 
@@ -40,8 +34,8 @@ def main(argv=None):
     if B % rt.world or B > len(train.paths):
         raise engine.StageError(f"train.batch_size={B}: must divide by {rt.world} rank(s) and be at most "
                                 f"the {len(train.paths)} training images")
-    loader = loader_for(train, cfg.finetune.augment, cfg, rt)
-    val_loader = loader_for(read_split(cfg.data.root, "val"), "eval", cfg, rt, shuffle=False, drop_last=False)
+    train_loader = loader(train, cfg.finetune.augment, cfg, rt, global_batch=B)
+    val_loader = eval_loader(read_split(cfg.data.root, "val"), cfg, rt, B)
 
     backbone = build_backbone(cfg.model.backbone, cfg.model.small_stem, cfg.model.width)
     if cfg.finetune.init:   # "" trains from scratch: the supervised-only baseline
@@ -55,14 +49,15 @@ def main(argv=None):
             "model": state.get("best_model")}
     ddp = dist.wrap_ddp(model, rt)
 
-    total, warmup = schedule.plan(cfg.train.epochs, cfg.train.max_steps, cfg.optim.warmup_epochs, loader.steps_per_epoch)
+    total, warmup = schedule.plan(cfg.train.epochs, cfg.train.max_steps, cfg.optim.warmup_epochs,
+                                  train_loader.steps_per_epoch)
     run.say(f"{len(train.paths)} training images ({train.name}), {num_classes} classes, init "
-            f"{cfg.finetune.init or 'random'}, {loader.steps_per_epoch} steps/epoch, {total} steps")
+            f"{cfg.finetune.init or 'random'}, {train_loader.steps_per_epoch} steps/epoch, {total} steps")
     step, epoch, start = state["step"], state["epoch"], state["step_in_epoch"]
     bar = run.progress(total, step)
     while step < total:
         t0, seen = time.time(), 0
-        for i, batch in enumerate(loader.epoch(epoch, start), start=start):
+        for i, batch in enumerate(train_loader.epoch(epoch, start), start=start):
             schedule.apply_lr(optimizer, schedule.lr_factor(step, total, warmup, final_factor=0.0))
             x, y = batch["views"][0].to(rt.device, non_blocking=True), batch["label"].to(rt.device)
             with engine.autocast(cfg.train.precision, rt.device):
@@ -77,7 +72,7 @@ def main(argv=None):
                         img_s=round(seen / (time.time() - t0), 1))
             if step == total:
                 break
-            if step % cfg.run.checkpoint_every == 0 and i + 1 < loader.steps_per_epoch:
+            if step % cfg.run.checkpoint_every == 0 and i + 1 < train_loader.steps_per_epoch:
                 run.save_checkpoint(model, optimizer, scaler, step, epoch, i + 1, best_top1=best["top1"],
                                     best_epoch=best["epoch"], best_model=best["model"])
         epoch, start = epoch + 1, 0
@@ -94,6 +89,7 @@ def main(argv=None):
     run.log(event="done", best_epoch=best["epoch"], val_top1=best["top1"])   # before model.pt: see pipeline
     if rt.is_main:
         save_classifier(model, classifier_arch(cfg.model, num_classes), run.path("model.pt"))
+    dist.barrier()   # in-process callers (pseudolabel) read model.pt on every rank next
     run.say(f"best val top-1 {best['top1']:.4f} at epoch {best['epoch']}; wrote {run.path('model.pt')}")
 
 

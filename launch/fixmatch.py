@@ -23,11 +23,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data.datasets import labeled_with_pseudo_labels, read_classes, read_split  # noqa: E402
-from data.loaders import build_loader, resolve_backend  # noqa: E402
+from data.loaders import resolve_backend  # noqa: E402
 from trainer import config, dist, engine, optim, schedule  # noqa: E402
 from trainer.config import FixmatchConfig  # noqa: E402
 from trainer.ema import EMA  # noqa: E402
 from trainer.fixmatch import fixmatch_loss  # noqa: E402
+from trainer.loading import eval_loader, loader  # noqa: E402
 from trainer.models import load_classifier, save_classifier  # noqa: E402
 from trainer.predict import accuracy  # noqa: E402
 
@@ -59,20 +60,6 @@ def splits(cfg):
         unlabeled = dataclasses.replace(unlabeled, paths=[p for p, k in zip(unlabeled.paths, keep) if k],
                                         hidden_labels=hidden)
     return train, unlabeled
-
-
-def loader_for(split, kind, cfg, rt, global_batch, seed, **kw):
-    return build_loader(split, kind, image_size=cfg.data.image_size, global_batch=global_batch, rank=rt.rank,
-                        world=rt.world, seed=seed, workers=cfg.data.workers,
-                        backend=resolve_backend(cfg.data.backend), on_bad_image=cfg.data.on_bad_image, **kw)
-
-
-def cycle(loader, step: int):
-    """The loader's batches from global step `step` on, epoch after epoch (where a resumed run left off)."""
-    epoch, start = divmod(step, loader.steps_per_epoch)
-    while True:
-        yield from loader.epoch(epoch, start)
-        epoch, start = epoch + 1, 0
 
 
 def train_step(ddp, labeled, unlabeled, hidden_labels, optimizer, scaler, cfg, device):
@@ -122,7 +109,7 @@ def summarise(sums: torch.Tensor, has_hidden: bool) -> dict:
 def main(argv=None):
     cfg = engine.parse(FixmatchConfig, argv, "FixMatch with an EMA of the weights")
     check(cfg)
-    rt = dist.init()
+    rt = dist.init(cfg.run.device)
     run = engine.Run("fixmatch", cfg, rt)
     engine.seed_everything(cfg.run.seed)
 
@@ -133,12 +120,12 @@ def main(argv=None):
         raise engine.StageError(f"train.batch_size={B}: must divide by {rt.world} rank(s), be at most the "
                                 f"{len(train.paths)} labeled images and, times fixmatch.mu={cfg.fixmatch.mu}, "
                                 f"at most the {len(unlabeled.paths)} unlabeled images")
-    labeled_loader = loader_for(train, "weak", cfg, rt, B, cfg.run.seed)   # FixMatch: ℓs on weak views
+    labeled_loader = loader(train, "weak", cfg, rt, global_batch=B)   # FixMatch: ℓs on weak views
     # Another seed for the unlabeled loader: its augmentations are not drawn in step with the labeled ones.
-    unlabeled_loader = loader_for(unlabeled, "weak_strong", cfg, rt, U, cfg.run.seed + 1)
-    val_loader = loader_for(read_split(cfg.data.root, "val"), "eval", cfg, rt, U, cfg.run.seed,
-                            shuffle=False, drop_last=False)
-    bn_loader = loader_for(unlabeled, "eval", cfg, rt, U, cfg.run.seed + 2) if cfg.fixmatch.bn_batches else None
+    unlabeled_loader = loader(unlabeled, "weak_strong", cfg, rt, global_batch=U, seed=cfg.run.seed + 1)
+    val_loader = eval_loader(read_split(cfg.data.root, "val"), cfg, rt, U)
+    bn_loader = (loader(unlabeled, "eval", cfg, rt, global_batch=U, seed=cfg.run.seed + 2)
+                 if cfg.fixmatch.bn_batches else None)
     hidden = None if unlabeled.hidden_labels is None else torch.as_tensor(unlabeled.hidden_labels).to(rt.device)
 
     model, arch = load_classifier(cfg.fixmatch.init)
@@ -177,7 +164,7 @@ def main(argv=None):
                             epoch_stats=sums.cpu(), best_top1=best["top1"], best_epoch=best["epoch"],
                             best_model=best["model"])
 
-    labeled_batches = cycle(labeled_loader, step)
+    labeled_batches = labeled_loader.stream(step)   # the labeled epochs run alongside, where a resumed run left off
     bar = run.progress(total, step)
     while step < total:
         t0, done = time.time(), 0
@@ -219,9 +206,10 @@ def main(argv=None):
     bar.close()
 
     ema.model.load_state_dict(best["model"])
+    run.log(event="done", best_epoch=best["epoch"], val_top1=best["top1"])   # before model.pt: see pipeline
     if rt.is_main:
         save_classifier(ema.model, arch, run.path("model.pt"))
-    run.log(event="done", best_epoch=best["epoch"], val_top1=best["top1"])
+    dist.barrier()   # in-process callers read model.pt on every rank next
     which = f"epoch {best['epoch']}" if best["epoch"] else "the starting model (no epoch beat it)"
     run.say(f"best EMA val top-1 {best['top1']:.4f}: {which}; wrote {run.path('model.pt')}")
 

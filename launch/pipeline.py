@@ -86,7 +86,8 @@ def main(argv=None):
             continue
         spec = getattr(cfg.pipeline, spec_name)
         stage_argv = ["--config", spec.config, f"run.dir={folder}", f"data.root={cfg.data.root}",
-                      f"data.backend={cfg.data.backend}", *wiring(stage_dir), *spec.overrides]
+                      f"data.backend={cfg.data.backend}", f"run.device={cfg.run.device}", *wiring(stage_dir),
+                      *spec.overrides]
         print(f"[pipeline] {name}: {script}.py {' '.join(stage_argv)}", flush=True)
         t0 = time.time()
         run_stage(script, stage_argv, cfg.pipeline.nproc)

@@ -13,24 +13,27 @@ import time  # noqa: E402
 
 
 from data.datasets import read_classes, read_split  # noqa: E402
-from data.loaders import build_loader, resolve_backend  # noqa: E402
+from data.loaders import resolve_backend  # noqa: E402
 from trainer import checkpoint, dist, engine, knn, optim, schedule  # noqa: E402
+from trainer.loading import eval_loader, loader  # noqa: E402
 from trainer.config import PretrainConfig  # noqa: E402
 from trainer.models import BarlowTwins, build_backbone  # noqa: E402
 from trainer.predict import embed  # noqa: E402
 
 
 def knn_monitor(backbone, cfg, rt, labeled, val) -> float:
-    """Top-1 of a cosine kNN classifier: labeled embeddings vote for each val image."""
+    """Top-1 of a cosine kNN classifier: labeled embeddings vote for each val image.
+
+    Every rank embeds its shard; rank 0 alone searches (one faiss index, on its own GPU) and tells the others.
+    """
     def features(split):
-        loader = build_loader(split, "eval", image_size=cfg.data.image_size, global_batch=cfg.train.batch_size,
-                              rank=rt.rank, world=rt.world, shuffle=False, drop_last=False,
-                              workers=cfg.data.workers, backend=resolve_backend(cfg.data.backend),
-                              on_bad_image=cfg.data.on_bad_image)
-        return embed(backbone, loader, rt, len(split.paths), cfg.train.precision)
-    return knn.knn_accuracy(features(labeled), labeled.labels, features(val), val.labels,
-                            num_classes=len(read_classes(cfg.data.root)),
-                            k=cfg.knn.k, temperature=cfg.knn.temperature)
+        return embed(backbone, eval_loader(split, cfg, rt, cfg.train.batch_size), rt, len(split.paths),
+                     cfg.train.precision)
+    references, queries = features(labeled), features(val)
+    top1 = knn.knn_accuracy(references, labeled.labels, queries, val.labels,
+                            num_classes=len(read_classes(cfg.data.root)), k=cfg.knn.k,
+                            temperature=cfg.knn.temperature, gpu=knn.faiss_gpu(rt.device)) if rt.is_main else None
+    return dist.broadcast_object(top1)
 
 
 def train_step(model, views, optimizer, scaler, precision, device):
@@ -43,7 +46,7 @@ def train_step(model, views, optimizer, scaler, precision, device):
 
 def main(argv=None):
     cfg = engine.parse(PretrainConfig, argv, "Barlow Twins pretraining")
-    rt = dist.init()
+    rt = dist.init(cfg.run.device)
     run = engine.Run("pretrain", cfg, rt)
     engine.seed_everything(cfg.run.seed)
 
@@ -55,9 +58,7 @@ def main(argv=None):
     B = cfg.train.batch_size
     if B % rt.world:
         raise engine.StageError(f"train.batch_size={B} must be divisible by the {rt.world} ranks")
-    loader = build_loader(images, "barlow_twins", image_size=cfg.data.image_size, global_batch=B,
-                          rank=rt.rank, world=rt.world, seed=cfg.run.seed, workers=cfg.data.workers,
-                          backend=resolve_backend(cfg.data.backend), on_bad_image=cfg.data.on_bad_image)
+    train_loader = loader(images, "barlow_twins", cfg, rt, global_batch=B)
 
     # model: N ranks see one global batch (synchronised BatchNorm, cross-correlation all-reduced)
     backbone = build_backbone(cfg.model.backbone, cfg.model.small_stem, cfg.model.width)
@@ -72,7 +73,7 @@ def main(argv=None):
     state = run.resume(model, optimizer, scaler)
     ddp = dist.wrap_ddp(model, rt)
 
-    steps_per_epoch = loader.steps_per_epoch
+    steps_per_epoch = train_loader.steps_per_epoch
     total, warmup = schedule.plan(cfg.train.epochs, cfg.train.max_steps, cfg.optim.warmup_epochs, steps_per_epoch)
     step = state["step"]
     run.say(f"{len(images.paths)} images, {rt.world} rank(s), global batch {B}, "
@@ -86,7 +87,7 @@ def main(argv=None):
     epoch, start = state["epoch"], state["step_in_epoch"]
     while step < total:
         t0, seen = time.time(), 0
-        for i, batch in enumerate(loader.epoch(epoch, start), start=start):
+        for i, batch in enumerate(train_loader.epoch(epoch, start), start=start):
             schedule.apply_lr(optimizer, schedule.lr_factor(step, total, warmup))
             loss = train_step(ddp, batch["views"], optimizer, scaler, cfg.train.precision, rt.device)
             step, seen = step + 1, seen + B
@@ -111,6 +112,7 @@ def main(argv=None):
 
     if rt.is_main:   # a plain state_dict: loads into the torchvision model it came from
         checkpoint.save_atomic(backbone.state_dict(), run.path("backbone.pt"))
+    dist.barrier()   # in-process callers read backbone.pt on every rank next
     run.say(f"wrote {run.path('backbone.pt')}")
 
 

@@ -17,31 +17,25 @@ import shutil  # noqa: E402
 
 
 from data.datasets import read_classes, read_split  # noqa: E402
-from data.loaders import build_loader, resolve_backend  # noqa: E402
 from trainer import config, dist, engine  # noqa: E402
 from trainer.config import PseudolabelConfig  # noqa: E402
+from trainer.loading import eval_loader  # noqa: E402
 from trainer.models import load_classifier  # noqa: E402
 from trainer.predict import accuracy, write_predictions  # noqa: E402
 from trainer.select import select_balanced_from_npy  # noqa: E402
-
-
-def eval_loader(split, cfg, rt):
-    return build_loader(split, "eval", image_size=cfg.data.image_size, global_batch=cfg.inference.batch_size,
-                        rank=rt.rank, world=rt.world, shuffle=False, drop_last=False, workers=cfg.data.workers,
-                        backend=resolve_backend(cfg.data.backend), on_bad_image=cfg.data.on_bad_image)
 
 
 def predict(model_path, unlabeled, cfg, rt, out_dir):
     if os.path.exists(os.path.join(out_dir, "embeddings.npy")):
         return
     model, _ = load_classifier(model_path)
-    write_predictions(rt.place(model), eval_loader(unlabeled, cfg, rt), rt, out_dir, len(unlabeled),
+    write_predictions(rt.place(model), eval_loader(unlabeled, cfg, rt, cfg.inference.batch_size), rt, out_dir, len(unlabeled),
                       cfg.pseudo.top_k, cfg.inference.precision)
 
 
 def val_top1(model_path, cfg, rt) -> float:
     model, _ = load_classifier(model_path)
-    return accuracy(rt.place(model), eval_loader(read_split(cfg.data.root, "val"), cfg, rt), rt,
+    return accuracy(rt.place(model), eval_loader(read_split(cfg.data.root, "val"), cfg, rt, cfg.inference.batch_size), rt,
                     cfg.inference.precision)["top1"]
 
 
@@ -71,7 +65,7 @@ def finetune(finetune_main, cfg, run_dir, init, epochs, pseudo_labels=""):
     """One fine-tune with the stage's own code; a finished one (model.pt present) is kept."""
     if not os.path.exists(os.path.join(run_dir, "model.pt")):
         finetune_main(["--config", cfg.pseudo.finetune_config, f"run.dir={run_dir}", f"data.root={cfg.data.root}",
-                       f"data.backend={cfg.data.backend}", f"finetune.init={init}",
+                       f"data.backend={cfg.data.backend}", f"run.device={cfg.run.device}", f"finetune.init={init}",
                        f"finetune.pseudo_labels={pseudo_labels}", f"train.epochs={epochs}",
                        *cfg.pseudo.finetune_overrides])
     return engine.read_done(run_dir)["val_top1"]
@@ -85,7 +79,7 @@ def main(argv=None):
     if not cfg.pseudo.schedule or min(cfg.pseudo.schedule + [cfg.pseudo.fixmatch_p or 1]) <= 0:
         raise config.ConfigError(f"pseudo.schedule={cfg.pseudo.schedule} / pseudo.fixmatch_p={cfg.pseudo.fixmatch_p}: "
                                  "expected positive images-per-class counts")
-    rt = dist.init()
+    rt = dist.init(cfg.run.device)
     run = engine.Run("pseudolabel", cfg, rt)
     unlabeled = read_split(cfg.data.root, "unlabeled")
     finetune_main = engine.stage_module("finetune").main
@@ -128,6 +122,7 @@ def main(argv=None):
         engine.write_json(run.path("selection.json"), {"iterations": iterations, "best_iteration": best["iteration"],
                                                        "fixmatch_selection": fixmatch})
     run.log(event="done", best_iteration=best["iteration"], val_top1=best["val_top1"])
+    dist.barrier()
 
 
 if __name__ == "__main__":

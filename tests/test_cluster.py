@@ -134,7 +134,7 @@ def test_spherical_kmeans_bad_input():
 
 
 @pytest.mark.skipif(faiss.get_num_gpus() > 0, reason="checks the no-GPU error")
-def test_use_gpu_without_gpu_is_an_error():
+def test_a_gpu_faiss_does_not_see_is_an_error():
     x, _ = separated_blobs(per_cluster=5)
-    with pytest.raises(ValueError, match="no GPU"):
-        spherical_kmeans(x, 2, use_gpu=True)
+    with pytest.raises(ValueError, match="faiss sees 0 GPU"):
+        spherical_kmeans(x, 2, gpu=0)

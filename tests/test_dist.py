@@ -1,7 +1,12 @@
+import ast
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn as nn
 
 from multiproc import run_ranks
+from trainer import dist
 from trainer.dist import GlobalBatchNorm, sync_batchnorm
 
 
@@ -46,3 +51,115 @@ def test_global_batchnorm_equals_full_batch():
 def test_single_process_keeps_plain_batchnorm():
     model = nn.Sequential(nn.BatchNorm2d(3))
     assert type(sync_batchnorm(model)[0]) is nn.BatchNorm2d
+
+
+# ---- one place for collectives and for the device: the source tree is checked, not trusted ----
+
+COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
+               "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "gather",
+               "gather_object", "scatter", "scatter_object_list", "barrier", "all_to_all", "send", "recv",
+               "isend", "irecv", "monitored_barrier"}
+DEVICE_PROBES = {"is_available", "current_device"}   # torch.cuda.*: which device to use
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def offending_calls(source: str, filename: str) -> list[str]:
+    """Calls of torch.distributed collectives (any import spelling) and torch.cuda device probes."""
+    tree = ast.parse(source, filename)
+    distributed, cuda, direct = {"torch.distributed"}, {"torch.cuda"}, set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("torch.distributed"):
+                    distributed.add(a.asname or a.name)
+                if a.name == "torch.cuda" and a.asname:
+                    cuda.add(a.asname)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for a in node.names:
+                if node.module.startswith("torch.distributed") and a.name in COLLECTIVES:
+                    direct.add(a.asname or a.name)
+                if node.module == "torch" and a.name == "distributed":
+                    distributed.add(a.asname or a.name)
+                if node.module.startswith("torch.distributed") and a.name in ("_functional_collectives",):
+                    distributed.add(a.asname or a.name)
+                if node.module == "torch" and a.name == "cuda":
+                    cuda.add(a.asname or a.name)
+                if node.module == "torch.cuda" and a.name in DEVICE_PROBES:
+                    direct.add(a.asname or a.name)
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if isinstance(f, ast.Attribute):
+            base = ast.unparse(f.value)
+            if (base in distributed and f.attr in COLLECTIVES) or (base in cuda and f.attr in DEVICE_PROBES):
+                found.append(f"{filename}:{node.lineno} {base}.{f.attr}")
+        elif isinstance(f, ast.Name) and f.id in direct:
+            found.append(f"{filename}:{node.lineno} {f.id}")
+    return found
+
+
+def test_only_trainer_dist_issues_collectives_or_picks_the_device():
+    found = []
+    for top in ("trainer", "data", "launch"):
+        for path in sorted((PROJECT / top).rglob("*.py")):
+            rel = str(path.relative_to(PROJECT))
+            if rel != "trainer/dist.py":
+                found += offending_calls(path.read_text(), rel)
+    assert not found, "route these through trainer/dist.py:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize("source", [
+    "import torch.distributed as d\nd.all_reduce(x)",
+    "import torch\ntorch.distributed.barrier()",
+    "from torch import distributed\ndistributed.broadcast_object_list(b)",
+    "from torch.distributed import all_gather_object as g\ng(a, b)",
+    "import torch.distributed._functional_collectives as funcol\nfuncol.all_reduce(x, 'sum', g)",
+    "import torch\ntorch.cuda.is_available()",
+    "from torch.cuda import current_device\ncurrent_device()",
+])
+def test_the_source_check_catches_every_spelling(source):
+    assert len(offending_calls(source, "m.py")) == 1
+
+
+def test_resolve_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dist, "_dev_entries", lambda: ["null", "nvidia0", "nvidiactl"])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert dist.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="has NVIDIA GPUs but torch .* cannot use them"):
+        dist.resolve_device("auto")   # visible GPUs that torch cannot use: never a silent CPU run
+    with pytest.raises(ValueError, match="run.device=cuda: torch cannot use CUDA"):
+        dist.resolve_device("cuda")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")   # hidden on purpose: the CPU it is
+    assert dist.resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(dist, "_dev_entries", lambda: ["null"])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert dist.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="run.device='tpu': expected one of auto, cuda, cpu"):
+        dist.resolve_device("tpu")
+    # a task bound to one GPU sees device 0 whatever its LOCAL_RANK
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert dist.resolve_device("auto", local_rank=5) == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert dist.resolve_device("cuda", local_rank=5) == torch.device("cuda", 1)
+
+
+def _collectives(rank):
+    total = dist.all_reduce_(torch.tensor([rank + 1.0, 10.0], dtype=torch.float64))
+    mean = dist.all_reduce_mean_(torch.tensor([float(rank)]))
+    gathered = dist.all_gather_object({"rank": rank})
+    sent = dist.broadcast_object({"from": rank} if rank == 0 else None)
+    grad_in = torch.tensor([float(rank + 1)], requires_grad=True)
+    dist.all_reduce_sum(grad_in * 2).sum().backward()
+    dist.barrier()
+    return total, mean, [g["rank"] for g in gathered], sent["from"], grad_in.grad
+
+
+def test_collective_helpers_on_two_ranks():
+    for total, mean, gathered, sent, grad in run_ranks(_collectives, 2):
+        assert total.tolist() == [3.0, 20.0] and mean.tolist() == [0.5]
+        assert gathered == [0, 1] and sent == 0
+        assert grad.tolist() == [4.0]   # d(sum over ranks of 2x)/dx, summed over both ranks' losses

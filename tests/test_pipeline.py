@@ -1,3 +1,4 @@
+import csv
 import json
 import os
 import signal
@@ -5,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import yaml
 
 from tiny import ROOT, TINY_FINETUNE, TINY_PRETRAIN, fashion
@@ -82,3 +84,27 @@ def test_pipeline_runs_resumes_after_kill_and_reports(tmp_path_factory, tmp_path
 
     again = subprocess.run(command(config), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("done, skipped") == len(report["stage_seconds"])
+
+
+def test_pipeline_with_two_ranks_per_stage(tmp_path_factory, tmp_path):
+    """pipeline.nproc=2: every stage under torchrun with 2 gloo ranks — pseudolabel's in-process
+    fine-tunes, active learning's sharded inference, evaluation's summed hit counts."""
+    data = fashion(tmp_path_factory)
+    config = write_config(tmp_path, data)
+    run = tmp_path / "run"
+    out = subprocess.run(command(config) + ["pipeline.nproc=2"], capture_output=True, text=True, timeout=1200,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 rank(s)" in out.stdout   # the stages say how many ranks they run on
+    report = json.load(open(run / "report.json"))
+    assert [row["stage"] for row in report["accuracy"]] == ["supervised", "knn", "finetune", "pseudolabel", "fixmatch",
+                                                             "fixmatch_active", "tta"]
+    val_rows = sum(1 for _ in open(os.path.join(data, "val.csv"))) - 1
+    for stage in ("supervised", "finetune", "pseudolabel", "fixmatch", "fixmatch_active"):
+        scores = json.load(open(run / f"evaluate_{stage}" / "eval.json"))["splits"]["val"]
+        assert scores["images"] == val_rows   # each rank's share counted once
+    predictions = np.load(run / "pseudolabel" / "predictions" / "topk_class.npy")
+    assert len(predictions) == sum(1 for _ in open(os.path.join(data, "unlabeled.csv"))) - 1
+    assert (predictions >= 0).all()
+    queries = list(csv.DictReader(open(run / "active" / "queries.csv")))
+    assert len(queries) == 6 and len({q["path"] for q in queries}) == 6

@@ -136,3 +136,28 @@ def test_skipped_images_carry_their_stand_ins_predictions(tmp_path_factory, tmp_
         expected = clean.copy()
         expected[5], expected[-1] = clean[6], clean[0]
         np.testing.assert_allclose(skip, expected, rtol=0, atol=1e-5)
+
+
+def _finetune_then_read_as_pseudolabel_does(rank, data, init, run_dir):
+    """Rank 0 writes model.pt slowly; every rank then reads the stage's outputs as pseudolabel.py does
+    right after an in-process fine-tune."""
+    import time
+
+    from trainer import engine
+    from trainer.models import load_classifier
+    finetune_stage = engine.stage_module("finetune")
+    write = finetune_stage.save_classifier
+    finetune_stage.save_classifier = lambda *a: (time.sleep(2), write(*a))
+    finetune_stage.main(["--config", FINETUNE, f"data.root={data}", f"run.dir={run_dir}", f"finetune.init={init}",
+                         *TINY_FINETUNE, "train.epochs=1"])
+    load_classifier(os.path.join(run_dir, "model.pt"))
+    return engine.read_done(run_dir)["val_top1"]
+
+
+def test_in_process_finetune_publishes_its_outputs_to_every_rank(tmp_path_factory, tmp_path):
+    """With more than one rank, pseudolabel read model.pt and the 'done' event while rank 0 was still
+    writing them (no barrier after the save)."""
+    data = fashion(tmp_path_factory)
+    backbone = pretrained_backbone(tmp_path_factory, data)
+    val = run_ranks(_finetune_then_read_as_pseudolabel_does, 2, data, backbone, str(tmp_path / "run"))
+    assert val[0] == val[1] and 0 <= val[0] <= 1

@@ -17,13 +17,29 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used by this run (one line naming the file)."""
 
 
+def on_cpu(obj):
+    """`obj` with every tensor in it (nested dicts, lists, tuples) copied to the CPU: a file written on a GPU
+    node then loads with a plain torch.load on a machine without one."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        copy = type(obj)((k, on_cpu(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):   # a module state_dict's per-module versions, read by load_state_dict
+            copy._metadata = obj._metadata
+        return copy
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
+
+
 def save_atomic(obj, path: str):
+    """Write `obj` (its tensors moved to the CPU) so that a crash leaves the old file or the new one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            torch.save(on_cpu(obj), f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

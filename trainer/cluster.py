@@ -3,10 +3,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import faiss
 import numpy as np
 
-from trainer.knn import as_numpy, cosine_search, resolve_gpu, unit_rows
+from trainer.knn import as_numpy, check_gpu, cosine_search, import_faiss, unit_rows
 
 _ROW_BLOCK = 65536  # rows per block when taking the top-2 probabilities: bounds the temporaries
 SEED_SAMPLE_PER_CENTROID = 64  # greedy k-means++ seeds from a random sample of 64·k rows
@@ -20,7 +19,7 @@ class KMeansResult(NamedTuple):
 
 
 def spherical_kmeans(x, k: int, *, niter: int = 20, seed: int = 0, max_points_per_centroid: int | None = 256,
-                     init: str = "greedy-kmeans++", use_gpu: bool | None = None) -> KMeansResult:
+                     init: str = "greedy-kmeans++", gpu: int | None = None) -> KMeansResult:
     """Spherical k-means (faiss.Kmeans(spherical=True)) of the rows of x, then every row's assignment.
 
     x is L2-normalised here (a normalised copy unless its rows are unit already): faiss's spherical
@@ -28,8 +27,10 @@ def spherical_kmeans(x, k: int, *, niter: int = 20, seed: int = 0, max_points_pe
     k * max_points_per_centroid rows when x has more (silently); None trains on all rows. The
     assignment and objective always cover every row. init: "greedy-kmeans++" (greedy_kmeanspp, the
     default) or "random" (faiss's own: k random rows, cheapest). The Lloyd iterations and the
-    assignment run on the GPU when faiss sees one (use_gpu=None): faiss.Kmeans(gpu=True) would quietly
-    run on the CPU without one, so the choice is made here; the seeding always runs on the CPU.
+    assignment run on GPU `gpu` (None: the CPU; trainer.knn.faiss_gpu maps a run's device to it):
+    faiss.Kmeans(gpu=True) would quietly run on the CPU without one, so it is checked here. faiss.Kmeans
+    trains on its first GPU(s) whatever `gpu` says; rank 0, whose GPU is normally the first, runs it.
+    The seeding always runs on the CPU.
     """
     x = unit_rows(x, "x")
     n, d = x.shape
@@ -43,13 +44,14 @@ def spherical_kmeans(x, k: int, *, niter: int = 20, seed: int = 0, max_points_pe
         raise ValueError(f"max_points_per_centroid must be >= 1 or None, got {max_points_per_centroid}")
     if init not in INITS:
         raise ValueError(f"init={init!r} is not one of {', '.join(INITS)}")
-    gpu = resolve_gpu(use_gpu)
+    check_gpu(gpu)
     seeds = greedy_kmeanspp(x, k, np.random.default_rng(seed)) if init == "greedy-kmeans++" else None
-    kmeans = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=True, gpu=gpu,
-                          max_points_per_centroid=max_points_per_centroid)
+    gpus = 1 if gpu is not None else False   # faiss.Kmeans takes a number of GPUs, False for the CPU
+    kmeans = import_faiss().Kmeans(d, k, niter=niter, seed=seed, spherical=True, gpu=gpus,
+                                   max_points_per_centroid=max_points_per_centroid)
     kmeans.train(x, init_centroids=seeds)
     centroids = unit_rows(kmeans.centroids, "centroids")
-    sims, ids = cosine_search(centroids, x, 1, use_gpu=gpu, normalise=False)
+    sims, ids = cosine_search(centroids, x, 1, gpu=gpu, normalise=False)
     return KMeansResult(centroids, ids[:, 0].astype(np.int64), float(sims.mean(dtype=np.float64)))
 
 

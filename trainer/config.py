@@ -31,6 +31,7 @@ class RunConfig:
     seed: int = 0
     log_every: int = 20             # steps between metrics.jsonl lines / progress refreshes
     checkpoint_every: int = 200     # steps between checkpoint.pt writes (also written every epoch end)
+    device: str = choice("auto", "auto", "cuda", "cpu")   # auto: the GPU when torch can use one
 
 
 @dataclass

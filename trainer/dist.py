@@ -2,6 +2,11 @@
 
 Launchers that are not torchrun (launch/submit.py under Slurm) export the same variables
 (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) before a stage starts.
+
+Two decisions live here and nowhere else: which device a process computes on (`resolve_device`) and
+how tensors cross ranks. Every collective of the project goes through this module, which hands the
+process group tensors on the group's device (NCCL has no CPU collectives) and gives results back on
+the device they came from; tests/test_dist.py walks the source tree and fails on a direct call elsewhere.
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
+
+DEVICES = ("auto", "cuda", "cpu")
 
 
 @dataclass(frozen=True)
@@ -28,28 +35,68 @@ class Runtime:
 
     def place(self, module: nn.Module) -> nn.Module:
         """The module on this runtime's device with channels-last weights: oneDNN and cuDNN convolutions
-        run faster in NHWC (the demo net at 28 px on 2 CPU cores trains at 1540 img/s instead of 1150)."""
+        run faster in NHWC."""
         return module.to(self.device, memory_format=torch.channels_last)
 
 
-def init() -> Runtime:
-    """Join the process group described by the environment (world size 1 without one)."""
+def gpus_visible() -> bool:
+    """NVIDIA devices on this machine that this process is allowed to see (CUDA_VISIBLE_DEVICES), whether
+    or not torch can use them."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return any(name.startswith("nvidia") and name[len("nvidia"):].isdigit() for name in _dev_entries())
+
+
+def _dev_entries() -> list[str]:
+    try:
+        return os.listdir("/dev")
+    except OSError:
+        return []
+
+
+def resolve_device(request: str, local_rank: int = 0) -> torch.device:
+    """The device this process computes on: run.device auto|cuda|cpu.
+
+    auto takes the GPU when torch can use one. GPUs that are visible but unusable by torch (a wheel built
+    for a newer driver, a CPU-only wheel) are an error, not a silent fall back to hours on the CPU.
+    A rank's GPU is LOCAL_RANK modulo the GPUs it sees: sites that bind one GPU per task show each task
+    a single device 0.
+    """
+    if request not in DEVICES:
+        raise ValueError(f"run.device={request!r}: expected one of {', '.join(DEVICES)}")
+    if request == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if request == "cuda":
+            raise ValueError("run.device=cuda: torch cannot use CUDA here (torch.cuda.is_available() is False)")
+        if gpus_visible():
+            raise ValueError(f"run.device=auto: this machine has NVIDIA GPUs but torch {torch.__version__} cannot "
+                             "use them (check the driver against the wheel's CUDA); run.device=cpu runs on the CPU")
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def init(device: str = "auto") -> Runtime:
+    """Join the process group described by the environment (world size 1 without one) on `device`."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    chosen = resolve_device(device, local_rank)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+        torch.backends.cudnn.benchmark = True   # fixed-size convolutions: pick the fastest kernels once
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")):
         # the agent's store outlives a failed group and its stale addresses make the restarted one
         # hang or fail to connect; a store per attempt avoids it
         raise ValueError("torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in every torchrun's "
                          "environment (docs/cluster.md)")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(minutes=30))
-    return Runtime(rank, local_rank, world, device)
+        # device_id binds NCCL's communicator to this rank's GPU instead of a guess from the rank number
+        # (wrong under Slurm's cyclic task distribution)
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=30),
+                                device_id=chosen if chosen.type == "cuda" else None)
+    return Runtime(rank, local_rank, world, chosen)
 
 
 def shutdown():
@@ -61,31 +108,79 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def grouped() -> bool:
+    """A process group exists. The helpers below use it whenever it does, even with one rank, so that a
+    one-GPU smoke run (launch/gpu_smoke.py) sends every collective through NCCL as eight GPUs would."""
+    return dist.is_initialized()
+
+
+def group_device() -> torch.device:
+    """Where the process group's collectives take their tensors: the current GPU for NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def barrier():
-    if dist.is_initialized():
-        dist.barrier()
+    if grouped():
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, differentiable: the gradient of each rank's share is the summed gradient."""
-    if world_size() == 1:
+    if not grouped():
         return tensor
-    return funcol.wait_tensor(funcol.all_reduce(tensor, "sum", dist.group.WORLD))
+    return funcol.wait_tensor(funcol.all_reduce(tensor.to(group_device()), "sum", dist.group.WORLD)).to(tensor.device)
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In place, no autograd: the sum (or mean) over ranks, wherever `tensor` lives."""
+    if not grouped():
+        return tensor
+    on_group = tensor.to(group_device())
+    dist.all_reduce(on_group)
+    if op == "mean":
+        on_group /= world_size()
+    elif op != "sum":
+        raise ValueError(f"all_reduce_ op {op!r}: expected sum or mean")
+    if on_group is not tensor:
+        tensor.copy_(on_group)
+    return tensor
+
+
+def refuses_cpu_tensors() -> bool:
+    """Whether the process group rejects a CPU tensor, as NCCL does: the GPU smoke run shows that the
+    helpers above are needed before it checks that they work."""
+    try:
+        dist.all_reduce(torch.zeros(1))
+    except (RuntimeError, ValueError):
+        return True
+    return False
 
 
 def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
     """In-place mean over ranks for metrics (no autograd)."""
-    if world_size() > 1:
-        dist.all_reduce(tensor)
-        tensor /= world_size()
-    return tensor
+    return all_reduce_(tensor, "mean")
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
+    if not grouped():
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def broadcast_object(obj, src: int = 0):
-    if world_size() == 1:
+    """Rank `src`'s `obj` on every rank (the others pass anything, e.g. None)."""
+    if not grouped():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, device=group_device())
     return box[0]
 
 
@@ -127,9 +222,9 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 def sync_batchnorm(module: nn.Module) -> nn.Module:
     """Make every BatchNorm see the global batch: torch's SyncBatchNorm on CUDA, ours elsewhere."""
-    if world_size() == 1:
+    if not grouped():
         return module
-    if torch.cuda.is_available():
+    if group_device().type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return _replace_batchnorm(module)
 
@@ -146,13 +241,8 @@ def _replace_batchnorm(module: nn.Module) -> nn.Module:
 
 
 def wrap_ddp(model: nn.Module, rt: Runtime) -> nn.Module:
-    """DistributedDataParallel when world > 1 (gradients averaged), the model itself otherwise."""
-    if rt.world == 1:
+    """DistributedDataParallel in a process group (gradients averaged), the model itself otherwise."""
+    if not grouped():
         return model
-    ids = [rt.local_rank] if rt.device.type == "cuda" else None
+    ids = [rt.device.index] if rt.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-

@@ -158,7 +158,10 @@ def grad_scaler(precision: str, device: torch.device):
 
 
 def step_optimizer(loss, optimizer, scaler):
-    optimizer.zero_grad(set_to_none=True)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        optimizer.zero_grad(set_to_none=True)
+    else:   # apex's LARC wraps an optimizer and its zero_grad() takes no arguments
+        optimizer.zero_grad()
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()

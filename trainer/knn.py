@@ -1,14 +1,13 @@
 """Exact cosine nearest neighbours with faiss, and the weighted kNN classifier built on them.
 
-faiss runs on the GPU when faiss.get_num_gpus() > 0 (faiss-gpu build and a visible device), otherwise
-on the CPU; both give the same neighbours up to float rounding. Only the CPU path runs on CPU-only
-machines (and in the tests).
+`gpu` is the GPU faiss searches on, None for the CPU; `faiss_gpu(device)` maps a run's torch device to
+it. Both give the same neighbours up to float rounding. Only the CPU path runs on CPU-only machines
+(and in the tests). faiss is imported on first use: a run that never searches does not need it.
 """
 from __future__ import annotations
 
 import functools
 
-import faiss
 import numpy as np
 
 _NORM_TOLERANCE = 1e-5  # rows this close to unit length are used as they are (no copy)
@@ -48,27 +47,44 @@ def unit_rows(x, name: str = "x") -> np.ndarray:
     return out
 
 
-def resolve_gpu(use_gpu: bool | None) -> bool:
-    """None -> GPU when faiss sees one. faiss-gpu builds import fine without a GPU, so ask faiss."""
-    available = faiss.get_num_gpus() > 0
-    if use_gpu and not available:
-        raise ValueError("use_gpu=True but faiss sees no GPU (faiss.get_num_gpus() == 0)")
-    return available if use_gpu is None else bool(use_gpu)
+def import_faiss():
+    try:
+        import faiss
+    except ImportError as e:
+        raise ValueError(f"faiss does not import ({e}): pip install faiss-cpu, or faiss-gpu on GPU nodes") from None
+    return faiss
 
 
-@functools.lru_cache(maxsize=1)
-def _gpu_resources():
-    return faiss.StandardGpuResources()  # one per process: it reserves GPU scratch memory
+def faiss_gpu(device) -> int | None:
+    """The GPU faiss should use for a run on torch `device`: its index on a CUDA run when the faiss
+    build sees GPUs (faiss-gpu imports fine without one), else None (the CPU)."""
+    if getattr(device, "type", "cpu") != "cuda" or import_faiss().get_num_gpus() == 0:
+        return None
+    return device.index or 0
 
 
-def inner_product_index(d: int, use_gpu: bool | None = None):
-    """An exact inner-product index: GpuIndexFlatIP on GPU 0, IndexFlatIP on the CPU."""
-    if resolve_gpu(use_gpu):
-        return faiss.GpuIndexFlatIP(_gpu_resources(), d)
-    return faiss.IndexFlatIP(d)
+def check_gpu(gpu: int | None):
+    if gpu is not None and import_faiss().get_num_gpus() <= gpu:
+        raise ValueError(f"faiss GPU {gpu} requested but faiss sees {import_faiss().get_num_gpus()} GPU(s)")
 
 
-def cosine_search(base, queries, k: int, *, use_gpu: bool | None = None,
+@functools.lru_cache(maxsize=None)
+def _gpu_resources(gpu: int):
+    return import_faiss().StandardGpuResources()  # one per process and GPU: it reserves GPU scratch memory
+
+
+def inner_product_index(d: int, gpu: int | None = None):
+    """An exact inner-product index: GpuIndexFlatIP on GPU `gpu`, IndexFlatIP on the CPU (None)."""
+    faiss = import_faiss()
+    if gpu is None:
+        return faiss.IndexFlatIP(d)
+    check_gpu(gpu)
+    config = faiss.GpuIndexFlatConfig()
+    config.device = gpu   # the default, GPU 0, would put every rank's index on the first GPU
+    return faiss.GpuIndexFlatIP(_gpu_resources(gpu), d, config)
+
+
+def cosine_search(base, queries, k: int, *, gpu: int | None = None,
                   normalise: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """For every query, the k most cosine-similar base rows: (similarities (M, k) float32, ids (M, k) int64).
 
@@ -80,13 +96,13 @@ def cosine_search(base, queries, k: int, *, use_gpu: bool | None = None,
         raise ValueError(f"queries have dimension {queries.shape[1]}, base has {base.shape[1]}")
     if not 1 <= k <= len(base):
         raise ValueError(f"k={k} neighbours requested from {len(base)} base rows: need 1 <= k <= {len(base)}")
-    index = inner_product_index(base.shape[1], use_gpu)
+    index = inner_product_index(base.shape[1], gpu)
     index.add(base)
     return index.search(queries, k)
 
 
 def knn_classify(train_emb, train_labels, query_emb, num_classes: int, k: int = 20, temperature: float = 0.07,
-                 *, use_gpu: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 *, gpu: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Weighted kNN vote: each of a query's k nearest training rows (cosine) votes exp(sim / T) for its label.
 
     Returns (pred (M,) int64, probs (M, C) float32): the votes normalised to sum to 1 per query, and
@@ -103,7 +119,7 @@ def knn_classify(train_emb, train_labels, query_emb, num_classes: int, k: int = 
         raise ValueError(f"train_labels row {row} is {labels[row]}, expected a class id in [0, {num_classes})")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    sims, ids = cosine_search(train_emb, query_emb, k, use_gpu=use_gpu)
+    sims, ids = cosine_search(train_emb, query_emb, k, gpu=gpu)
     # exp(sim/T) scaled by exp(-best sim/T) per query (cancels when normalised): no overflow, best weight 1
     weights = np.exp((sims - sims[:, :1]) / temperature)
     votes = np.zeros((len(sims), num_classes), np.float32)
@@ -113,9 +129,9 @@ def knn_classify(train_emb, train_labels, query_emb, num_classes: int, k: int = 
 
 
 def knn_accuracy(train_emb, train_labels, query_emb, query_labels, num_classes: int, k: int = 20,
-                 temperature: float = 0.07, *, use_gpu: bool | None = None) -> float:
+                 temperature: float = 0.07, *, gpu: int | None = None) -> float:
     """Top-1 accuracy of knn_classify on labelled queries."""
-    pred, _ = knn_classify(train_emb, train_labels, query_emb, num_classes, k, temperature, use_gpu=use_gpu)
+    pred, _ = knn_classify(train_emb, train_labels, query_emb, num_classes, k, temperature, gpu=gpu)
     query_labels = as_numpy(query_labels)
     if query_labels.shape != pred.shape:
         raise ValueError(f"query_labels has shape {query_labels.shape}, expected {pred.shape}")

@@ -6,9 +6,8 @@ import os
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from trainer.dist import Runtime, barrier, world_size
+from trainer.dist import Runtime, all_gather_object, all_reduce_, barrier, world_size
 from trainer.engine import autocast
 
 log = logging.getLogger(__name__)
@@ -35,10 +34,7 @@ def embed(backbone, loader, rt: Runtime, num_rows: int, precision: str = "fp32")
     backbone.eval()
     parts = [(i.numpy(), f.numpy()) for i, f in outputs(lambda v: backbone(v[0]), loader, rt, precision)]
     backbone.train(was_training)
-    if world_size() > 1:
-        gathered = [None] * world_size()
-        dist.all_gather_object(gathered, parts)
-        parts = [p for rank_parts in gathered for p in rank_parts]
+    parts = [p for rank_parts in all_gather_object(parts) for p in rank_parts]
     index = np.concatenate([i for i, _ in parts])
     feats = np.concatenate([f for _, f in parts])
     out = np.zeros((num_rows, feats.shape[1]), np.float32)
@@ -74,18 +70,17 @@ def accuracy(model, loader, rt: Runtime, precision: str = "fp32") -> dict[str, f
     """Top-1 and top-5 of a classifier over a labeled split, counted on every rank and summed."""
     was_training = model.training
     model.eval()
-    counts = torch.zeros(3, dtype=torch.float64)   # top-1 hits, top-5 hits, images
+    counts = torch.zeros(3, dtype=torch.float64, device=rt.device)   # top-1 hits, top-5 hits, images
     for batch in loader.epoch(0):
         if len(batch["index"]) == 0:
             continue
         with autocast(precision, rt.device):
             logits = model(batch["views"][0].to(rt.device, non_blocking=True))
-        top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices.cpu()
-        hit = top == batch["label"][:, None]
-        counts += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(), len(hit)], dtype=torch.float64)
+        top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
+        hit = top == batch["label"].to(rt.device, non_blocking=True)[:, None]
+        counts += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(hit), device=rt.device)])
     model.train(was_training)
-    if world_size() > 1:
-        dist.all_reduce(counts)
+    all_reduce_(counts)
     return {"top1": (counts[0] / counts[2]).item(), "top5": (counts[1] / counts[2]).item()}
 
 

@@ -13,6 +13,7 @@ import time
 import torch
 import torchvision
 
+from trainer.dist import resolve_device
 from trainer.optim import LARS, lars_param_groups
 
 TARGET_RATIO = 3.0
@@ -88,7 +89,7 @@ def optimizers(model: torch.nn.Module, group_index: int | None = None):
 
 
 def run(args) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     arch = "resnet18" if args.quick else "resnet50"
     warmup, repeats, check_steps = (1, 5, 3) if args.quick else (3, 15, 5)
     torch.manual_seed(0)
