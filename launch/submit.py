@@ -1,15 +1,18 @@
 """Submit a stage to Slurm with submitit: one task per GPU, requeued from its checkpoint on preemption.
 
     python launch/submit.py STAGE --config CFG --nodes M --gpus-per-node N [options] [key=value ...]
-    python launch/submit.py STAGE ... --sweep train.lr=0.1,0.2 --sweep run.seed=0,1   # one job array
+    python launch/submit.py STAGE ... --sweep train.lr=0.1,0.2 --sweep run.seed=[0,1]  # one job array
     python launch/submit.py collect SWEEP_DIR [--csv OUT]                           # final metrics table
 
 STAGE names a script in launch/ (pretrain, finetune, ...); it may also be a path to any script
 with `main(argv)`. Each Slurm task gets torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE,
 LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and runs `main(["--config", CFG, *overrides])`.
-On preemption or time-out Slurm signals the job, submitit requeues it, and the stage resumes from
-run.dir/checkpoint.pt. A sweep runs every combination of the --sweep values as one job array,
-each in its own run dir (run.dir/<key=value_...>), listed in run.dir/sweep.json for `collect`.
+`pipeline` is the exception: one task on one node that runs each stage under its own torchrun
+(pipeline.nproc=N). A GPU job without --cpus-per-task / --mem-gb gets each GPU's share of the
+smallest node that sinfo lists. On preemption or time-out Slurm signals the job, submitit
+requeues it, and the stage resumes from run.dir/checkpoint.pt. A sweep runs every combination of
+the --sweep values as one job array, each in its own run dir (run.dir/<key=value_...>), listed
+in run.dir/sweep.json for `collect`.
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ import importlib.util
 import itertools
 import json
 import os
+import re
+import subprocess
 import sys
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import cloudpickle
 import submitit
@@ -31,9 +37,41 @@ import yaml
 
 LAUNCH_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = LAUNCH_DIR.parent
-NOT_STAGES = {"submit", "bench"}
+NOT_STAGES = {
+    "submit": "it is this launcher",
+    "bench": "it takes no --config; run `python launch/bench.py ...` on a node",
+    "prepare": "it takes no --config; run `python launch/prepare.py ...` directly, or under srun",
+    "gpu_smoke": "it takes no --config; run `python launch/gpu_smoke.py` on a GPU node (srun --gpus=1 ...)",
+}
+PIPELINE = LAUNCH_DIR / "pipeline.py"
 SWEEP_MANIFEST = "sweep.json"
 PORT_BASE, PORT_SPAN = 20000, 12000  # MASTER_PORT stays below Linux's ephemeral ports (32768+)
+# A GPU job's share of a node when sinfo cannot say: a common ratio on GPU nodes.
+FALLBACK_CPUS_PER_GPU, FALLBACK_MEM_GB_PER_GPU = 8, 32
+SINFO_TIMEOUT_S = 10
+# sbatch options that the launcher sets itself (through --slurm-param they would silently win)
+# or that Slurm refuses next to them.
+OWN_SBATCH_OPTIONS = {
+    "nodes": "--nodes",
+    "ntasks": "--gpus-per-node or --tasks-per-node",
+    "ntasks-per-node": "--gpus-per-node or --tasks-per-node",
+    "gpus": "--gpus-per-node",
+    "gpus-per-node": "--gpus-per-node",
+    "gpus-per-task": "--gpus-per-node",
+    "gres": "--gres",
+    "cpus-per-task": "--cpus-per-task",
+    "cpus-per-gpu": "--cpus-per-task",
+    "mem": "--mem-gb",
+    "mem-per-cpu": "--mem-gb",
+    "mem-per-gpu": "--mem-gb",
+    "time": "--time",
+    "partition": "--partition",
+    "account": "--account",
+    "qos": "--qos",
+    "array": "--sweep",
+}
+# ... and those that submitit's logs and requeue depend on.
+SUBMITIT_SBATCH_OPTIONS = {"requeue", "signal", "output", "error", "open-mode"}
 
 
 class UsageError(ValueError):
@@ -81,7 +119,14 @@ class StageJob:
         os.environ.update(distributed_env(job))
         if str(PROJECT_ROOT) not in sys.path:  # stages import trainer/ and data/
             sys.path.insert(0, str(PROJECT_ROOT))
-        status = load_script(self.script).main(list(self.argv))
+        from trainer.dist import shutdown
+
+        try:
+            status = load_script(self.script).main(list(self.argv))
+        finally:
+            # A stage that raises leaves its process group open; an NCCL group still open at exit
+            # can hang the interpreter's shutdown instead of letting the task fail.
+            shutdown()
         if status not in (None, 0):
             raise RuntimeError(f"{self.script} main() returned exit status {status}")
         return status
@@ -108,15 +153,27 @@ def build_parser() -> Parser:
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, required=True, help="one task per GPU; 0 for a CPU job")
     parser.add_argument("--tasks-per-node", type=int, help="tasks per node of a CPU job (default 1)")
-    parser.add_argument("--cpus-per-task", type=int)
-    parser.add_argument("--mem-gb", type=float, help="memory per node")
+    parser.add_argument(
+        "--cpus-per-task", type=int, help="default for a GPU job: each GPU's share of the smallest node (sinfo)"
+    )
+    parser.add_argument(
+        "--mem-gb", type=float, help="memory per node; default for a GPU job: its GPUs' share of the smallest node"
+    )
+    parser.add_argument("--gres", help="e.g. gpu:a100:8; replaces --gpus-per-node in the sbatch script")
     parser.add_argument("--time", type=int, default=60, help="time limit per run, minutes")
     parser.add_argument("--max-timeouts", type=int, default=3, help="requeues after --time runs out")
     parser.add_argument("--partition")
     parser.add_argument("--account")
     parser.add_argument("--qos")
+    parser.add_argument(
+        "--slurm-param", action="append", default=[], metavar="KEY=VALUE",
+        help="repeatable: extra '#SBATCH --KEY=VALUE' (KEY= for a flag without a value)",
+    )
     parser.add_argument("--folder", help="submitit logs and pickles (default: RUN_DIR/submitit)")
-    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2", help="repeatable: grid")
+    parser.add_argument(
+        "--sweep", action="append", default=[], metavar="KEY=V1,V2",
+        help="repeatable: grid; KEY=[V1, V2] is read as a YAML list (values may hold commas)",
+    )
     parser.add_argument("--max-parallel", type=int, default=256, help="array tasks running at once")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
     parser.add_argument("--wait", action="store_true", help="wait for the jobs; print the sweep table")
@@ -140,11 +197,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.tasks_per_node = args.gpus_per_node or args.tasks_per_node or 1
     if args.tasks_per_node < 1:
         raise UsageError(f"--tasks-per-node must be at least 1, got {args.tasks_per_node}")
-    args.overrides = dict(split_assignment(item, "override") for item in args.overrides)
-    args.sweep = dict(split_sweep(item) for item in args.sweep)
+    if args.gres is not None and gres_gpu_count(args.gres) not in (None, args.gpus_per_node):
+        raise UsageError(f"--gres {args.gres} and --gpus-per-node {args.gpus_per_node} disagree on the GPU count")
+    args.overrides = unique_keys((split_assignment(item, "override") for item in args.overrides), "override")
+    args.sweep = unique_keys((split_sweep(item) for item in args.sweep), "--sweep")
+    args.slurm_param = unique_keys((split_slurm_param(item) for item in args.slurm_param), "--slurm-param")
     if "run.dir" in args.sweep:
         raise UsageError("--sweep run.dir: each sweep point gets its own run dir below run.dir already")
+    both = sorted(args.sweep.keys() & args.overrides.keys())
+    if both:
+        raise UsageError(f"{both[0]} is both swept and overridden: drop one")
+    if args.script == str(PIPELINE):
+        one_task_runs_torchrun(args)
     return args
+
+
+def one_task_runs_torchrun(args: argparse.Namespace) -> None:
+    """pipeline.py runs each stage under its own torchrun: Slurm starts it once, with the node's
+    GPUs as pipeline.nproc, rather than once per GPU (8 pipelines racing on one run dir)."""
+    if args.nodes > 1:
+        raise UsageError("pipeline runs on one node (its torchrun is --standalone): drop --nodes")
+    if "pipeline.nproc" in args.overrides or "pipeline.nproc" in args.sweep:
+        raise UsageError("pipeline.nproc follows --gpus-per-node (or --tasks-per-node for CPUs): drop it")
+    args.overrides["pipeline.nproc"] = str(args.tasks_per_node)
+    args.tasks_per_node = 1
 
 
 def resolve_stage(stage: str) -> str:
@@ -154,7 +230,9 @@ def resolve_stage(stage: str) -> str:
             raise UsageError(f"stage script not found: {stage}")
     else:
         path = LAUNCH_DIR / f"{stage}.py"
-        if stage in NOT_STAGES or not path.is_file():
+        if stage in NOT_STAGES:
+            raise UsageError(f"{stage} cannot be submitted as a stage: {NOT_STAGES[stage]}")
+        if not path.is_file():
             known = sorted(p.stem for p in LAUNCH_DIR.glob("*.py") if p.stem not in NOT_STAGES)
             choices = ", ".join(known) or "(none)"
             raise UsageError(f"unknown stage {stage!r}: expected one of {choices} or a script path")
@@ -164,19 +242,59 @@ def resolve_stage(stage: str) -> str:
     return str(path)
 
 
-def split_assignment(item: str, what: str) -> tuple[str, str]:
+def split_assignment(item: str, what: str, form: str = "dotted.key=value") -> tuple[str, str]:
     key, sep, value = item.partition("=")
     if not sep or not key:
-        raise UsageError(f"{what} {item!r}: expected dotted.key=value")
+        raise UsageError(f"{what} {item!r}: expected {form}")
     return key, value
 
 
+def unique_keys(pairs, what: str) -> dict:
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise UsageError(f"{what} {key} given twice")
+        result[key] = value
+    return result
+
+
 def split_sweep(item: str) -> tuple[str, list[str]]:
-    key, values = split_assignment(item, "--sweep")
-    choices = [v for v in values.split(",") if v]
+    form = "key=v1,v2,... or key=[v1, v2, ...]"
+    key, text = split_assignment(item, "--sweep", form)
+    if text.startswith("["):
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError:
+            values = None
+        if not isinstance(values, list):
+            raise UsageError(f"--sweep {item!r}: not a YAML list")
+        choices = [yaml_text(value) for value in values]
+    else:
+        choices = [value for value in text.split(",") if value]
     if not choices:
-        raise UsageError(f"--sweep {item!r}: expected key=v1,v2,...")
+        raise UsageError(f"--sweep {item!r}: expected {form}")
+    if len(set(choices)) < len(choices):
+        raise UsageError(f"--sweep {item!r}: a value repeats (its runs would share one run dir)")
     return key, choices
+
+
+def yaml_text(value) -> str:
+    """How an override spells `value` so that the config's YAML reads it back unchanged
+    (1e-05 as 1.0e-05: YAML reads "1e-05" as a string)."""
+    dumped = yaml.safe_dump(value, default_flow_style=True, width=float("inf"), allow_unicode=True)
+    return dumped.removesuffix("\n").removesuffix("\n...")  # "..." ends a plain scalar's document
+
+
+def split_slurm_param(item: str) -> tuple[str, str | bool]:
+    key, value = split_assignment(item, "--slurm-param", "KEY=VALUE")
+    option = key.replace("_", "-")  # submitit writes both as the same sbatch option
+    if not re.fullmatch(r"[a-z][a-z0-9-]*", option):
+        raise UsageError(f"--slurm-param {item!r}: {key!r} is not an sbatch option name")
+    if option in OWN_SBATCH_OPTIONS:
+        raise UsageError(f"--slurm-param {option}: set by launch/submit.py, use {OWN_SBATCH_OPTIONS[option]}")
+    if option in SUBMITIT_SBATCH_OPTIONS:
+        raise UsageError(f"--slurm-param {option}: submitit's logs and requeue need their own value")
+    return option, value or True  # submitit writes True as a bare flag: "#SBATCH --exclusive"
 
 
 def base_run_dir(args: argparse.Namespace) -> Path:
@@ -187,6 +305,75 @@ def base_run_dir(args: argparse.Namespace) -> Path:
     if not run_dir:
         raise UsageError(f"{args.config}: run.dir is not set (set it in the config or pass run.dir=...)")
     return Path(run_dir).absolute()
+
+
+# ---------------------------------------------------------------- node sizes from sinfo
+
+
+class NodeKind(NamedTuple):
+    cpus: int
+    mem_mb: int
+    gpus: int | None  # None: sinfo names no GPU count
+
+
+def gres_gpu_count(gres: str) -> int | None:
+    """GPUs named in a gres string such as `gpu:8`, `gpu:a100:8(S:0-1)` or `gpu:a:4,gpu:b:2`."""
+    counts = []
+    for item in re.sub(r"\([^)]*\)", "", gres).split(","):  # "(S:0,1)": socket lists hold commas
+        name, *fields = item.strip().split(":")
+        if name == "gpu" and fields and fields[-1].isdigit():
+            counts.append(int(fields[-1]))
+    return sum(counts) if counts else None
+
+
+def sinfo_node_kinds(partition: str | None) -> list[NodeKind]:
+    """One entry per distinct node size in the partition (all partitions without one)."""
+    command = ["sinfo", "-h", "-o", "%c %m %G", *(["-p", partition] if partition else [])]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=SINFO_TIMEOUT_S)
+    if result.returncode != 0:
+        last_line = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+        raise ValueError(f"sinfo failed: {last_line}")
+    kinds = []
+    for line in result.stdout.splitlines():
+        fields = line.split(maxsplit=2)
+        # "64+" means "64 or more" in sinfo's grouped lines: the smaller number is the safe one.
+        numbers = [field.rstrip("+") for field in fields[:2]]
+        if len(fields) != 3 or not all(number.isdigit() for number in numbers):
+            raise ValueError(f"unreadable sinfo line {line!r}")
+        kinds.append(NodeKind(int(numbers[0]), int(numbers[1]), gres_gpu_count(fields[2])))
+    if not kinds:
+        raise ValueError("sinfo lists no nodes" + (f" in partition {partition}" if partition else ""))
+    return kinds
+
+
+def fill_gpu_job_defaults(args: argparse.Namespace) -> None:
+    """Give a GPU job without --cpus-per-task / --mem-gb its GPUs' share of the smallest node, so
+    that data loading does not run on Slurm's default of one CPU per task."""
+    if not args.gpus_per_node or (args.cpus_per_task is not None and args.mem_gb is not None):
+        return
+    gpus_per_task = args.gpus_per_node // args.tasks_per_node
+    try:
+        kinds = sinfo_node_kinds(args.partition)
+    except (OSError, subprocess.SubprocessError, ValueError) as error:
+        source = f"the fallback of {FALLBACK_CPUS_PER_GPU} CPUs and {FALLBACK_MEM_GB_PER_GPU} GB per GPU"
+        print(f"launch/submit.py: no node sizes from sinfo ({' '.join(str(error).split())}): using {source}",
+              file=sys.stderr)
+        cpus_per_task = FALLBACK_CPUS_PER_GPU * gpus_per_task
+        mem_gb = float(FALLBACK_MEM_GB_PER_GPU * args.gpus_per_node)
+    else:
+        # Nodes with fewer GPUs than asked for cannot run the job: they do not bound its share.
+        fitting = [kind for kind in kinds if kind.gpus and kind.gpus >= args.gpus_per_node] or kinds
+        cpus_per_task = max(1, min(kind.cpus // (kind.gpus or args.gpus_per_node) for kind in fitting)
+                            * gpus_per_task)
+        mem_mb = min(kind.mem_mb * args.gpus_per_node // (kind.gpus or args.gpus_per_node) for kind in fitting)
+        mem_gb = mem_mb / 1024
+        source = "the GPUs' share of the smallest node in sinfo"
+    if args.cpus_per_task is None:
+        args.cpus_per_task = cpus_per_task
+    if args.mem_gb is None:
+        args.mem_gb = mem_gb
+    print(f"launch/submit.py: --cpus-per-task {args.cpus_per_task} --mem-gb {args.mem_gb:g}"
+          f" (those not given: {source})", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- runs, executor, submission
@@ -219,10 +406,18 @@ def make_executor(args: argparse.Namespace, folder: Path) -> submitit.AutoExecut
         "timeout_min": args.time,
         "slurm_array_parallelism": args.max_parallel,
         # Requeueable even where the site default (JobRequeue=0) says otherwise.
-        "slurm_additional_parameters": {"requeue": True},
+        "slurm_additional_parameters": {"requeue": True, **args.slurm_param},
+        # srun of Slurm 22.05-23.02 does not inherit sbatch's --cpus-per-task (each task would get
+        # one CPU); --kill-on-bad-exit ends the other tasks when one fails, instead of leaving them
+        # blocked in a collective until the time limit.
+        "slurm_srun_args": [
+            *(["--cpus-per-task", str(args.cpus_per_task)] if args.cpus_per_task else []),
+            "--kill-on-bad-exit=1",
+        ],
     }
     optional = {
-        "gpus_per_node": args.gpus_per_node or None,
+        "gpus_per_node": None if args.gres else (args.gpus_per_node or None),
+        "slurm_gres": args.gres,
         "cpus_per_task": args.cpus_per_task,
         "mem_gb": args.mem_gb,
         "slurm_partition": args.partition,
@@ -230,6 +425,9 @@ def make_executor(args: argparse.Namespace, folder: Path) -> submitit.AutoExecut
         "slurm_qos": args.qos,
     }
     executor.update_parameters(**params, **{k: v for k, v in optional.items() if v is not None})
+    # No "#SBATCH --wckey=submitit": sites that enforce wckeys reject an unknown one. The
+    # AutoExecutor drops None values, so only the Slurm executor itself can unset it.
+    executor._executor.update_parameters(wckey=None)
     return executor
 
 
@@ -251,6 +449,7 @@ def submit(args: argparse.Namespace) -> list[submitit.Job]:
     runs = plan_runs(args)
     base = base_run_dir(args)
     folder = Path(args.folder).absolute() if args.folder else base / "submitit"
+    fill_gpu_job_defaults(args)
     executor = make_executor(args, folder)
     jobs_to_run = [StageJob(args.script, stage_argv(args, overrides)) for overrides in runs]
     if args.dry_run:
