@@ -7,7 +7,9 @@ FMNIST := /usr/share/datasets/fashion-mnist
 # GPU nodes take faiss's GPU build; everything else its CPU build
 FAISS  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: setup demo test bench data clean
+DEVICE ?= cuda
+
+.PHONY: setup demo test bench data clean gpu-smoke
 
 setup: $(VENV)/.installed
 
@@ -29,6 +31,11 @@ demo: data
 test: setup $(FMNIST)
 	sh tests/cluster/install.sh
 	$(BIN)/python -m pytest -q tests
+
+# No install step and no network: runs with the python on PATH (torch, torchvision, numpy, pillow, pyyaml,
+# tqdm, matplotlib); DALI, faiss, submitit and apex steps say SKIP when missing. DEVICE=cpu: the CPU twin.
+gpu-smoke:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) launch/gpu_smoke.py --device $(DEVICE)
 
 bench: setup
 	$(BIN)/python launch/bench.py --json runs/bench.json
