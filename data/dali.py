@@ -20,7 +20,11 @@ A file DALI cannot decode kills its pipeline, so the split is scanned once up fr
 data.datasets.load_image (cached on disk per file list + sizes + mtimes, and in-process per file list;
 or scanned elsewhere, e.g. on rank 0, and handed in): bad files raise or are replaced like the torch
 path does (by the next decodable row); files DALI would decode differently from load_image (alpha,
-non-DALI formats) are converted once to RGB PNGs in the cache.
+non-DALI formats) are converted once to RGB PNGs in the cache. A file that goes bad after the scan
+(truncated, deleted, swapped for another format) kills the pipeline mid-run: the files of the failing
+step are scanned again, bad ones raise or are replaced from then on, changed ones are converted, and the
+pipeline is rebuilt from that step, so the batches go on as the torch path's do. Paths DALI's file list
+cannot hold (a line break, trailing whitespace) are refused when the loader is made.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -55,6 +60,12 @@ MEAN_255 = [255 * m for m in IMAGENET_MEAN]
 STD_255 = [255 * s for s in IMAGENET_STD]
 # stream() builds a pipeline per this many steps or more (whole epochs): rebuilds are rare, file lists short.
 STREAM_MIN_STEPS = 256
+# How many steps from a failing one DALI may have read ahead (prefetch_queue_depth=2, plus the reader's own):
+# a file that went bad is looked for among their files.
+READ_AHEAD_STEPS = 4
+# A file list line is "path label": DALI splits it at the last whitespace and trims the path, so a path
+# with a line break or ending in whitespace cannot be listed.
+_UNLISTABLE = re.compile(r"[\n\r]|[ \t\v\f]\Z")
 
 
 # ---------------------------------------------------------------- augmentation graph pieces
@@ -241,6 +252,11 @@ def cache_dir() -> str:
     return os.environ.get("SEMISCALE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "semiscale"))
 
 
+def _converted_dir() -> str:
+    """Where _inspect writes the RGB PNG copies of files DALI cannot read as is."""
+    return os.path.join(cache_dir(), "rgb")
+
+
 def _stat(path):
     try:
         st = os.stat(path)
@@ -296,7 +312,7 @@ def _scan(paths, threads):
             return found
     except (OSError, ValueError):
         pass
-    converted_dir = os.path.join(cache_dir(), "rgb")
+    converted_dir = _converted_dir()
     with ThreadPoolExecutor(max(1, threads)) as pool:
         results = pool.map(lambda ps: _inspect(ps[0], ps[1], converted_dir), zip(paths, stats), chunksize=64)
         found = {p: r for p, r in zip(paths, results) if r is not None}
@@ -307,32 +323,34 @@ def _scan(paths, threads):
     return found
 
 
-def _decodable_rows(split: Split, found: dict[str, dict], on_bad_image: str) -> np.ndarray:
-    """Row -> the row whose image stands in for it: itself, or (skip) the next decodable row, wrapping."""
-    bad = [i for i, p in enumerate(split.paths) if "bad" in found.get(p, {})]
-    if bad and on_bad_image == "error":
-        path = split.paths[bad[0]]
-        raise BadImageError(path, found[path]["bad"])
-    n = len(split.paths)
-    if not bad:
-        return np.arange(n)
-    if len(bad) == n:
+def _stand_ins(split: Split, is_bad: np.ndarray) -> np.ndarray:
+    """Row -> the row whose image stands in for it: itself, or the next row not `is_bad`, wrapping."""
+    good = np.flatnonzero(~is_bad)
+    if len(good) == 0:
         raise BadImageError(split.root, f"no decodable image in split {split.name!r}")
+    return good[np.searchsorted(good, np.arange(len(is_bad))) % len(good)]
+
+
+def _decodable_rows(split: Split, found: dict[str, dict], on_bad_image: str) -> np.ndarray:
+    """_stand_ins of the rows `found` bad; raises naming the first one when on_bad_image is "error"."""
+    is_bad = np.array(["bad" in found.get(p, {}) for p in split.paths], dtype=bool)
+    if not is_bad.any():
+        return np.arange(len(split.paths))
+    first = split.paths[int(np.argmax(is_bad))]
+    if on_bad_image == "error":
+        raise BadImageError(first, found[first]["bad"])
+    stand_in = _stand_ins(split, is_bad)
     log.warning("split %r: %d undecodable image(s) replaced by the next decodable row, e.g. %s: %s",
-                split.name, len(bad), split.paths[bad[0]], found[split.paths[bad[0]]]["bad"])
-    stand_in = np.arange(n)
-    is_bad = np.zeros(n, dtype=bool)
-    is_bad[bad] = True
-    nearest = -1
-    for i in range(2 * n - 1, -1, -1):  # two passes backwards: the next good row, wrapping around
-        if not is_bad[i % n]:
-            nearest = i % n
-        if i < n:
-            stand_in[i] = nearest
+                split.name, int(is_bad.sum()), first, found[first]["bad"])
     return stand_in
 
 
 # ---------------------------------------------------------------- loader
+
+def _seed(*entropy) -> int:
+    """A DALI pipeline seed (31 bits) drawn from `entropy`."""
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
+
 
 def _gpu_device_id(device: torch.device) -> int | None:
     """The CUDA device index DALI's GPU pipelines run on for training on `device`; None: CPU pipelines.
@@ -374,6 +392,12 @@ class DaliLoader:
         self.threads = max(1, workers)
         self.device_id = _gpu_device_id(torch.device(device))
         self.gpu = self.device_id is not None
+        unlistable = next((p for p in split.paths if _UNLISTABLE.search(p)), None)
+        if unlistable is not None:
+            raise ValueError(f"split {split.name!r}: {os.path.relpath(unlistable, split.root)!r}: DALI's file list "
+                             "cannot hold a path with a line break or ending in whitespace; expected the file "
+                             "renamed, or data.backend=torch")
+        self.on_bad_image = on_bad_image
         found = scan_files(split.paths, self.threads) if scanned is None else scanned
         self.stand_in = _decodable_rows(split, found, on_bad_image)
         self.files = [found.get(p, {}).get("converted", p) for p in split.paths]
@@ -384,7 +408,7 @@ class DaliLoader:
         return self.sampler.steps_per_epoch
 
     def epoch(self, epoch: int, start_step: int = 0):
-        """Iterator over this rank's batches of `epoch`, from `start_step` on (the pipeline starts now)."""
+        """Iterator over this rank's batches of `epoch`, from `start_step` on (its pipeline starts at the first)."""
         return self._run(self._steps(epoch, start_step), self._pipeline_seed(epoch, start_step))
 
     def stream(self, step: int):
@@ -407,35 +431,80 @@ class DaliLoader:
             epoch, start_step = end, 0
 
     def _steps(self, epoch, start_step):
-        """This rank's rows per step of `epoch` from `start_step` on, bad rows replaced by their stand-ins."""
+        """This rank's sampler rows per step of `epoch` from `start_step` on (before stand-ins replace bad rows)."""
         self.sampler.set_epoch(epoch, start_step)
-        return [self.stand_in[step] for step in self.sampler]
+        return [np.asarray(step, dtype=np.int64) for step in self.sampler]
 
     def _run(self, steps, seed):
-        """Iterator over the batches of `steps` (rows per step), all read by one pipeline."""
-        rows = np.concatenate(steps) if steps else np.empty(0, dtype=np.int64)
-        if len(rows) == 0:
-            return (self._empty_batch() for _ in steps)
+        """The batches of `steps` (sampler rows per step), all read by one pipeline unless a file goes bad.
+
+        A pipeline that fails has its step's files scanned again (_rescan): once bad ones are replaced (or
+        raised) or changed ones converted, a new pipeline, seeded afresh, reads on from the failing step. A
+        failure where no file changed is DALI's own and keeps its traceback.
+        """
+        outputs = [f"view{i}" for i in range(len(self.view_sizes))]
+        iterator, k = None, 0
+        while k < len(steps):
+            if len(steps[k]) == 0:
+                yield self._empty_batch()
+                k += 1
+                continue
+            try:
+                if iterator is None:
+                    iterator = self._iterator(steps[k:], outputs, seed if k == 0 else _seed(seed, k))
+                out = next(iterator)[0]
+            except RuntimeError:
+                if not self._rescan(steps[k:k + READ_AHEAD_STEPS]):
+                    raise
+                iterator = None
+                continue
+            index = out["row"].reshape(-1).to(torch.int64)
+            yield {"views": [out[name] for name in outputs], "label": self._labels_of(index), "index": index}
+            k += 1
+
+    def _iterator(self, steps, outputs, seed):
+        """A DALI iterator over the rows of `steps`, bad rows read as their stand-ins (it reads a batch ahead)."""
+        rows = self.stand_in[np.concatenate(steps)]
         pipe = _build_pipeline(((r, self.files[r]) for r in rows), self.kind, self.image_size, self.scales,
                                self.gpu, seed, batch_size=self.sampler.global_batch // self.sampler.world,
                                num_threads=self.threads, device_id=self.device_id, prefetch_queue_depth=2)
-        outputs = [f"view{i}" for i in range(len(self.view_sizes))]
-        iterator = DALIGenericIterator([pipe], output_map=[*outputs, "row"], reader_name="reader",
-                                       last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
-        return self._batches(iterator, steps, outputs)
+        return DALIGenericIterator([pipe], output_map=[*outputs, "row"], reader_name="reader",
+                                   last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
+
+    def _rescan(self, steps) -> bool:
+        """After a pipeline failed at steps[0]: scans the files of `steps` again, as the up-front scan did,
+        up to the first step where one has changed (DALI may fail on a step it reads ahead). A file now
+        bad raises BadImageError naming it, or (skip) is replaced by the next decodable row from now on; a
+        file now in a form DALI does not read as is gets a converted copy. False when nothing changed."""
+        converted_dir = _converted_dir()
+        for step in steps:
+            rows = [int(row) for row in np.unique(self.stand_in[step])]
+            paths = [self.split.paths[row] for row in rows]
+            with ThreadPoolExecutor(self.threads) as pool:
+                found = list(pool.map(lambda p: _inspect(p, _stat(p), converted_dir) or {}, paths))
+            bad = [(row, result["bad"]) for row, result in zip(rows, found) if "bad" in result]
+            readable = {row: result.get("converted", path) for row, path, result in zip(rows, paths, found)
+                        if "bad" not in result}
+            changed = {row: file for row, file in readable.items() if file != self.files[row]}
+            if not bad and not changed:
+                continue
+            if bad and self.on_bad_image == "error":
+                raise BadImageError(self.split.paths[bad[0][0]], bad[0][1])
+            for row, file in changed.items():
+                self.files[row] = file
+            if bad:
+                is_bad = self.stand_in != np.arange(len(self.stand_in))
+                is_bad[[row for row, _ in bad]] = True
+                self.stand_in = _stand_ins(self.split, is_bad)
+                for row, reason in bad:
+                    log.warning("split %r: skipping an image that became unreadable during the run (%d undecodable "
+                                "in the split so far): %s: %s", self.split.name, int(is_bad.sum()),
+                                self.split.paths[row], reason)
+            return True
+        return False
 
     def _pipeline_seed(self, epoch, start_step):
-        entropy = (self.seed, epoch, self.sampler.rank, start_step)
-        return int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
-
-    def _batches(self, iterator, steps, outputs):
-        for step in steps:
-            if len(step) == 0:
-                yield self._empty_batch()
-                continue
-            out = next(iterator)[0]
-            index = out["row"].reshape(-1).to(torch.int64)
-            yield {"views": [out[name] for name in outputs], "label": self._labels_of(index), "index": index}
+        return _seed(self.seed, epoch, self.sampler.rank, start_step)
 
     def _labels_of(self, index):
         return torch.full_like(index, -1) if self.labels is None else self.labels[index]

@@ -88,6 +88,15 @@ def _first_bad_line(csv_path: str, rows: list, is_bad, expected: str):
             raise ValueError(f"{csv_path}:{lineno}: expected {expected}, got {row!r}")
 
 
+def split_csv(root, name) -> str:
+    """The CSV read_split reads for `name`: ROOT/<name>.csv for a name in SPLITS, else `name` itself."""
+    if name in SPLITS:
+        return os.path.join(os.path.abspath(root), f"{name}.csv")
+    if str(name).endswith(".csv"):
+        return str(name)
+    raise ValueError(f"split {name!r}: expected one of {', '.join(SPLITS)} or a path ending in .csv")
+
+
 def read_split(root, name) -> Split:
     """Reads ROOT/<name>.csv (name in SPLITS) or a CSV at path `name` whose paths are relative to ROOT.
 
@@ -95,12 +104,8 @@ def read_split(root, name) -> Split:
     checks run over whole columns and rescan the rows only to name the first bad line.
     """
     root = os.path.abspath(root)
-    if name in SPLITS:
-        csv_path, split_name = os.path.join(root, f"{name}.csv"), name
-    elif str(name).endswith(".csv"):
-        csv_path, split_name = str(name), os.path.splitext(os.path.basename(str(name)))[0]
-    else:
-        raise ValueError(f"split {name!r}: expected one of {', '.join(SPLITS)} or a path ending in .csv")
+    csv_path = split_csv(root, name)
+    split_name = name if name in SPLITS else os.path.splitext(os.path.basename(csv_path))[0]
     num_classes = len(read_classes(root))
     try:
         with open(csv_path, newline="", encoding="utf-8") as f:
@@ -151,6 +156,116 @@ def labeled_with_pseudo_labels(root, labeled: str, pseudo_labels: str = "") -> S
     keep = np.array([p not in known for p in pseudo.paths], bool)
     return Split(split.root, f"{split.name}+pseudo", split.paths + [p for p, k in zip(pseudo.paths, keep) if k],
                  np.concatenate([split.labels, pseudo.labels[keep]]), None)
+
+
+def _canonical(split: Split) -> list[str]:
+    """The split's paths with '.', '..' and '//' resolved; only the rare paths that hold them are normalised."""
+    n = len(split.root)
+    return [posixpath.normpath(p) if p.find("/.", n) >= 0 or p.find("//", n) >= 0 else p for p in split.paths]
+
+
+def _first_shared(first: list[str], second: list[str], shared: set[str], labels=None) -> tuple[int, int]:
+    """(row in `first`, row in `second`) of the first path of `second` in `shared`; with `labels` (a pair
+    of label arrays), the first one whose two labels differ when there is one."""
+    rows = {p: i for i, p in enumerate(first) if p in shared}
+    pairs = [(rows[p], j) for j, p in enumerate(second) if p in shared]
+    if labels is not None:
+        return next(((i, j) for i, j in pairs if labels[0][i] != labels[1][j]), pairs[0])
+    return pairs[0]
+
+
+def _first_repeat(paths: list[str]) -> tuple[int, int] | None:
+    """(first row, repeating row) of the first path listed twice (None when none is)."""
+    seen = {}
+    for row, path in enumerate(paths):
+        first = seen.setdefault(path, row)
+        if first != row:
+            return first, row
+    return None
+
+
+def _relative(root: str, path: str) -> str:
+    """A split's `path` (ROOT/...) as its CSV spells it."""
+    return path[len(root) + 1:]
+
+
+def _some(names: list[str], limit: int = 5) -> str:
+    return ", ".join(repr(n) for n in names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def check_dataset(root, labeled: str = "labeled") -> list[str]:
+    """Checks ROOT's classes and splits against each other before a stage trains on them; returns the
+    warnings, raises ValueError (one line, naming the CSV and line) for an error.
+
+    `labeled` is a split name or a labeled CSV, as read_split takes (active learning's labeled.csv).
+    Errors: fewer than two classes; a path twice in one split; an image in two of labeled, val and test
+    (with its two labels when they differ); a val or test image in unlabeled.csv (a leak); labeled, val
+    or test files missing on disk (the first named, with the count; unlabeled files are left to
+    data.on_bad_image, as a split may hold 500k of them). Warnings: labeled images also in unlabeled.csv
+    (normal: FixMatch and active learning take them out of the unlabeled pool); classes without a
+    labeled image; val/test images of such classes. Sets and numpy over whole columns; rows are rescanned
+    only to name one.
+    """
+    root = os.path.abspath(root)
+    classes = read_classes(root)
+    if len(classes) < 2:
+        raise ValueError(f"{os.path.join(root, 'classes.txt')}: expected at least two classes, got "
+                         f"{len(classes)} ({_some(classes)})")
+    names = {"labeled": labeled, "val": "val", "test": "test", "unlabeled": "unlabeled"}
+    splits = {role: read_split(root, name) for role, name in names.items()}
+    csvs = {role: split_csv(root, name) for role, name in names.items()}
+    if splits["labeled"].labels is None:
+        raise ValueError(f"{csvs['labeled']}:1: expected a 'label' column")
+    keys = {role: _canonical(split) for role, split in splits.items()}
+    sets = {role: set(paths) for role, paths in keys.items()}
+    for role, paths in keys.items():
+        if len(sets[role]) < len(paths):
+            first, again = _first_repeat(paths)
+            raise ValueError(f"{csvs[role]}:{again + 2}: {_relative(root, splits[role].paths[again])} is already "
+                             f"listed on line {first + 2}: expected each image once per split "
+                             f"({len(paths) - len(sets[role])} repeated row(s))")
+    for one, two in (("labeled", "val"), ("labeled", "test"), ("val", "test"), ("val", "unlabeled"),
+                     ("test", "unlabeled")):
+        shared = sets[one] & sets[two]
+        if not shared:
+            continue
+        labels = (splits[one].labels, splits[two].labels) if two != "unlabeled" else None
+        i, j = _first_shared(keys[one], keys[two], shared, labels)
+        where = f"{csvs[one]}:{i + 2} and {csvs[two]}:{j + 2}"
+        if labels is not None and labels[0][i] != labels[1][j]:
+            label_one, label_two = labels[0][i], labels[1][j]
+            problem = (f"labeled {label_one} ({classes[label_one]!r}) in {csvs[one]}:{i + 2} and {label_two} "
+                       f"({classes[label_two]!r}) in {csvs[two]}:{j + 2}: expected one label per image")
+        elif two == "unlabeled":
+            problem = f"in both {where}: expected no {one} image in unlabeled.csv, where training would see it"
+        else:
+            problem = f"in both {where}: expected labeled, val and test to share no image"
+        raise ValueError(f"{_relative(root, splits[two].paths[j])} is {problem} ({len(shared)} shared)")
+    missing = [(role, row) for role in ("labeled", "val", "test")
+               for row, path in enumerate(splits[role].paths) if not os.path.isfile(path)]
+    if missing:
+        role, row = missing[0]
+        raise ValueError(f"{csvs[role]}:{row + 2}: {_relative(root, splits[role].paths[row])}: no such file "
+                         f"({len(missing)} of the labeled, val and test files are missing)")
+
+    warnings = []
+    reused = len(sets["labeled"] & sets["unlabeled"])
+    if reused:
+        warnings.append(f"{reused} of the {len(keys['labeled'])} images of {csvs['labeled']} are also in "
+                        f"{csvs['unlabeled']}: FixMatch and active learning leave them out of the unlabeled pool, "
+                        "pretraining sees them twice")
+    per_class = np.bincount(splits["labeled"].labels, minlength=len(classes))
+    unlearned = np.flatnonzero(per_class == 0)
+    if len(unlearned):
+        warnings.append(f"{len(unlearned)} of the {len(classes)} classes have no labeled image in {csvs['labeled']}: "
+                        f"{_some([classes[c] for c in unlearned])}")
+    for role in ("val", "test"):
+        orphans = per_class[splits[role].labels] == 0
+        if orphans.any():
+            found = np.unique(splits[role].labels[orphans])
+            warnings.append(f"{csvs[role]}: {int(orphans.sum())} image(s) of {len(found)} class(es) that no labeled "
+                            f"image has ({_some([classes[c] for c in found])}), which training cannot learn")
+    return warnings
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -6,6 +6,10 @@
 Splits are class-balanced and seeded; unlabeled.csv keeps the true label as a hidden column for
 simulations. A finished dataset records its parameters in ROOT/prepare.json (written last), so
 re-running with the same parameters is a no-op and an interrupted run is redone from scratch.
+A rebuild (--force, or after an interrupted run) removes only the OUTPUTS below, and the source and
+--out must not lie inside one another. Folder images that cannot be read, or whose names the dataset's
+files cannot hold (a line break: DALI's file lists are one path per line; not UTF-8: the CSVs are),
+are skipped and listed with the reason in ROOT/bad_images.txt.
 Bad input ends with one line `prepare: error: ...` on stderr and exit status 2.
 """
 from __future__ import annotations
@@ -44,14 +48,35 @@ def say(message: str):
 
 # ---- the output folder: idempotent, and an interrupted run is never trusted ----
 
+def refuse_nesting(source: str, root: str):
+    """Raises when the source and ROOT are one folder or one lies inside the other (symlinks resolved).
+
+    A rebuild replaces ROOT/images, which would delete a source inside ROOT; a ROOT inside a folder
+    source would be read back as one more class by the next run.
+    """
+    source_real, root_real = os.path.realpath(source), os.path.realpath(root)
+    common = os.path.commonpath([source_real, root_real])
+    if common == root_real:
+        raise PrepareError(f"source {source} lies inside --out {root}: rebuilding --out would delete it; "
+                           "expected a source outside --out (move the images out first)")
+    if common == source_real:
+        raise PrepareError(f"--out {root} lies inside the source {source}: expected an --out outside the source")
+
+
 def already_prepared(root: str, params: dict, force: bool) -> bool:
     """True when ROOT holds a finished dataset built with `params`; raises when ROOT holds something else."""
+    if os.path.lexists(root) and not os.path.isdir(root):
+        raise PrepareError(f"--out {root} is a file; expected a new or empty folder, or a dataset to rebuild")
     manifest = os.path.join(root, MANIFEST)
     if os.path.exists(manifest):
-        with open(manifest, encoding="utf-8") as f:
-            previous = json.load(f).get("params")
         if force:
             return False
+        try:
+            with open(manifest, encoding="utf-8") as f:
+                previous = json.load(f)["params"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PrepareError(f"{manifest}: cannot read the parameters of the dataset there ({e}); "
+                               "pass --force to rebuild it, or choose another --out") from None
         if previous != params:
             raise PrepareError(f"{root} holds a dataset prepared with other parameters ({previous}); "
                                "pass --force to rebuild it, or choose another --out")
@@ -196,6 +221,7 @@ def prepare_fashion_mnist(args) -> tuple[dict, dict] | None:
               "labels_per_class": args.labels_per_class, "val_size": args.val_size, "limit": args.limit}
     if args.labels_per_class < 1 or args.val_size < 0:
         raise PrepareError("--labels-per-class must be >= 1 and --val-size >= 0")
+    refuse_nesting(args.source, args.out)
     if already_prepared(args.out, params, args.force):
         return None
     start = time.perf_counter()
@@ -228,22 +254,50 @@ def prepare_fashion_mnist(args) -> tuple[dict, dict] | None:
 
 # ---- any ImageFolder-style tree SRC/<class>/<images> ----
 
-def list_folder(src: str) -> tuple[list[str], list[str], np.ndarray]:
-    """(class names, image paths relative to SRC, labels); classes are the sorted sub-folders."""
+def shown(name: str) -> str:
+    """`name` on one line of UTF-8 text: line breaks and tabs escaped, bytes that are not UTF-8 as \\xNN."""
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+
+
+def unlistable(name: str) -> str | None:
+    """Why the dataset's text files cannot hold the file or class name `name` (None when they can)."""
+    if "\n" in name or "\r" in name:
+        return "its name holds a line break, which one-name-per-line lists (DALI's, classes.txt) cannot hold"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not valid UTF-8, which the dataset's UTF-8 text files cannot hold"
+    return None
+
+
+def list_folder(src: str) -> tuple[list[str], list[str], np.ndarray, list[tuple[str, str]]]:
+    """(class names, image paths relative to SRC, labels, (path, reason) of images whose names the
+    dataset cannot hold); classes are the sorted sub-folders."""
     if not os.path.isdir(src):
         raise PrepareError(f"source {src}: no such directory")
     classes = sorted(e.name for e in os.scandir(src) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
-        raise PrepareError(f"source {src}: expected one sub-folder per class, found none")
-    files, labels = [], []
+    if len(classes) < 2:
+        found = ", ".join(f"'{shown(name)}'" for name in classes) or "none"
+        raise PrepareError(f"source {src}: expected one sub-folder per class (at least two), found {found}")
+    for name in classes:
+        reason = unlistable(name) or ("" if name.strip() else "its name is blank, which classes.txt cannot hold")
+        if reason:
+            raise PrepareError(f"source {src}: class folder '{shown(name)}': {reason}; expected it renamed")
+    files, labels, misnamed = [], [], []
     for c, name in enumerate(classes):
         for folder, subfolders, names in os.walk(os.path.join(src, name)):
             subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
             for file in sorted(names):
                 if not file.startswith(".") and file.lower().endswith(IMAGE_EXTENSIONS):
-                    files.append(os.path.relpath(os.path.join(folder, file), src))
-                    labels.append(c)
-    return classes, files, np.asarray(labels, dtype=np.int64)
+                    path = os.path.relpath(os.path.join(folder, file), src)
+                    reason = unlistable(path)
+                    if reason:
+                        misnamed.append((path, reason))
+                    else:
+                        files.append(path)
+                        labels.append(c)
+    return classes, files, np.asarray(labels, dtype=np.int64), misnamed
 
 
 def _scan(path):
@@ -263,6 +317,12 @@ def _place(job):
         shutil.copyfile(source, target)
 
 
+def say_skipped(entries: list[tuple[str, str]], what: str, listing: str):
+    if entries:
+        say(f"skipped {len(entries)} {what} (listed in {listing}): "
+            + ", ".join(shown(f) for f, _ in entries[:5]) + (", ..." if len(entries) > 5 else ""))
+
+
 def prepare_folder(args) -> tuple[dict, dict] | None:
     src = os.path.abspath(args.src)
     params = {"source": "folder", "source_dir": src, "seed": args.seed, "labels_per_class": args.labels_per_class,
@@ -270,7 +330,8 @@ def prepare_folder(args) -> tuple[dict, dict] | None:
               "placement": "link" if args.link else "copy"}
     if min(args.labels_per_class, args.val_per_class, args.test_per_class) < 0 or args.labels_per_class < 1:
         raise PrepareError("--labels-per-class must be >= 1, --val-per-class and --test-per-class >= 0")
-    classes, files, labels = list_folder(src)
+    refuse_nesting(src, args.out)
+    classes, files, labels, misnamed = list_folder(src)
     takes = {"labeled": np.full(len(classes), args.labels_per_class), "val": np.full(len(classes), args.val_per_class),
              "test": np.full(len(classes), args.test_per_class)}
     draw_per_class(labels, classes, takes, np.random.default_rng(args.seed), "image")   # fail fast, before decoding
@@ -287,10 +348,11 @@ def prepare_folder(args) -> tuple[dict, dict] | None:
         files, labels = np.asarray(files)[good], labels[good]
         splits = draw_per_class(labels, classes, takes, np.random.default_rng(args.seed), "readable image")
         start_fresh(args.out)
-        if bad:
-            say(f"skipped {len(bad)} unreadable images (listed in {os.path.join(args.out, 'bad_images.txt')}): "
-                + ", ".join(f for f, _ in bad[:5]) + (", ..." if len(bad) > 5 else ""))
-        write_atomically(os.path.join(args.out, "bad_images.txt"), "".join(f"{f}\t{reason}\n" for f, reason in bad))
+        listing = os.path.join(args.out, "bad_images.txt")
+        say_skipped(misnamed, "images whose names the dataset cannot hold", listing)
+        say_skipped(bad, "unreadable images", listing)
+        bad = misnamed + bad
+        write_atomically(listing, "".join(f"{shown(f)}\t{reason}\n" for f, reason in bad))
         paths = np.array(["images/" + f.replace(os.sep, "/") for f in files])
         for folder in sorted({os.path.dirname(p) for p in paths}):
             os.makedirs(os.path.join(args.out, folder), exist_ok=True)
