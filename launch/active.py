@@ -280,17 +280,29 @@ def summarise(source, queries, answers, labeled, unlabeled, classes) -> dict:
 
 # ---- the stage ----
 
-def make_queries(cfg, rt, run, classes) -> dict:
-    pool, labeled, pool_size = candidates(cfg)
+def check(cfg) -> tuple:
+    """(candidate pool, query count) once the checks that need the data but no model have passed; the
+    pipeline runs them too before it deletes or runs anything."""
+    pool, _, pool_size = candidates(cfg)
     count = query_count(cfg.active.budget, pool_size)
     check_counts(cfg.active.clusters, count, len(pool))
+    return pool, count
+
+
+def query_inputs(cfg, rt, classes):
+    """(candidate pool, query count, classifier, SSL backbone, loader), every check done, nothing written."""
+    pool, count = check(cfg)
     model, arch = load_classifier(cfg.active.model)
     if arch["num_classes"] != len(classes):
         raise engine.StageError(f"{cfg.active.model}: a {arch['num_classes']}-class model, but "
                                 f"{cfg.data.root}/classes.txt names {len(classes)} classes")
     ssl = build_backbone(cfg.model.backbone, cfg.model.small_stem, cfg.model.width)
     load_backbone_weights(ssl, cfg.active.backbone)
-    loader = eval_loader(pool, cfg, rt, cfg.inference.batch_size)
+    return pool, count, model, ssl, eval_loader(pool, cfg, rt, cfg.inference.batch_size)
+
+
+def make_queries(cfg, rt, run, classes, inputs) -> dict:
+    pool, count, model, ssl, loader = inputs
     run.say(f"{len(pool)} candidate images, {count} queries over {cfg.active.clusters} clusters")
     t0 = time.time()
     covered = predict(rt.place(ssl), rt.place(model), loader, rt, run.dir, len(pool), cfg.inference.precision)
@@ -313,15 +325,20 @@ def make_queries(cfg, rt, run, classes) -> dict:
     return {"queries": count, **timing}
 
 
-def answer_queries(cfg, run, classes) -> dict:
-    queries = read_queries(run.path("queries.csv"))
+def collect_answers(cfg, classes):
+    """(source, queries, answers, unlabeled, labeled): the oracle's or the annotator's CSV, checked."""
+    queries_csv = os.path.join(cfg.run.dir, "queries.csv")
+    queries = read_queries(queries_csv)
     unlabeled = read_split(cfg.data.root, "unlabeled")
     labeled = read_split(cfg.data.root, cfg.active.labeled)
     if cfg.active.oracle:
-        source, answers = "oracle", oracle_answers(queries, unlabeled)
-    else:
-        source = cfg.active.answers
-        answers = import_answers(source, queries, run.path("queries.csv"), os.path.abspath(cfg.data.root), classes)
+        return "oracle", queries, oracle_answers(queries, unlabeled), unlabeled, labeled
+    answers = import_answers(cfg.active.answers, queries, queries_csv, os.path.abspath(cfg.data.root), classes)
+    return cfg.active.answers, queries, answers, unlabeled, labeled
+
+
+def answer_queries(cfg, run, classes, collected) -> dict:
+    source, queries, answers, unlabeled, labeled = collected or collect_answers(cfg, classes)
     write_labeled(run.path("labeled.csv"), labeled, answers)
     summary = summarise(source, queries, answers, labeled, unlabeled, classes)
     engine.write_json(run.path("answers_summary.json"), summary)
@@ -334,11 +351,15 @@ def main(argv=None):
     cfg = parse(argv)
     classes = read_classes(cfg.data.root)
     rt = dist.init(cfg.run.device)
-    run = engine.Run("active", cfg, rt)
+    engine.check_dataset(cfg, rt, cfg.active.labeled)
+    # an annotator's answers are checked before anything is written; the oracle's follow the queries
+    imported = collect_answers(cfg, classes) if cfg.active.answers else None
+    inputs = None if cfg.active.answers else query_inputs(cfg, rt, classes)
+    run = engine.Run("active", cfg, rt)   # every check has passed: the first write
     t0 = time.time()
-    done = {} if cfg.active.answers else make_queries(cfg, rt, run, classes)
+    done = make_queries(cfg, rt, run, classes, inputs) if inputs else {}
     if rt.is_main and (cfg.active.oracle or cfg.active.answers):
-        done.update(answer_queries(cfg, run, classes))
+        done.update(answer_queries(cfg, run, classes, imported))
     run.log(event="done", total_seconds=round(time.time() - t0, 3), **done)
     dist.barrier()
 

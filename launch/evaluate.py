@@ -73,12 +73,22 @@ def labeled_splits(cfg) -> dict:
     return splits
 
 
-def evaluate_classifier(cfg, splits, rt, run) -> dict:
+def classifier(cfg):
     model, arch = load_classifier(cfg.evaluate.model)
     num_classes = len(read_classes(cfg.data.root))
     if arch["num_classes"] != num_classes:
         raise engine.StageError(f"{cfg.evaluate.model}: a {arch['num_classes']}-class model, but "
                                 f"{cfg.data.root}/classes.txt names {num_classes} classes")
+    return model
+
+
+def backbone(cfg):
+    network = build_backbone(cfg.model.backbone, cfg.model.small_stem, cfg.model.width)
+    load_backbone_weights(network, cfg.evaluate.backbone)
+    return network
+
+
+def evaluate_classifier(cfg, model, splits, rt, run) -> dict:
     model = rt.place(model)
     scales, subsets = cfg.evaluate.scales, scale_subsets(len(cfg.evaluate.scales), cfg.evaluate.tta)
     results, chosen = {}, subsets[0]
@@ -98,19 +108,15 @@ def evaluate_classifier(cfg, splits, rt, run) -> dict:
     return {"model": cfg.evaluate.model, "splits": results}
 
 
-def evaluate_knn(cfg, splits, rt, run) -> dict:
+def evaluate_knn(cfg, network, splits, rt, run) -> dict:
     labeled = read_split(cfg.data.root, "labeled")
-    if not 1 <= cfg.evaluate.k <= len(labeled):
-        raise config.ConfigError(f"evaluate.k={cfg.evaluate.k}: expected 1..{len(labeled)} (the labeled images)")
-    backbone = build_backbone(cfg.model.backbone, cfg.model.small_stem, cfg.model.width)
-    load_backbone_weights(backbone, cfg.evaluate.backbone)
-    backbone = rt.place(backbone)
+    network = rt.place(network)
     precision = cfg.inference.precision
-    references = embed(backbone, eval_loader(labeled, cfg, rt, cfg.inference.batch_size), rt, len(labeled), precision)
+    references = embed(network, eval_loader(labeled, cfg, rt, cfg.inference.batch_size), rt, len(labeled), precision)
     num_classes = len(read_classes(cfg.data.root))
     results = {}
     for name, split in splits.items():
-        queries = embed(backbone, eval_loader(split, cfg, rt, cfg.inference.batch_size), rt, len(split), precision)
+        queries = embed(network, eval_loader(split, cfg, rt, cfg.inference.batch_size), rt, len(split), precision)
         if rt.is_main:   # every rank holds the embeddings; one search is enough
             results[name] = knn_accuracy(references, labeled.labels, queries, split.labels, num_classes,
                                          cfg.evaluate.k, cfg.evaluate.temperature, gpu=faiss_gpu(rt.device))
@@ -124,17 +130,18 @@ def main(argv=None):
     if "--knn" in argv:   # a flag for the common case; overrides stay positional at the end
         argv = [a for a in argv if a != "--knn"] + ["evaluate.knn=true"]
     cfg = engine.parse(EvaluateConfig, argv, "Top-1/top-5 per scale and with multi-scale TTA, or kNN top-1")
-    if not cfg.evaluate.scales or min(cfg.evaluate.scales) <= 0:
-        raise config.ConfigError(f"evaluate.scales={cfg.evaluate.scales}: expected a list of positive sizes (px)")
-    if not cfg.evaluate.splits:
-        raise config.ConfigError("evaluate.splits: expected at least one split (e.g. [val, test])")
     if cfg.evaluate.tta == "val" and "val" not in cfg.evaluate.splits:
         raise config.ConfigError(f"evaluate.tta=val chooses the TTA scales on val: evaluate.splits="
                                  f"{cfg.evaluate.splits} must include val")
     splits = labeled_splits(cfg)
+    labeled = len(read_split(cfg.data.root, "labeled"))
+    if cfg.evaluate.knn and not 1 <= cfg.evaluate.k <= labeled:
+        raise config.ConfigError(f"evaluate.k={cfg.evaluate.k}: expected 1..{labeled} (the labeled images)")
     rt = dist.init(cfg.run.device)
-    run = engine.Run("evaluate", cfg, rt)
-    result = (evaluate_knn if cfg.evaluate.knn else evaluate_classifier)(cfg, splits, rt, run)
+    engine.check_dataset(cfg, rt)
+    network = backbone(cfg) if cfg.evaluate.knn else classifier(cfg)
+    run = engine.Run("evaluate", cfg, rt)   # every check has passed: the first write
+    result = (evaluate_knn if cfg.evaluate.knn else evaluate_classifier)(cfg, network, splits, rt, run)
     if rt.is_main:
         engine.write_json(run.path("eval.json"), result)
         top1 = result["knn"] if cfg.evaluate.knn else {s: r["tta"]["top1"] for s, r in result["splits"].items()}

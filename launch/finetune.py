@@ -25,7 +25,7 @@ from trainer.predict import accuracy  # noqa: E402
 def main(argv=None):
     cfg = engine.parse(FinetuneConfig, argv, "Fine-tune backbone + linear head")
     rt = dist.init(cfg.run.device)
-    run = engine.Run("finetune", cfg, rt)
+    engine.check_dataset(cfg, rt, cfg.finetune.labeled)
     engine.seed_everything(cfg.run.seed)
 
     num_classes = len(read_classes(cfg.data.root))
@@ -44,6 +44,7 @@ def main(argv=None):
     optimizer = optim.classifier_sgd(model, cfg.optim.lr_backbone, cfg.optim.lr_head,
                                      cfg.optim.weight_decay, cfg.optim.momentum, cfg.optim.nesterov)
     scaler = engine.grad_scaler(cfg.train.precision, rt.device)
+    run = engine.Run("finetune", cfg, rt)   # every check has passed: the first write
     state = run.resume(model, optimizer, scaler)
     best = {"top1": state.get("best_top1", -1.0), "epoch": state.get("best_epoch", -1),
             "model": state.get("best_model")}
@@ -62,7 +63,7 @@ def main(argv=None):
             x, y = batch["views"][0].to(rt.device, non_blocking=True), batch["label"].to(rt.device)
             with engine.autocast(cfg.train.precision, rt.device):
                 loss = F.cross_entropy(ddp(x).float(), y)
-            engine.step_optimizer(loss, optimizer, scaler)
+            engine.step_optimizer(loss, optimizer, scaler, step, cfg.train.on_nan)
             step, seen = step + 1, seen + B
             bar.update()
             if step % cfg.run.log_every == 0 or step == total:

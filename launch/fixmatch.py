@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from data.datasets import labeled_with_pseudo_labels, read_classes, read_split  # noqa: E402
 from data.loaders import resolve_backend  # noqa: E402
-from trainer import config, dist, engine, optim, schedule  # noqa: E402
+from trainer import dist, engine, optim, schedule  # noqa: E402
 from trainer.config import FixmatchConfig  # noqa: E402
 from trainer.ema import EMA  # noqa: E402
 from trainer.fixmatch import fixmatch_loss  # noqa: E402
@@ -35,18 +35,6 @@ from trainer.predict import accuracy  # noqa: E402
 # Per-epoch sums, kept on the device so no step waits for the host; saved in checkpoints so a
 # resumed epoch reports the same figures as an uninterrupted one.
 STATS = ("loss", "loss_s", "loss_u", "steps", "unlabeled", "masked", "pseudo_hits", "masked_pseudo_hits")
-
-
-def check(cfg):
-    fm = cfg.fixmatch
-    for key, value, ok, expected in (("train.epochs", cfg.train.epochs, cfg.train.epochs >= 1, "at least 1"),
-                                     ("fixmatch.mu", fm.mu, fm.mu >= 1, "at least 1"),
-                                     ("fixmatch.threshold", fm.threshold, 0 < fm.threshold <= 1, "in (0, 1]"),
-                                     ("fixmatch.ema", fm.ema, 0 <= fm.ema < 1, "in [0, 1)"),
-                                     ("fixmatch.eval_every", fm.eval_every, fm.eval_every >= 1, "at least 1"),
-                                     ("fixmatch.bn_batches", fm.bn_batches, fm.bn_batches >= 0, "at least 0")):
-        if not ok:
-            raise config.ConfigError(f"{key}={value}: expected {expected}")
 
 
 def splits(cfg):
@@ -62,8 +50,9 @@ def splits(cfg):
     return train, unlabeled
 
 
-def train_step(ddp, labeled, unlabeled, hidden_labels, optimizer, scaler, cfg, device):
-    """One forward over [labeled, weak, strong], so BatchNorm normalises with the whole batch's statistics."""
+def train_step(ddp, labeled, unlabeled, hidden_labels, optimizer, scaler, cfg, device, step):
+    """One forward over [labeled, weak, strong], so BatchNorm normalises with the whole batch's statistics.
+    The statistics row is zero for a skipped step (train.on_nan=skip)."""
     views = [labeled["views"][0], *unlabeled["views"]]
     sizes = [len(v) for v in views]
     x = torch.cat([v.to(device, non_blocking=True) for v in views])
@@ -71,7 +60,7 @@ def train_step(ddp, labeled, unlabeled, hidden_labels, optimizer, scaler, cfg, d
         logits_l, logits_w, logits_s = ddp(x).split(sizes)
     out = fixmatch_loss(logits_l, labeled["label"].to(device), logits_w, logits_s,
                         cfg.fixmatch.threshold, cfg.fixmatch.lambda_u)
-    engine.step_optimizer(out.total, optimizer, scaler)
+    updated = engine.step_optimizer(out.total, optimizer, scaler, step, cfg.train.on_nan)
     with torch.no_grad():
         if hidden_labels is None:   # real unlabeled data: nothing to measure pseudo-labels against
             hits = torch.zeros_like(out.mask)
@@ -81,7 +70,7 @@ def train_step(ddp, labeled, unlabeled, hidden_labels, optimizer, scaler, cfg, d
         row = torch.stack([out.total.detach().double(), out.supervised.detach().double(),
                            out.unsupervised.detach().double(), torch.ones_like(mask[0]),
                            torch.full_like(mask[0], len(mask)), mask.sum(), hits.sum(), (hits * mask).sum()])
-    return out, row
+    return out, row if updated else torch.zeros_like(row)
 
 
 def recalibrate_bn(model, loader, batches, device):
@@ -108,9 +97,8 @@ def summarise(sums: torch.Tensor, has_hidden: bool) -> dict:
 
 def main(argv=None):
     cfg = engine.parse(FixmatchConfig, argv, "FixMatch with an EMA of the weights")
-    check(cfg)
     rt = dist.init(cfg.run.device)
-    run = engine.Run("fixmatch", cfg, rt)
+    engine.check_dataset(cfg, rt, cfg.fixmatch.labeled)
     engine.seed_everything(cfg.run.seed)
 
     num_classes = len(read_classes(cfg.data.root))
@@ -137,6 +125,7 @@ def main(argv=None):
     optimizer = optim.classifier_sgd(model, cfg.optim.lr_backbone, cfg.optim.lr_head, cfg.optim.weight_decay,
                                      cfg.optim.momentum, cfg.optim.nesterov)
     scaler = engine.grad_scaler(cfg.train.precision, rt.device)
+    run = engine.Run("fixmatch", cfg, rt)   # every check has passed: the first write
     state = run.resume(model, optimizer, scaler)
     if "ema" in state:
         ema.load_state_dict(state["ema"])
@@ -170,7 +159,8 @@ def main(argv=None):
         t0, done = time.time(), 0
         for i, batch in enumerate(unlabeled_loader.epoch(epoch, start), start=start):
             schedule.apply_lr(optimizer, schedule.lr_factor(step, total, warmup, final_factor=0.0))
-            out, row = train_step(ddp, next(labeled_batches), batch, hidden, optimizer, scaler, cfg, rt.device)
+            out, row = train_step(ddp, next(labeled_batches), batch, hidden, optimizer, scaler, cfg, rt.device,
+                                  step)
             ema.update(model)
             sums += row
             step, done = step + 1, done + 1

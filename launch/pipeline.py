@@ -16,8 +16,8 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
-from trainer import config, engine, report  # noqa: E402
-from trainer.config import PipelineConfig  # noqa: E402
+from trainer import config, engine, report, rundir  # noqa: E402
+from trainer.config import STAGE_CONFIGS, PipelineConfig  # noqa: E402
 
 # (stage, script, which pipeline.<spec> configures it, the file that marks it finished,
 #  how it is wired to the stages before it: dir(stage) -> overrides)
@@ -55,6 +55,34 @@ def run_stage(script: str, argv: list[str], nproc: int):
         raise engine.StageError(f"stage {script} failed under torchrun (command: {' '.join(cmd)})")
 
 
+def check_stages(todo: list[tuple[str, str, list[str]]]):
+    """Every stage that will run has a valid config and passes its data checks (a stage script's
+    `check(cfg)`), before anything is deleted or run: a typo must not cost a finished stage."""
+    for name, script, argv in todo:
+        try:
+            stage_cfg = engine.parse(STAGE_CONFIGS[script], argv, name)
+            check = getattr(engine.stage_module(script), "check", None)
+            if check:
+                check(stage_cfg)
+        except (config.ConfigError, ValueError) as e:
+            raise config.ConfigError(f"stage {name}: {e}") from None
+
+
+def claim(run_dir: str) -> rundir.Lock:
+    """The pipeline's own run dir: a pipeline's (or new), one live pipeline at a time. Its config may change
+    between runs: each stage's run dir refuses a changed config for itself."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise rundir.RunDirError(f"run.dir={run_dir}: exists and is not a folder")
+    owner = rundir.recorded_stage(run_dir) if os.path.isdir(run_dir) else None
+    if owner not in (None, "pipeline"):
+        raise rundir.RunDirError(f"run.dir={run_dir}: a {owner} run dir, not a pipeline one; choose another run.dir")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        return rundir.Lock(run_dir)
+    except OSError as e:
+        raise rundir.RunDirError(f"run.dir={run_dir}: cannot write there ({e.strerror})") from None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Run the whole semiscale recipe")
     parser.add_argument("--config", required=True)
@@ -67,16 +95,27 @@ def main(argv=None):
     unknown = [f for f in args.force if f not in names + ["all"]]
     if unknown:
         raise config.ConfigError(f"--force {unknown[0]}: expected 'all' or one of {', '.join(names)}")
-    os.makedirs(cfg.run.dir, exist_ok=True)
-    config.dump(cfg, os.path.join(cfg.run.dir, "config.yaml"))
-    times_path = os.path.join(cfg.run.dir, "stage_times.json")
-    times = engine.read_json(times_path) if os.path.exists(times_path) else {}
 
     def stage_dir(name):
         return os.path.join(cfg.run.dir, name)
 
+    def stage_argv(spec_name, wiring, name):
+        spec = getattr(cfg.pipeline, spec_name)
+        return ["--config", spec.config, f"run.dir={stage_dir(name)}", f"data.root={cfg.data.root}",
+                f"data.backend={cfg.data.backend}", f"run.device={cfg.run.device}", *wiring(stage_dir),
+                *spec.overrides]
+
     forced = len(names) if not args.force else min(
         0 if "all" in args.force else names.index(f) for f in args.force)
+    todo = [(name, script, stage_argv(spec_name, wiring, name)) for i, (name, script, spec_name, output, wiring)
+            in enumerate(STAGES) if i >= forced or not os.path.exists(os.path.join(stage_dir(name), output))]
+    check_stages(todo)
+    lock = claim(cfg.run.dir)   # every check has passed: the first write
+    if not os.path.exists(os.path.join(cfg.run.dir, rundir.RUN_RECORD)):
+        engine.write_json(os.path.join(cfg.run.dir, rundir.RUN_RECORD), {"stage": "pipeline"})
+    engine.write_text(os.path.join(cfg.run.dir, rundir.CONFIG), config.dumps(cfg))
+    times_path = os.path.join(cfg.run.dir, "stage_times.json")
+    times = engine.read_json(times_path) if os.path.exists(times_path) else {}
     for i, (name, script, spec_name, output, wiring) in enumerate(STAGES):
         folder = stage_dir(name)
         if i >= forced and os.path.exists(folder):
@@ -84,16 +123,14 @@ def main(argv=None):
         if os.path.exists(os.path.join(folder, output)):
             print(f"[pipeline] {name}: done, skipped ({folder}/{output} exists)", flush=True)
             continue
-        spec = getattr(cfg.pipeline, spec_name)
-        stage_argv = ["--config", spec.config, f"run.dir={folder}", f"data.root={cfg.data.root}",
-                      f"data.backend={cfg.data.backend}", f"run.device={cfg.run.device}", *wiring(stage_dir),
-                      *spec.overrides]
-        print(f"[pipeline] {name}: {script}.py {' '.join(stage_argv)}", flush=True)
+        argv = stage_argv(spec_name, wiring, name)
+        print(f"[pipeline] {name}: {script}.py {' '.join(argv)}", flush=True)
         t0 = time.time()
-        run_stage(script, stage_argv, cfg.pipeline.nproc)
+        run_stage(script, argv, cfg.pipeline.nproc)
         times[name] = times.get(name, 0.0) + time.time() - t0
         engine.write_json(times_path, times)
     report.write(cfg.run.dir, times)
+    lock.release()
     print(f"[pipeline] report: {os.path.join(cfg.run.dir, 'report.md')}", flush=True)
 
 

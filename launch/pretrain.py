@@ -36,18 +36,18 @@ def knn_monitor(backbone, cfg, rt, labeled, val) -> float:
     return dist.broadcast_object(top1)
 
 
-def train_step(model, views, optimizer, scaler, precision, device):
+def train_step(model, views, optimizer, scaler, precision, device, step=0, on_nan="stop"):
     y1, y2 = (v.to(device, non_blocking=True) for v in views)
     with engine.autocast(precision, device):
         loss = model(y1, y2)
-    engine.step_optimizer(loss, optimizer, scaler)
+    engine.step_optimizer(loss, optimizer, scaler, step, on_nan)
     return loss
 
 
 def main(argv=None):
     cfg = engine.parse(PretrainConfig, argv, "Barlow Twins pretraining")
     rt = dist.init(cfg.run.device)
-    run = engine.Run("pretrain", cfg, rt)
+    engine.check_dataset(cfg, rt)
     engine.seed_everything(cfg.run.seed)
 
     # data: every image without a label plus the labeled ones (their labels are not used here)
@@ -70,6 +70,7 @@ def main(argv=None):
         lr_weights=cfg.optim.lr_weights * scale, lr_biases=cfg.optim.lr_biases * scale,
         weight_decay=cfg.optim.weight_decay)
     scaler = engine.grad_scaler(cfg.train.precision, rt.device)
+    run = engine.Run("pretrain", cfg, rt)   # every check has passed: the first write
     state = run.resume(model, optimizer, scaler)
     ddp = dist.wrap_ddp(model, rt)
 
@@ -89,7 +90,8 @@ def main(argv=None):
         t0, seen = time.time(), 0
         for i, batch in enumerate(train_loader.epoch(epoch, start), start=start):
             schedule.apply_lr(optimizer, schedule.lr_factor(step, total, warmup))
-            loss = train_step(ddp, batch["views"], optimizer, scaler, cfg.train.precision, rt.device)
+            loss = train_step(ddp, batch["views"], optimizer, scaler, cfg.train.precision, rt.device, step,
+                              cfg.train.on_nan)
             step, seen = step + 1, seen + B
             bar.update()
             if step % cfg.run.log_every == 0 or step == total:

@@ -18,7 +18,7 @@ import shutil  # noqa: E402
 
 from data.datasets import read_classes, read_split  # noqa: E402
 from trainer import config, dist, engine  # noqa: E402
-from trainer.config import PseudolabelConfig  # noqa: E402
+from trainer.config import FinetuneConfig, PseudolabelConfig  # noqa: E402
 from trainer.loading import eval_loader  # noqa: E402
 from trainer.models import load_classifier  # noqa: E402
 from trainer.predict import accuracy, write_predictions  # noqa: E402
@@ -74,15 +74,19 @@ def finetune(finetune_main, cfg, run_dir, init, epochs, pseudo_labels=""):
 def main(argv=None):
     cfg = engine.parse(PseudolabelConfig, argv, "Balanced pseudo-label iterations")
     num_classes = len(read_classes(cfg.data.root))
-    if not 0 < cfg.pseudo.top_k <= num_classes:
+    if cfg.pseudo.top_k > num_classes:
         raise config.ConfigError(f"pseudo.top_k={cfg.pseudo.top_k}: expected 1..{num_classes} (the number of classes)")
-    if not cfg.pseudo.schedule or min(cfg.pseudo.schedule + [cfg.pseudo.fixmatch_p or 1]) <= 0:
-        raise config.ConfigError(f"pseudo.schedule={cfg.pseudo.schedule} / pseudo.fixmatch_p={cfg.pseudo.fixmatch_p}: "
-                                 "expected positive images-per-class counts")
     rt = dist.init(cfg.run.device)
-    run = engine.Run("pseudolabel", cfg, rt)
+    engine.check_dataset(cfg, rt)
     unlabeled = read_split(cfg.data.root, "unlabeled")
+    _, arch = load_classifier(cfg.pseudo.model)
+    if arch["num_classes"] != num_classes:
+        raise engine.StageError(f"pseudo.model={cfg.pseudo.model}: a {arch['num_classes']}-class model, but "
+                                f"{cfg.data.root}/classes.txt names {num_classes} classes")
+    # the iterations' fine-tune recipe is checked now, not after the first predictions
+    config.load(FinetuneConfig, cfg.pseudo.finetune_config, cfg.pseudo.finetune_overrides)
     finetune_main = engine.stage_module("finetune").main
+    run = engine.Run("pseudolabel", cfg, rt)   # every check has passed: the first write
 
     start_val = val_top1(cfg.pseudo.model, cfg, rt)
     iterations = [{"iteration": 0, "model": cfg.pseudo.model, "val_top1": start_val}]

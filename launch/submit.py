@@ -300,7 +300,10 @@ def split_slurm_param(item: str) -> tuple[str, str | bool]:
 def base_run_dir(args: argparse.Namespace) -> Path:
     if "run.dir" in args.overrides:
         return Path(args.overrides["run.dir"]).absolute()
-    config = yaml.safe_load(Path(args.config).read_text()) or {}
+    try:
+        config = yaml.safe_load(Path(args.config).read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UsageError(f"{args.config}: not valid YAML ({str(error).splitlines()[0]})") from None
     run_dir = (config.get("run") or {}).get("dir") if isinstance(config, dict) else None
     if not run_dir:
         raise UsageError(f"{args.config}: run.dir is not set (set it in the config or pass run.dir=...)")
@@ -392,6 +395,24 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, str]]:
     return runs
 
 
+def check_configs(args: argparse.Namespace, runs: list[dict[str, str]]) -> None:
+    """Every run's full config loads here, before anything is queued: a typo in one sweep point must not
+    surface hours later in a job. Scripts given by path are not semiscale stages and are not checked."""
+    if str(PROJECT_ROOT) not in sys.path:
+        sys.path.insert(0, str(PROJECT_ROOT))
+    from trainer import config
+
+    stage = Path(args.script).stem
+    if Path(args.script).parent != LAUNCH_DIR or stage not in config.STAGE_CONFIGS:
+        return
+    for overrides in runs:
+        try:
+            config.load(config.STAGE_CONFIGS[stage], args.config, [f"{k}={v}" for k, v in overrides.items()])
+        except config.ConfigError as error:
+            point = {k: overrides[k] for k in args.sweep}
+            raise UsageError(f"{error}" + (f" (sweep point {point})" if point else "")) from None
+
+
 def make_executor(args: argparse.Namespace, folder: Path) -> submitit.AutoExecutor:
     try:
         executor = submitit.AutoExecutor(
@@ -447,6 +468,7 @@ def sbatch_script(executor: submitit.AutoExecutor, num_runs: int) -> str:
 
 def submit(args: argparse.Namespace) -> list[submitit.Job]:
     runs = plan_runs(args)
+    check_configs(args, runs)
     base = base_run_dir(args)
     folder = Path(args.folder).absolute() if args.folder else base / "submitit"
     fill_gpu_job_defaults(args)
@@ -484,11 +506,15 @@ def collect(sweep_dir: str | Path) -> list[dict]:
     manifest_path = Path(sweep_dir) / SWEEP_MANIFEST
     if not manifest_path.is_file():
         raise UsageError(f"{manifest_path} not found: not a sweep made by launch/submit.py")
+    if str(PROJECT_ROOT) not in sys.path:
+        sys.path.insert(0, str(PROJECT_ROOT))
+    from trainer import rundir
+
     rows = []
     for entry in json.loads(manifest_path.read_text()):
-        metrics_path = Path(entry["run_dir"]) / "metrics.jsonl"
-        lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
-        final = json.loads(lines[-1]) if lines else {"status": "no metrics yet"}
+        metrics_path = Path(entry["run_dir"]) / rundir.METRICS
+        events = rundir.read_lines(str(metrics_path)) if metrics_path.is_file() else []
+        final = events[-1] if events else {"status": "no metrics yet"}
         rows.append({"job_id": entry["job_id"], **entry["overrides"], **final})
     return rows
 

@@ -87,8 +87,8 @@ def test_two_ranks_stream_and_merge_the_same_predictions(oracle_run, expected, t
     data, _, _, _, args = oracle_run
     stage("active", *args, f"run.dir={tmp_path}", "active.oracle=false", torchrun=2)
     check_queries(tmp_path, expected, read_classes(data))
-    assert sorted(os.listdir(tmp_path)) == ["assignment.npy", "config.yaml", "embeddings.npy", "guess.npy",
-                                            "metrics.jsonl", "queries.csv", "queries.png", "top2.npy"]
+    assert sorted(os.listdir(tmp_path)) == [".lock", "assignment.npy", "config.yaml", "embeddings.npy", "guess.npy",
+                                            "metrics.jsonl", "queries.csv", "queries.png", "run.json", "top2.npy"]
 
 
 def test_oracle_answers_are_the_hidden_labels_merged_into_labeled_csv(oracle_run):

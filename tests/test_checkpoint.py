@@ -35,3 +35,24 @@ def test_truncated_checkpoint_is_a_one_line_error(tmp_path):
     with pytest.raises(checkpoint.CheckpointError) as e:
         checkpoint.load(str(path))
     assert str(e.value).startswith(f"{path}: not a readable checkpoint") and "\n" not in str(e.value)
+
+
+def test_a_failed_write_keeps_both_checkpoints_and_is_one_line(tmp_path, monkeypatch):
+    """A full disk mid-write: CheckpointError naming the file, checkpoint.pt and its .prev as they were."""
+    import errno
+    path = str(tmp_path / "checkpoint.pt")
+    checkpoint.save_checked({"step": 1, "w": torch.ones(10)}, path)
+    checkpoint.save_checked({"step": 2, "w": torch.ones(10) * 2}, path)
+    real_save = torch.save
+
+    def disk_full(obj, f):
+        real_save(obj, f)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.save_checked({"step": 3, "w": torch.ones(10) * 3}, path)
+    monkeypatch.undo()
+    assert str(e.value) == f"{path}: cannot write (No space left on device); the previous file is kept"
+    assert checkpoint.load_checked(path)["step"] == 2   # step 3 never replaced it
+    assert checkpoint.load_checked(path + ".prev")["step"] == 2   # the link moved on before the write
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "checkpoint.pt.prev"]

@@ -57,4 +57,4 @@ def test_cli_exit_status_2_with_one_line():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "pretrain.py: error: unknown key train.epochz; allowed keys in train: epochs, batch_size, "
-        "max_steps, precision"]
+        "max_steps, precision, on_nan"]

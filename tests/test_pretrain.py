@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import shutil
 
 import torch
 import torchvision
@@ -62,11 +63,20 @@ def test_backbone_loads_into_torchvision(tmp_path_factory, tmp_path):
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path_factory, tmp_path):
     data = fashion(tmp_path_factory)
-    pretrain(data, tmp_path, "train.max_steps=1")
-    proc = pretrain(data, tmp_path, "train.max_steps=2", "model.width=16", check=False)
+    pretrain(data, tmp_path / "narrow", "train.max_steps=1")
+    pretrain(data, tmp_path / "wide", "train.max_steps=1", "model.width=16")
+    # a changed config is refused before any checkpoint is read...
+    proc = pretrain(data, tmp_path / "narrow", "train.max_steps=1", "model.width=16", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"pretrain.py: error: run.dir={tmp_path}/narrow: holds a pretrain run made with another config "
+        "(model.width: 8 -> 16)")
+    # ... and a checkpoint of another architecture under the same config is refused when it is read
+    shutil.copyfile(tmp_path / "wide" / "checkpoint.pt", tmp_path / "narrow" / "checkpoint.pt")
+    proc = pretrain(data, tmp_path / "narrow", "train.max_steps=1", check=False)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"pretrain.py: error: {tmp_path}/checkpoint.pt: written for another architecture")
+    assert last.startswith(f"pretrain.py: error: {tmp_path}/narrow/checkpoint.pt: written for another architecture")
 
 
 def test_apex_larc_trains_through_the_engine(tmp_path_factory, tmp_path, monkeypatch):

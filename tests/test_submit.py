@@ -260,7 +260,8 @@ def test_gres_and_slurm_params_reach_the_sbatch_script(slurm_cluster, tmp_path, 
 
 def test_pipeline_is_one_task_per_node_that_runs_torchrun(slurm_cluster, tmp_path, monkeypatch, capsys):
     fake_sinfo(tmp_path, monkeypatch, MIXED_PARTITION)
-    argv = ["pipeline", "--config", str(toy_config(tmp_path)), "--gpus-per-node", "8", "pipeline.force=x"]
+    demo = str(ROOT / "configs" / "demo" / "pipeline.yaml")
+    argv = ["pipeline", "--config", demo, "--gpus-per-node", "8", "data.backend=torch", f"run.dir={tmp_path}/run"]
     script = dry_run(argv, capsys).out
 
     # The single task gets the whole node's share: 8 GPUs x 8 CPUs.
@@ -269,7 +270,7 @@ def test_pipeline_is_one_task_per_node_that_runs_torchrun(slurm_cluster, tmp_pat
     )
     assert " --cpus-per-task 64 " in srun_line(script)
     (task,) = [line for line in script.splitlines() if line.startswith("# task")]
-    assert task.split()[-3:-1] == ["pipeline.force=x", "pipeline.nproc=8"]
+    assert task.split()[-3:] == ["data.backend=torch", f"run.dir={tmp_path}/run", "pipeline.nproc=8"]
 
 
 def test_sweep_values_in_brackets_are_a_yaml_list(tmp_path):
@@ -322,6 +323,24 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, message):
     assert submit.main(argv + config) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_every_sweep_point_is_checked_before_anything_is_queued(tmp_path, capsys):
+    """A bad value in one sweep point, or a config that is not YAML: one line, nothing submitted (no Slurm
+    client is needed to refuse)."""
+    demo = str(ROOT / "configs" / "demo" / "finetune.yaml")
+    argv = ["finetune", "--gpus-per-node", "0", "--config", demo, f"run.dir={tmp_path / 'sweep'}"]
+    assert submit.main(argv + ["--sweep", "train.epochs=2,-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.epochs=-1: expected an integer >= 1 (sweep point {'train.epochs': '-1'})" in err
+    assert submit.main(argv + ["optim.lr_head=nan"]) == 2
+    assert "optim.lr_head" in capsys.readouterr().err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: {epochs: 3\n")
+    assert submit.main(["finetune", "--gpus-per-node", "0", "--config", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{broken}: not valid YAML" in err
+    assert not (tmp_path / "sweep").exists()
 
 
 @pytest.mark.parametrize(

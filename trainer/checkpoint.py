@@ -5,12 +5,17 @@ old one, so a crash at any moment leaves either the previous or the new checkpoi
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import random
+import shutil
 import tempfile
 
 import torch
 
+CHECKSUM = "checksum"
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -43,15 +48,28 @@ def save_atomic(obj, path: str):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        cause = _os_error_in(e)
+        if cause:   # a full disk, a read-only folder: the previous file is untouched
+            raise CheckpointError(f"{path}: cannot write ({cause.strerror or cause}); the previous file is kept") from None
         raise
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)   # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """The OSError behind `error`, if any: torch.save's zip writer raises its own error while closing a file
+    whose write failed."""
+    while error is not None:
+        if isinstance(error, OSError):
+            return error
+        error = error.__context__
+    return None
 
 
 def load(path: str) -> dict:
@@ -62,6 +80,61 @@ def load(path: str) -> dict:
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def digest(obj) -> str:
+    """A hash of every tensor's bytes (and of the keys leading to it) in `obj`: torch.load does not notice
+    flipped bytes inside a tensor, which would resume into NaNs."""
+    h = hashlib.blake2b(digest_size=16)
+
+    def walk(node, key):
+        if isinstance(node, torch.Tensor):
+            h.update(f"{key}:{node.dtype}:{tuple(node.shape)};".encode())
+            h.update(memoryview(node.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+        elif isinstance(node, dict):
+            for k in sorted(node, key=str):
+                walk(node[k], f"{key}/{k}")
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, f"{key}/{i}")
+        else:
+            h.update(f"{key}={node!r};".encode())
+
+    walk(obj, "")
+    return h.hexdigest()
+
+
+def save_checked(state: dict, path: str):
+    """save_atomic with a checksum of the contents; the file it replaces stays as PATH.prev."""
+    state = on_cpu(state)
+    if os.path.exists(path):
+        keep = previous(path) + ".tmp"
+        try:
+            os.link(path, keep)   # the same bytes under a second name: no copy of a large file
+        except OSError:   # filesystems without hard links
+            shutil.copyfile(path, keep)
+        os.replace(keep, previous(path))
+    save_atomic({**state, CHECKSUM: digest(state)}, path)
+
+
+def previous(path: str) -> str:
+    return path + ".prev"
+
+
+def load_checked(path: str) -> dict:
+    """load() of a file written by save_checked, refused with one line when its contents changed since."""
+    state = load(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a semiscale checkpoint (expected a dict)")
+    stored = state.pop(CHECKSUM, None)
+    if stored is None:   # written before checkpoints carried one
+        log.warning("%s has no checksum: its contents cannot be verified", path)
+    elif stored != digest(state):
+        fallback = previous(path)
+        hint = (f"{fallback} holds the checkpoint before it: move it over {os.path.basename(path)} to resume from "
+                "there, or pass --restart" if os.path.exists(fallback) else "pass --restart to start over")
+        raise CheckpointError(f"{path}: damaged (its checksum does not match its contents); {hint}")
+    return state
 
 
 def architecture_of(state_dict: dict) -> dict[str, list[int]]:

@@ -1,12 +1,17 @@
 """Typed stage configs: YAML file -> dataclasses, with dotted `key=value` overrides.
 
-Every error (missing file, unknown key, wrong type, value outside its choices) is a ConfigError
-whose message is one line naming the key; launch scripts turn it into exit status 2.
+Every error (missing file, unknown key, wrong type, value outside its choices or its range, NaN or
+infinity) is a ConfigError whose message is one line naming the key; launch scripts turn it into exit
+status 2. Every number declares its range next to its key (`number`, `nonempty`) and is checked at
+load time, defaults included, so a stage never starts work with a value it cannot use. Ranges that
+depend on the data (e.g. k <= the number of labeled images) are left to the stage.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,23 +28,58 @@ def choice(default, *choices):
     return field(default=default, metadata={"choices": choices})
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The range of a number: low..high, each end included or not."""
+    text: str                       # as error messages write it: ">= 1", "in [0, 1)"
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> Bounds:
+        """">= a", "> a", or an interval "[a, b]", "[a, b)", "(a, b]", "(a, b)"."""
+        if m := re.fullmatch(r"(>=?) *([-+.\de]+)", spec):
+            return cls(spec, float(m[2]), low_open=m[1] == ">")
+        if m := re.fullmatch(r"([\[(]) *([-+.\de]+) *, *([-+.\de]+) *([\])])", spec):
+            return cls(f"in {spec}", float(m[2]), float(m[3]), low_open=m[1] == "(", high_open=m[4] == ")")
+        raise ValueError(f"bounds {spec!r}: expected '>= a', '> a' or an interval such as '[a, b)'")
+
+    def __contains__(self, x) -> bool:
+        return ((self.low < x if self.low_open else self.low <= x)
+                and (x < self.high if self.high_open else x <= self.high))
+
+
+def number(default, bounds: str):
+    """An int or float field whose value must lie in `bounds` (see Bounds.parse): ">= 1", "[0, 1)"."""
+    return field(default=default, metadata={"bounds": Bounds.parse(bounds)})
+
+
+def nonempty(default: list, bounds: str | None = None):
+    """A list field that needs at least one item; numeric items must lie in `bounds`."""
+    metadata = {"nonempty": True} | ({"bounds": Bounds.parse(bounds)} if bounds else {})
+    return field(default_factory=lambda: list(default), metadata=metadata)
+
+
 # ---- sections shared by every stage (contract: run.dir, run.seed, data.root, data.backend) ----
 
 @dataclass
 class RunConfig:
     dir: str = "runs/stage"
-    seed: int = 0
-    log_every: int = 20             # steps between metrics.jsonl lines / progress refreshes
-    checkpoint_every: int = 200     # steps between checkpoint.pt writes (also written every epoch end)
+    seed: int = number(0, "[0, 2147483647]")      # faiss's k-means (active) takes it as a C int
+    log_every: int = number(20, ">= 1")           # steps between metrics.jsonl lines / progress refreshes
+    checkpoint_every: int = number(200, ">= 1")   # steps between checkpoint.pt writes (also written every epoch end)
     device: str = choice("auto", "auto", "cuda", "cpu")   # auto: the GPU when torch can use one
+    restart: bool = False           # --restart: move a previous run in run.dir aside (to replaced/) and start over
 
 
 @dataclass
 class DataConfig:
     root: str = "datasets/fashion-mnist"
     backend: str = choice("auto", "auto", "dali", "torch")
-    image_size: int = 28
-    workers: int = 2
+    image_size: int = number(28, ">= 8")   # px; three stride-2 stages leave 1 px of an 8 px image
+    workers: int = number(2, ">= 0")       # loader processes; 0 = load in the training process
     on_bad_image: str = choice("error", "error", "skip")
 
 
@@ -47,39 +87,43 @@ class DataConfig:
 class ModelConfig:
     backbone: str = choice("small", "small", "resnet18", "resnet50")
     small_stem: bool = False        # resnets: 3x3 stride-1 stem without max-pool, for small images
-    width: int = 32                 # small net: channels of its first stage
+    width: int = number(32, ">= 1")   # small net: channels of its first stage
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 256           # global: each of N ranks takes batch_size / N
-    max_steps: int = 0              # 0 = no cap; a cap for smoke runs and benchmarks
+    epochs: int = number(10, ">= 1")
+    batch_size: int = number(256, ">= 1")   # global: each of N ranks takes batch_size / N
+    max_steps: int = number(0, ">= 0")      # 0 = no cap; a cap for smoke runs and benchmarks
     precision: str = choice("fp32", "fp32", "bf16", "fp16")
+    # What a training stage does when a loss is not finite: stop with one line naming the step, or
+    # skip that step's update (counted and logged), so that one bad batch (e.g. an fp16 overflow)
+    # need not end a long run.
+    on_nan: str = choice("stop", "stop", "skip")
 
 
 @dataclass
 class KnnConfig:
-    k: int = 20
-    temperature: float = 0.07
-    every_epochs: int = 1           # 0 = only at the end
+    k: int = number(20, ">= 1")                  # at most the labeled images: checked by the stage
+    temperature: float = number(0.07, "> 0")     # divides the similarities
+    every_epochs: int = number(1, ">= 0")        # 0 = only at the end
 
 
 # ---- stage configs ----
 
 @dataclass
 class BarlowTwinsConfig:
-    projector: list[int] = field(default_factory=lambda: [512, 512, 512])
-    lambd: float = 0.0051
+    projector: list[int] = nonempty([512, 512, 512], ">= 1")   # layer widths; the last is the embedding's
+    lambd: float = number(0.0051, ">= 0")   # weight of the off-diagonal (redundancy) term
 
 
 @dataclass
 class LarsConfig:
     impl: str = choice("native", "native", "apex")
-    lr_weights: float = 0.2         # per 256 images of global batch
-    lr_biases: float = 0.0048
-    weight_decay: float = 1.5e-6
-    warmup_epochs: float = 10
+    lr_weights: float = number(0.2, ">= 0")       # per 256 images of global batch
+    lr_biases: float = number(0.0048, ">= 0")
+    weight_decay: float = number(1.5e-6, ">= 0")
+    warmup_epochs: float = number(10, ">= 0")
 
 
 @dataclass
@@ -95,12 +139,12 @@ class PretrainConfig:
 
 @dataclass
 class SgdConfig:
-    lr_backbone: float = 0.05       # as given (not scaled by batch size)
-    lr_head: float = 0.05
-    weight_decay: float = 0.0       # never applied to biases and norm parameters
-    momentum: float = 0.9
+    lr_backbone: float = number(0.05, ">= 0")     # as given (not scaled by batch size); 0 = frozen
+    lr_head: float = number(0.05, ">= 0")
+    weight_decay: float = number(0.0, ">= 0")     # never applied to biases and norm parameters
+    momentum: float = number(0.9, "[0, 1)")       # 1 would never forget a gradient
     nesterov: bool = False
-    warmup_epochs: float = 0
+    warmup_epochs: float = number(0, ">= 0")
 
 
 @dataclass
@@ -108,7 +152,7 @@ class FinetuneSection:
     init: str = "runs/demo/pretrain/backbone.pt"   # backbone.pt, a model.pt whose backbone is reused, or "" (random init)
     labeled: str = "labeled"        # split name, or a CSV file (path,label) whose image paths are relative to data.root
     pseudo_labels: str = ""         # optional CSV (path,label[,score]) of pseudo-labels, added to labeled
-    eval_every: int = 1             # epochs between val evaluations (model.pt keeps the best by val)
+    eval_every: int = number(1, ">= 1")   # epochs between val evaluations (model.pt keeps the best by val)
     # training view: "train" = random resized crop + flip (photos), "weak" = flip + small translation
     # (FixMatch's weak view: centred objects whose shape is the class, e.g. Fashion-MNIST)
     augment: str = choice("train", "train", "weak")
@@ -126,21 +170,21 @@ class FinetuneConfig:
 
 @dataclass
 class InferenceConfig:
-    batch_size: int = 512           # global
+    batch_size: int = number(512, ">= 1")   # global
     precision: str = choice("fp32", "fp32", "bf16", "fp16")
 
 
 @dataclass
 class PseudoSection:
     model: str = "runs/demo/finetune/model.pt"     # the model that predicts the first iteration
-    top_k: int = 10                 # classes kept per image
-    schedule: list[int] = field(default_factory=lambda: [200, 300, 400, 500])   # P per iteration
+    top_k: int = number(10, ">= 1")   # classes kept per image (at most the classes: checked by the stage)
+    schedule: list[int] = nonempty([200, 300, 400, 500], ">= 1")   # P per iteration
     finetune_config: str = "configs/demo/finetune.yaml"   # recipe of each iteration's two fine-tunes
     finetune_overrides: list[str] = field(default_factory=list)   # key=value applied to both fine-tunes
-    pseudo_epochs: int = 10         # fine-tune on pseudo + labeled
-    labeled_epochs: int = 20        # then on labeled only, head re-initialised
-    fixmatch_p: int = 16            # also write the (top_k, fixmatch_p) selection for FixMatch; 0 = no
-    chunk: int = 65536              # rows per streamed chunk in selection
+    pseudo_epochs: int = number(10, ">= 1")    # fine-tune on pseudo + labeled
+    labeled_epochs: int = number(20, ">= 1")   # then on labeled only, head re-initialised
+    fixmatch_p: int = number(16, ">= 0")       # also write the (top_k, fixmatch_p) selection for FixMatch; 0 = no
+    chunk: int = number(65536, ">= 1")         # rows per streamed chunk in selection
 
 
 @dataclass
@@ -156,14 +200,14 @@ class FixmatchSection:
     init: str = "runs/demo/pseudolabel/model.pt"   # a model.pt (backbone + head)
     labeled: str = "labeled"        # split name or CSV
     pseudo_labels: str = ""         # CSV of pseudo-labels added to the labeled set (the K=10, P=16 selection)
-    mu: int = 7                     # unlabeled batch = mu x labeled batch
-    threshold: float = 0.95         # confidence needed for a pseudo-label to count
-    lambda_u: float = 1.0           # weight of the unlabeled loss
-    ema: float = 0.999              # decay of the weights' average, warmed up as min(ema, (1+t)/(10+t))
-    eval_every: int = 1             # epochs (passes over the unlabeled set) between val evaluations
+    mu: int = number(7, ">= 1")                   # unlabeled batch = mu x labeled batch
+    threshold: float = number(0.95, "(0, 1]")     # confidence needed for a pseudo-label to count
+    lambda_u: float = number(1.0, ">= 0")         # weight of the unlabeled loss
+    ema: float = number(0.999, "[0, 1)")          # decay of the weights' average, warmed up as min(ema, (1+t)/(10+t))
+    eval_every: int = number(1, ">= 1")           # epochs (passes over the unlabeled set) between val evaluations
     # Before each evaluation, BatchNorm statistics of the EMA weights from this many clean unlabeled
     # batches (0: keep the live model's, gathered over weak and strong views)
-    bn_batches: int = 0
+    bn_batches: int = number(0, ">= 0")
 
 
 @dataclass
@@ -179,13 +223,13 @@ class FixmatchConfig:
 @dataclass
 class EvaluateSection:
     model: str = "runs/demo/fixmatch/model.pt"
-    scales: list[int] = field(default_factory=lambda: [28, 36])   # px; TTA averages their probabilities
+    scales: list[int] = nonempty([28, 36], ">= 8")   # px, as data.image_size; TTA averages their probabilities
     tta: str = choice("all", "all", "val")   # TTA over all the scales, or over the subset best on val
-    splits: list[str] = field(default_factory=lambda: ["val", "test"])
+    splits: list[str] = nonempty(["val", "test"])
     knn: bool = False               # instead: kNN top-1 of `backbone`'s embeddings (labeled -> each split)
     backbone: str = "runs/demo/pretrain/backbone.pt"
-    k: int = 20
-    temperature: float = 0.07
+    k: int = number(20, ">= 1")                # at most the labeled images: checked by the stage
+    temperature: float = number(0.07, "> 0")
 
 
 @dataclass
@@ -202,10 +246,11 @@ class ActiveSection:
     model: str = "runs/demo/fixmatch/model.pt"     # its margins pick the queries
     backbone: str = "runs/demo/pretrain/backbone.pt"   # SSL embeddings for the clustering
     labeled: str = "labeled"        # the labels so far (split name or CSV): never queried, kept in labeled.csv
-    clusters: int = 200             # at most the number of queries: the budget is split evenly over them
-    budget: float = 0.0025          # < 1: fraction of the labeled + unlabeled images; >= 1: a number of queries
-    niter: int = 20
-    max_points_per_centroid: int = 256   # faiss trains k-means on at most clusters x this many points; 0 = all
+    clusters: int = number(200, ">= 1")     # at most the number of queries: the budget is split evenly over them
+    budget: float = number(0.0025, "> 0")   # < 1: fraction of the labeled + unlabeled images; >= 1: a number of queries
+    niter: int = number(20, ">= 1")         # k-means iterations
+    # faiss trains k-means on at most clusters x this many points; 0 = all
+    max_points_per_centroid: int = number(256, ">= 0")
     oracle: bool = False            # answer from unlabeled.csv's hidden labels (simulations only)
     answers: str = ""               # an annotator's CSV (path,label) to import instead
 
@@ -227,7 +272,7 @@ class StageSpec:
 
 @dataclass
 class PipelineSection:
-    nproc: int = 1                  # processes per stage: 1 runs inline, more under torchrun
+    nproc: int = number(1, ">= 1")   # processes per stage: 1 runs inline, more under torchrun
     supervised: StageSpec = field(default_factory=lambda: StageSpec("configs/demo/supervised.yaml"))
     pretrain: StageSpec = field(default_factory=lambda: StageSpec("configs/demo/pretrain.yaml"))
     finetune: StageSpec = field(default_factory=lambda: StageSpec("configs/demo/finetune.yaml"))
@@ -248,6 +293,12 @@ class PipelineConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(dir="runs/demo"))
     data: DataConfig = field(default_factory=DataConfig)
     pipeline: PipelineSection = field(default_factory=PipelineSection)
+
+
+# the config each launch/ stage script reads
+STAGE_CONFIGS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "pseudolabel": PseudolabelConfig,
+                 "fixmatch": FixmatchConfig, "active": ActiveConfig, "evaluate": EvaluateConfig,
+                 "pipeline": PipelineConfig}
 
 
 # ---- loading ----
@@ -298,16 +349,44 @@ def _build(cls, tree, prefix: str, base=None):
         raise ConfigError(f"unknown key {prefix}{unknown[0]}; allowed keys in "
                           f"{prefix.rstrip('.') or 'the top level'}: {', '.join(fields)}")
     values = {}
-    for name, value in tree.items():
+    for name, f in fields.items():   # every field, not only those given: defaults are checked too
         key, hint = prefix + name, hints[name]
         if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, value if value is not None else {}, key + ".", getattr(base, name))
+            section = tree.get(name)
+            values[name] = _build(hint, section if section is not None else {}, key + ".", getattr(base, name))
             continue
-        values[name] = _coerce(key, hint, value)
-        allowed = fields[name].metadata.get("choices")
-        if allowed and values[name] not in allowed:
-            raise ConfigError(f"{key}: {values[name]!r} is not one of {', '.join(map(str, allowed))}")
+        value = _coerce(key, hint, tree[name]) if name in tree else getattr(base, name)
+        allowed = f.metadata.get("choices")
+        if allowed and value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        _check_range(key, hint, value, f.metadata)
+        values[name] = value
     return dataclasses.replace(base, **values)
+
+
+_KINDS = {int: ("an integer", "integers"), float: ("a finite number", "finite numbers")}
+
+
+def _check_range(key: str, hint, value, metadata):
+    """Numbers (a list's items too) finite and within the field's bounds; a `nonempty` list not empty."""
+    bounds = metadata.get("bounds")
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        if metadata.get("nonempty") and not value:
+            of = f" of {_KINDS[item][1]} {bounds.text}" if bounds else ""
+            raise ConfigError(f"{key}=[]: expected a non-empty list{of}")
+        for i, v in enumerate(value):
+            _check_number(f"{key}[{i}]", item, v, bounds)
+    else:
+        _check_number(key, hint, value, bounds)
+
+
+def _check_number(key: str, hint, value, bounds: Bounds | None):
+    if hint not in _KINDS:
+        return
+    if (hint is float and not math.isfinite(value)) or (bounds and value not in bounds):
+        expected = _KINDS[hint][0] + (f" {bounds.text}" if bounds else "")
+        raise ConfigError(f"{key}={value}: expected {expected}")
 
 
 def _coerce(key: str, hint, value):
@@ -327,6 +406,11 @@ def _coerce(key: str, hint, value):
         return [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)         # YAML 1.1 reads 1e-4, nan and inf as text
+        except ValueError:
+            pass                        # not a number: the type error below
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)               # e.g. run.dir=2024 stays a path
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
@@ -338,6 +422,10 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def dumps(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def dump(cfg, path: str):
     with open(path, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+        f.write(dumps(cfg))

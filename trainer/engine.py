@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import random
 import sys
@@ -16,8 +17,11 @@ import time
 import torch
 from tqdm import tqdm
 
-from trainer import checkpoint, config
+from data import datasets
+from trainer import checkpoint, config, dist, rundir
 from trainer.dist import Runtime, barrier, shutdown
+
+log = logging.getLogger(__name__)
 
 
 class StageError(RuntimeError):
@@ -28,9 +32,11 @@ def parse(cls, argv, description: str):
     """`--config FILE [dotted.key=value ...]` -> a config of type `cls`."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML config (defaults apply to what it leaves out)")
+    parser.add_argument("--restart", action="store_true",
+                        help="run.dir holds a previous run: move it aside (to run.dir/replaced/) and start over")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.epochs=5")
-    args = parser.parse_args(argv)
-    return config.load(cls, args.config, args.overrides)
+    args = parser.parse_intermixed_args(argv)
+    return config.load(cls, args.config, args.overrides + (["run.restart=true"] if args.restart else []))
 
 
 def cli(main):
@@ -38,10 +44,20 @@ def cli(main):
     try:
         main()
         shutdown()
-    except (config.ConfigError, checkpoint.CheckpointError, StageError, ValueError) as e:
+    except (config.ConfigError, checkpoint.CheckpointError, StageError, rundir.RunDirError, ValueError) as e:
+        for bar in list(tqdm._instances):   # an open progress bar would redraw itself after the message
+            bar.close()
         prog = os.path.basename(sys.argv[0])
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def check_dataset(cfg, rt: Runtime, labeled: str = "labeled"):
+    """The dataset's splits against each other (data.datasets.check_dataset) before a stage's first write:
+    errors stop every rank with one line, rank 0 prints the warnings."""
+    for warning in datasets.check_dataset(cfg.data.root, labeled):
+        if rt.is_main:
+            tqdm.write(f"warning: {warning}", file=sys.stderr)
 
 
 LAUNCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch")
@@ -56,17 +72,41 @@ def stage_module(name: str):
 
 
 class Run:
-    """A stage's run dir: resolved config.yaml, metrics.jsonl, checkpoint.pt (rank 0 writes)."""
+    """A stage's run dir (trainer.rundir): claimed before anything is written, then config.yaml,
+    metrics.jsonl and checkpoint.pt; rank 0 writes. Make it after every check that can refuse the run."""
 
     def __init__(self, stage: str, cfg, rt: Runtime):
         self.stage, self.cfg, self.rt = stage, cfg, rt
         self.dir = cfg.run.dir
         self.checkpoint_path = os.path.join(self.dir, "checkpoint.pt")
+        self._lock = None
+        refusal = None
         if rt.is_main:
-            os.makedirs(self.dir, exist_ok=True)
-            config.dump(cfg, os.path.join(self.dir, "config.yaml"))
-        barrier()
+            try:
+                self._claim()
+            except rundir.RunDirError as e:
+                refusal = str(e)
+        refusal = dist.broadcast_object(refusal)   # every rank stops with rank 0's one line
+        if refusal:
+            raise rundir.RunDirError(refusal)
         self._t0 = time.time()
+
+    def _claim(self):
+        resolved = config.to_dict(self.cfg)
+        replace = rundir.check(self.dir, self.stage, resolved, self.cfg.run.restart)
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            self._lock = rundir.Lock(self.dir)
+        except OSError as e:
+            raise rundir.RunDirError(f"run.dir={self.dir}: cannot write there ({e.strerror})") from None
+        if replace:
+            self.say(f"--restart: the previous run moved to {rundir.move_aside(self.dir)}")
+        stray = rundir.remove_stray_temporaries(self.dir)
+        if stray:
+            self.say(f"removed {stray} temporary file(s) left by an interrupted write")
+        if not os.path.exists(self.path(rundir.RUN_RECORD)):
+            write_json(self.path(rundir.RUN_RECORD), {"stage": self.stage})
+        write_text(self.path(rundir.CONFIG), config.dumps(self.cfg))
 
     def path(self, name: str) -> str:
         return os.path.join(self.dir, name)
@@ -76,8 +116,7 @@ class Run:
         if not self.rt.is_main:
             return
         event = {"stage": self.stage, "time": round(time.time() - self._t0, 3), **event}
-        with open(self.path("metrics.jsonl"), "a") as f:
-            f.write(json.dumps(event) + "\n")
+        rundir.append_line(self.path(rundir.METRICS), json.dumps(event))
 
     def say(self, message: str):
         if self.rt.is_main:
@@ -92,7 +131,7 @@ class Run:
     def save_checkpoint(self, model, optimizer, scaler, step: int, epoch: int, step_in_epoch: int,
                         **extra):
         if self.rt.is_main:
-            checkpoint.save_atomic({
+            checkpoint.save_checked({
                 "stage": self.stage, "model": model.state_dict(),
                 "arch": checkpoint.architecture_of(model.state_dict()), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
@@ -104,7 +143,7 @@ class Run:
         """Load run.dir/checkpoint.pt into the objects when it exists; every rank reads it."""
         if not os.path.exists(self.checkpoint_path):
             return {"step": 0, "epoch": 0, "step_in_epoch": 0}
-        state = checkpoint.load(self.checkpoint_path)
+        state = checkpoint.load_checked(self.checkpoint_path)
         if state.get("stage") != self.stage:
             raise checkpoint.CheckpointError(
                 f"{self.checkpoint_path}: written by stage {state.get('stage')!r}, not {self.stage!r}")
@@ -120,12 +159,21 @@ class Run:
 
 # ---- small files ----
 
-def write_json(path: str, obj):
-    """Atomically: a reader never sees half a file."""
+def write_text(path: str, text: str):
+    """Atomically: a reader never sees half a file, a failed write leaves the old one."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise rundir.RunDirError(f"{path}: cannot write ({e.strerror}); the previous file is kept") from None
+
+
+def write_json(path: str, obj):
+    write_text(path, json.dumps(obj, indent=2))
 
 
 def read_json(path: str):
@@ -135,8 +183,7 @@ def read_json(path: str):
 
 def read_done(run_dir: str) -> dict:
     """The final event of a finished stage's metrics.jsonl."""
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        done = [e for e in map(json.loads, f) if e.get("event") == "done"]
+    done = [e for e in rundir.read_lines(os.path.join(run_dir, rundir.METRICS)) if e.get("event") == "done"]
     if not done:
         raise StageError(f"{run_dir}/metrics.jsonl: the stage has not finished (no 'done' event)")
     return done[-1]
@@ -157,7 +204,21 @@ def grad_scaler(precision: str, device: torch.device):
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
-def step_optimizer(loss, optimizer, scaler):
+class NonFiniteLoss(StageError):
+    """A loss that is NaN or infinite with train.on_nan=stop."""
+
+
+def step_optimizer(loss, optimizer, scaler, step: int, on_nan: str = "stop") -> bool:
+    """One update from `loss`; False when it was skipped. A loss that is not finite on any rank stops the
+    run with one line naming the step (on_nan=stop) or skips the update on every rank (on_nan=skip,
+    logged). Checked before backward, so that no rank enters DDP's gradient all-reduce alone."""
+    bad = dist.all_reduce_((~torch.isfinite(loss.detach())).float().reshape(1)).item()
+    if bad:
+        if on_nan == "stop":
+            raise NonFiniteLoss(f"step {step + 1}: the loss is {loss.item()} on {int(bad)} rank(s); stopping "
+                                "(lower the learning rate, or train.on_nan=skip to skip such steps)")
+        log.warning("step %d: the loss is %s: update skipped (train.on_nan=skip)", step + 1, loss.item())
+        return False
     if isinstance(optimizer, torch.optim.Optimizer):
         optimizer.zero_grad(set_to_none=True)
     else:   # apex's LARC wraps an optimizer and its zero_grad() takes no arguments
@@ -165,6 +226,7 @@ def step_optimizer(loss, optimizer, scaler):
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
+    return True
 
 
 def seed_everything(seed: int):

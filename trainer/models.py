@@ -99,6 +99,9 @@ def load_classifier(path: str) -> tuple[Classifier, dict]:
     if not isinstance(state, dict) or "arch" not in state or "model" not in state:
         raise checkpoint.CheckpointError(f"{path}: not a semiscale model.pt (expected keys arch, model)")
     arch = state["arch"]
+    if not isinstance(arch, dict) or not {"backbone", "small_stem", "width", "num_classes"} <= set(arch):
+        raise checkpoint.CheckpointError(f"{path}: not a semiscale model.pt (a training checkpoint? use the "
+                                         "model.pt its stage wrote)")
     model = Classifier(build_backbone(arch["backbone"], arch["small_stem"], arch["width"]), arch["num_classes"])
     checkpoint.check_architecture(path, checkpoint.architecture_of(state["model"]), model)
     model.load_state_dict(state["model"])

@@ -14,6 +14,7 @@ import yaml  # noqa: E402
 
 from data.datasets import load_image, read_classes, read_split  # noqa: E402
 from data.transforms import evaluate as eval_transform  # noqa: E402
+from trainer import rundir  # noqa: E402
 from trainer.models import build_backbone, load_backbone_weights, load_classifier, residual_stages  # noqa: E402
 
 # the stages that produce a classifier, in recipe order, with their row in the ablation table
@@ -35,11 +36,8 @@ def _json(path):
 
 
 def _events(run_dir):
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f]
+    path = os.path.join(run_dir, rundir.METRICS)
+    return rundir.read_lines(path) if os.path.exists(path) else []
 
 
 def accuracy_table(run_dir: str) -> list[dict]:

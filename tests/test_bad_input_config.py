@@ -1,0 +1,199 @@
+"""Out-of-range, non-finite and mistyped config values are refused at load time, before a stage starts
+work, with one line naming the key, the value and what was expected."""
+import dataclasses
+import os
+import subprocess
+import sys
+import typing
+
+import pytest
+
+from trainer import config
+from trainer.config import ConfigError, load
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# each stage's config class and its demo YAML, as the launch scripts load them
+STAGES = {
+    "pretrain": (config.PretrainConfig, "configs/demo/pretrain.yaml"),
+    "finetune": (config.FinetuneConfig, "configs/demo/finetune.yaml"),
+    "pseudolabel": (config.PseudolabelConfig, "configs/demo/pseudolabel.yaml"),
+    "fixmatch": (config.FixmatchConfig, "configs/demo/fixmatch.yaml"),
+    "evaluate": (config.EvaluateConfig, "configs/demo/evaluate.yaml"),
+    "active": (config.ActiveConfig, "configs/demo/active.yaml"),
+    "pipeline": (config.PipelineConfig, "configs/demo/pipeline.yaml"),
+}
+
+
+def load_stage(stage, *overrides):
+    cls, path = STAGES[stage]
+    return load(cls, os.path.join(ROOT, path), list(overrides))
+
+
+@pytest.mark.parametrize("stage, override, message", [
+    # shared sections
+    ("pretrain", "train.epochs=-1", "train.epochs=-1: expected an integer >= 1"),
+    ("finetune", "train.epochs=0", "train.epochs=0: expected an integer >= 1"),
+    ("fixmatch", "train.batch_size=0", "train.batch_size=0: expected an integer >= 1"),
+    ("pretrain", "train.max_steps=-5", "train.max_steps=-5: expected an integer >= 0"),
+    ("pretrain", "run.log_every=0", "run.log_every=0: expected an integer >= 1"),
+    ("fixmatch", "run.checkpoint_every=-1", "run.checkpoint_every=-1: expected an integer >= 1"),
+    ("active", "run.seed=-1", "run.seed=-1: expected an integer in [0, 2147483647]"),
+    ("active", "run.seed=4294967296", "run.seed=4294967296: expected an integer in [0, 2147483647]"),
+    ("finetune", "data.image_size=4", "data.image_size=4: expected an integer >= 8"),
+    ("pretrain", "data.workers=-1", "data.workers=-1: expected an integer >= 0"),
+    ("evaluate", "model.width=0", "model.width=0: expected an integer >= 1"),
+    ("pseudolabel", "inference.batch_size=0", "inference.batch_size=0: expected an integer >= 1"),
+    ("pipeline", "pipeline.nproc=0", "pipeline.nproc=0: expected an integer >= 1"),
+    # pretrain: LARS, Barlow Twins, kNN monitor
+    ("pretrain", "optim.lr_weights=-0.1", "optim.lr_weights=-0.1: expected a finite number >= 0"),
+    ("pretrain", "optim.warmup_epochs=nan", "optim.warmup_epochs=nan: expected a finite number >= 0"),
+    ("pretrain", "optim.weight_decay=-1e-6", "optim.weight_decay=-1e-06: expected a finite number >= 0"),
+    ("pretrain", "barlow.lambd=.inf", "barlow.lambd=inf: expected a finite number >= 0"),
+    ("pretrain", "barlow.projector=[512,0]", "barlow.projector[1]=0: expected an integer >= 1"),
+    ("pretrain", "barlow.projector=[]", "barlow.projector=[]: expected a non-empty list of integers >= 1"),
+    ("pretrain", "knn.k=0", "knn.k=0: expected an integer >= 1"),
+    ("pretrain", "knn.temperature=0", "knn.temperature=0.0: expected a finite number > 0"),
+    ("pretrain", "knn.every_epochs=-1", "knn.every_epochs=-1: expected an integer >= 0"),
+    # finetune: SGD
+    ("finetune", "optim.lr_head=nan", "optim.lr_head=nan: expected a finite number >= 0"),
+    ("finetune", "optim.lr_backbone=-inf", "optim.lr_backbone=-inf: expected a finite number >= 0"),
+    ("finetune", "optim.momentum=1", "optim.momentum=1.0: expected a finite number in [0, 1)"),
+    ("finetune", "optim.momentum=-0.5", "optim.momentum=-0.5: expected a finite number in [0, 1)"),
+    ("finetune", "finetune.eval_every=0", "finetune.eval_every=0: expected an integer >= 1"),
+    # fixmatch
+    ("fixmatch", "fixmatch.threshold=0", "fixmatch.threshold=0.0: expected a finite number in (0, 1]"),
+    ("fixmatch", "fixmatch.threshold=1.5", "fixmatch.threshold=1.5: expected a finite number in (0, 1]"),
+    ("fixmatch", "fixmatch.ema=1", "fixmatch.ema=1.0: expected a finite number in [0, 1)"),
+    ("fixmatch", "fixmatch.ema=NaN", "fixmatch.ema=nan: expected a finite number in [0, 1)"),
+    ("fixmatch", "fixmatch.mu=0", "fixmatch.mu=0: expected an integer >= 1"),
+    ("fixmatch", "fixmatch.lambda_u=-1", "fixmatch.lambda_u=-1.0: expected a finite number >= 0"),
+    ("fixmatch", "fixmatch.eval_every=0", "fixmatch.eval_every=0: expected an integer >= 1"),
+    ("fixmatch", "fixmatch.bn_batches=-1", "fixmatch.bn_batches=-1: expected an integer >= 0"),
+    # pseudolabel
+    ("pseudolabel", "pseudo.top_k=0", "pseudo.top_k=0: expected an integer >= 1"),
+    ("pseudolabel", "pseudo.schedule=[]", "pseudo.schedule=[]: expected a non-empty list of integers >= 1"),
+    ("pseudolabel", "pseudo.schedule=[1700,-1]", "pseudo.schedule[1]=-1: expected an integer >= 1"),
+    ("pseudolabel", "pseudo.fixmatch_p=-1", "pseudo.fixmatch_p=-1: expected an integer >= 0"),
+    ("pseudolabel", "pseudo.pseudo_epochs=0", "pseudo.pseudo_epochs=0: expected an integer >= 1"),
+    ("pseudolabel", "pseudo.labeled_epochs=-2", "pseudo.labeled_epochs=-2: expected an integer >= 1"),
+    ("pseudolabel", "pseudo.chunk=0", "pseudo.chunk=0: expected an integer >= 1"),
+    # evaluate
+    ("evaluate", "evaluate.scales=[28,0]", "evaluate.scales[1]=0: expected an integer >= 8"),
+    ("evaluate", "evaluate.scales=-28", "evaluate.scales[0]=-28: expected an integer >= 8"),
+    ("evaluate", "evaluate.scales=[]", "evaluate.scales=[]: expected a non-empty list of integers >= 8"),
+    ("evaluate", "evaluate.splits=[]", "evaluate.splits=[]: expected a non-empty list"),
+    ("evaluate", "evaluate.k=0", "evaluate.k=0: expected an integer >= 1"),
+    ("evaluate", "evaluate.temperature=-0.07", "evaluate.temperature=-0.07: expected a finite number > 0"),
+    # active
+    ("active", "active.budget=0", "active.budget=0.0: expected a finite number > 0"),
+    ("active", "active.budget=-0.5", "active.budget=-0.5: expected a finite number > 0"),
+    ("active", "active.budget=.nan", "active.budget=nan: expected a finite number > 0"),
+    ("active", "active.clusters=0", "active.clusters=0: expected an integer >= 1"),
+    ("active", "active.niter=0", "active.niter=0: expected an integer >= 1"),
+    ("active", "active.max_points_per_centroid=-1", "active.max_points_per_centroid=-1: expected an integer >= 0"),
+    # wrong types and choices
+    ("pretrain", "train.epochs=ten", "train.epochs: expected int, got str 'ten'"),
+    ("finetune", "train.batch_size=6.4", "train.batch_size: expected int, got float 6.4"),
+    ("finetune", "optim.lr_backbone=fast", "optim.lr_backbone: expected float, got str 'fast'"),
+    ("evaluate", "model.width=true", "model.width: expected int, got bool True"),
+    ("evaluate", "evaluate.scales=[28,big]", "evaluate.scales[1]: expected int, got str 'big'"),
+    ("fixmatch", "train.on_nan=ignore", "train.on_nan: 'ignore' is not one of stop, skip"),
+])
+def test_bad_values_are_refused_naming_the_key(stage, override, message):
+    with pytest.raises(ConfigError) as e:
+        load_stage(stage, override)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("stage, override, key, value", [
+    ("fixmatch", "fixmatch.threshold=1", "fixmatch.threshold", 1.0),   # (0, 1]: 1 is in
+    ("fixmatch", "fixmatch.ema=0", "fixmatch.ema", 0.0),                # [0, 1): 0 is in
+    ("fixmatch", "train.max_steps=0", "train.max_steps", 0),            # 0 = no cap
+    ("pretrain", "data.workers=0", "data.workers", 0),
+    ("pretrain", "knn.every_epochs=0", "knn.every_epochs", 0),          # 0 = only at the end
+    ("pretrain", "data.image_size=8", "data.image_size", 8),
+    ("active", "run.seed=2147483647", "run.seed", 2147483647),
+    ("pseudolabel", "pseudo.fixmatch_p=0", "pseudo.fixmatch_p", 0),
+    ("active", "active.budget=12", "active.budget", 12.0),              # >= 1: a number of queries
+    ("finetune", "optim.lr_backbone=0", "optim.lr_backbone", 0.0),      # a frozen backbone
+    ("finetune", "optim.weight_decay=5e-4", "optim.weight_decay", 5e-4),   # YAML 1.1 reads 5e-4 as text
+    ("finetune", "train.on_nan=skip", "train.on_nan", "skip"),
+])
+def test_values_at_the_edges_are_accepted(stage, override, key, value):
+    cfg = load_stage(stage, override)
+    section, name = key.split(".")
+    assert getattr(getattr(cfg, section), name) == value
+
+
+def test_nan_in_a_yaml_file_is_refused_naming_its_key(tmp_path):
+    with open(os.path.join(ROOT, "configs/demo/fixmatch.yaml")) as f:
+        text = f.read()
+    assert "  lambda_u: 1.0\n" in text
+    path = tmp_path / "fixmatch.yaml"
+    path.write_text(text.replace("  lambda_u: 1.0\n", "  lambda_u: .nan\n"))
+    with pytest.raises(ConfigError) as e:
+        load(config.FixmatchConfig, str(path))
+    assert str(e.value) == "fixmatch.lambda_u=nan: expected a finite number >= 0"
+
+    path.write_text(text.replace("  lambda_u: 1.0\n", "  lambda_u: -.inf\n"))
+    with pytest.raises(ConfigError, match=r"^fixmatch.lambda_u=-inf: expected a finite number >= 0$"):
+        load(config.FixmatchConfig, str(path))
+
+
+def config_classes():
+    return [obj for obj in vars(config).values()
+            if dataclasses.is_dataclass(obj) and obj.__module__ == config.__name__ and obj is not config.Bounds]
+
+
+def numeric(hint) -> bool:
+    if typing.get_origin(hint) is list:
+        (hint,) = typing.get_args(hint)
+    return hint in (int, float)
+
+
+def test_every_number_declares_a_range():
+    undeclared = [f"{cls.__name__}.{f.name}" for cls in config_classes()
+                  for f in dataclasses.fields(cls)
+                  if numeric(typing.get_type_hints(cls)[f.name]) and "bounds" not in f.metadata]
+    assert undeclared == []
+
+
+@pytest.mark.parametrize("cls", config_classes(), ids=lambda cls: cls.__name__)
+def test_defaults_satisfy_their_own_ranges(cls):
+    # load checks every field, the defaults of keys it was not given included
+    assert load(cls, None) == cls()
+
+
+def test_a_default_outside_its_range_is_caught():
+    @dataclasses.dataclass
+    class Broken:
+        steps: int = config.number(0, ">= 1")
+
+    with pytest.raises(ConfigError, match=r"^steps=0: expected an integer >= 1$"):
+        load(Broken, None)
+
+
+def test_bounds_specs():
+    half_open = config.Bounds.parse("(0, 1]")
+    assert (0 in half_open, 0.5 in half_open, 1 in half_open, 1.01 in half_open) == (False, True, True, False)
+    assert (-1 in config.Bounds.parse(">= -1"), -1 in config.Bounds.parse("> -1")) == (True, False)
+    with pytest.raises(ValueError, match="bounds 'positive'"):
+        config.Bounds.parse("positive")
+
+
+@pytest.mark.parametrize("script, override, message", [
+    ("pretrain.py", "train.epochs=-1", "train.epochs=-1: expected an integer >= 1"),
+    ("finetune.py", "optim.lr_head=nan", "optim.lr_head=nan: expected a finite number >= 0"),
+    ("fixmatch.py", "fixmatch.threshold=1.5", "fixmatch.threshold=1.5: expected a finite number in (0, 1]"),
+    ("evaluate.py", "evaluate.scales=[28,0]", "evaluate.scales[1]=0: expected an integer >= 8"),
+])
+def test_cli_refuses_before_creating_the_run_dir(tmp_path, script, override, message):
+    stage = script[:-3]
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", script),
+                           "--config", os.path.join(ROOT, STAGES[stage][1]), override, f"run.dir={run_dir}"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"{script}: error: {message}"]
+    assert not run_dir.exists()

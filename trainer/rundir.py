@@ -1,0 +1,191 @@
+"""A run dir that cannot be clobbered: which stage and config made it, one live writer, a metrics log
+that a crash or a full disk never leaves unreadable.
+
+    RUN_DIR/run.json        {"stage": ...}: written once, when the stage first claims the folder
+    RUN_DIR/config.yaml     the resolved config (contract)
+    RUN_DIR/metrics.jsonl   one JSON object per line (contract)
+    RUN_DIR/.lock           held (flock) by the live writer; the file itself stays
+
+A stage claims its run dir before writing anything in it: the folder must be a run dir of the same stage
+(or new), and a run with results in it (a checkpoint, a metrics log) must have been made by a config that
+agrees on everything that changes the result, unless `--restart`, which moves the previous run's files
+aside into RUN_DIR/replaced/<time>/ instead of deleting them.
+"""
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import logging
+import os
+import shutil
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+RUN_RECORD, CONFIG, METRICS, LOCK, REPLACED = "run.json", "config.yaml", "metrics.jsonl", ".lock", "replaced"
+# Keys that change how a run is carried out but not what it computes: a resumed run may change them.
+# active.answers / active.oracle: an annotator's answers are imported into the run dir of the queries.
+RESULT_NEUTRAL = {"run.dir", "run.restart", "run.log_every", "run.checkpoint_every", "run.device", "data.workers",
+                  "inference.batch_size", "active.answers", "active.oracle"}
+# What a stage leaves behind once it has started computing: a run dir holding none of these is a fresh one.
+RESULTS = (METRICS, "checkpoint.pt")
+
+
+class RunDirError(ValueError):
+    """A run dir this run must not write to; printed as one line."""
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+def config_differences(previous: dict, current: dict) -> list[str]:
+    """`key: old -> new` for every result-changing key on which two resolved configs differ."""
+    old, new = _flatten(previous), _flatten(current)
+    keys = sorted((old.keys() | new.keys()) - RESULT_NEUTRAL)
+    return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def recorded_stage(run_dir: str) -> str | None:
+    path = os.path.join(run_dir, RUN_RECORD)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)["stage"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise RunDirError(f"{path}: unreadable run record; is {run_dir} a semiscale run dir?") from None
+
+
+def check(run_dir: str, stage: str, resolved: dict, restart: bool) -> bool:
+    """Raise RunDirError when `stage` must not write to `run_dir`; True when it holds a previous run
+    that `restart` will move aside. Reads only."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunDirError(f"run.dir={run_dir}: exists and is not a folder")
+    if not os.path.isdir(run_dir):
+        return False
+    owner = recorded_stage(run_dir)
+    config_path = os.path.join(run_dir, CONFIG)
+    if owner is None and not os.path.exists(config_path):
+        if any(os.path.exists(os.path.join(run_dir, name)) for name in RESULTS):
+            raise RunDirError(f"run.dir={run_dir}: holds results but no {RUN_RECORD} or {CONFIG}: not a run dir "
+                              "this stage can reuse; choose another run.dir")
+        return False
+    if owner is not None and owner != stage:
+        raise RunDirError(f"run.dir={run_dir}: a {owner} run dir, not a {stage} one; choose another run.dir")
+    previous = _read_config(config_path)
+    if owner is None and previous is not None and set(previous) != set(resolved):
+        raise RunDirError(f"run.dir={run_dir}: its {CONFIG} has sections {sorted(previous)}, not those of a "
+                          f"{stage} run ({sorted(resolved)}); choose another run.dir")
+    started = any(os.path.exists(os.path.join(run_dir, name)) for name in RESULTS)
+    if restart:
+        return started or previous is not None
+    if started and previous is not None:
+        changed = config_differences(previous, resolved)
+        if changed:
+            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+            raise RunDirError(f"run.dir={run_dir}: holds a {stage} run made with another config ({changed[0]}"
+                              f"{more}); pass --restart to start over (the old run moves to {REPLACED}/), "
+                              "or choose another run.dir")
+    return False
+
+
+def _read_config(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise RunDirError(f"{path}: unreadable ({str(e).splitlines()[0]}); is this a semiscale run dir?") from None
+    return tree if isinstance(tree, dict) else {}
+
+
+class Lock:
+    """An exclusive flock on RUN_DIR/.lock for the life of this object (the kernel drops it when the
+    process dies, so a killed run never leaves a stale lock)."""
+
+    def __init__(self, run_dir: str):
+        path = os.path.join(run_dir, LOCK)
+        self._file = open(path, "a")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise RunDirError(f"run.dir={run_dir}: another live run is writing to it ({path} is locked)") from None
+
+    def release(self):
+        self._file.close()
+
+
+def move_aside(run_dir: str) -> str:
+    """Move everything in `run_dir` but the lock and earlier replaced runs into replaced/<time>/."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    target = os.path.join(run_dir, REPLACED, stamp)
+    os.makedirs(target)
+    for name in os.listdir(run_dir):
+        if name not in (LOCK, REPLACED):
+            shutil.move(os.path.join(run_dir, name), os.path.join(target, name))
+    return target
+
+
+def remove_stray_temporaries(run_dir: str) -> int:
+    """Delete the *.tmp files that a write killed halfway left (every atomic write here goes through one).
+    Sub-runs (folders with their own lock, e.g. pseudolabel's fine-tunes) clean up after themselves."""
+    removed = 0
+    for folder, subfolders, files in os.walk(run_dir):
+        subfolders[:] = [s for s in subfolders
+                         if s != REPLACED and not os.path.exists(os.path.join(folder, s, LOCK))]
+        for name in files:
+            if name.endswith(".tmp"):
+                os.remove(os.path.join(folder, name))
+                removed += 1
+    return removed
+
+
+def append_line(path: str, line: str):
+    """Append one line so that the file only ever holds whole lines: a torn tail left by a crash is cut
+    first, and a failed write (a full disk) is undone before the error surfaces."""
+    with open(path, "ab+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size:
+            f.seek(size - 1)
+            if f.read(1) != b"\n":
+                f.seek(0)
+                whole = f.read().rfind(b"\n") + 1
+                log.warning("%s: cut a torn last line (%d bytes) left by an interrupted write", path, size - whole)
+                f.truncate(whole)
+                size = whole
+        try:
+            f.write(line.encode() + b"\n")
+            f.flush()
+        except OSError as e:
+            f.truncate(size)
+            raise RunDirError(f"{path}: cannot append ({e.strerror}); the log is left as it was") from None
+
+
+def read_lines(path: str) -> list[dict]:
+    """The JSON objects of a metrics log; a torn last line (a crash mid-write) is skipped with a warning,
+    a bad line anywhere else is an error naming it."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().split("\n")
+    torn = lines.pop()   # "" when the file ends with a newline
+    events = []
+    for lineno, text in enumerate(lines, start=1):
+        try:
+            events.append(json.loads(text))
+        except ValueError:
+            raise RunDirError(f"{path}:{lineno}: not a JSON line ({text[:60]!r})") from None
+    if torn:   # a last line without its newline: whole if it parses, torn otherwise
+        try:
+            events.append(json.loads(torn))
+        except ValueError:
+            log.warning("%s: skipped a torn last line (%d bytes)", path, len(torn))
+    return events
