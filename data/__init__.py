@@ -1,1 +1,2 @@
-"""semiscale data: datasets on disk, torchvision transforms, DALI pipelines and batch loaders."""
+"""semiscale data: datasets on disk, the rank-sharded sampler, each loader kind's views, torchvision
+transforms, DALI pipelines and the batch loaders over them."""

@@ -1,10 +1,10 @@
-"""NVIDIA DALI twins of data.transforms' pipelines, behind the same Loader interface as data.loaders.
+"""NVIDIA DALI twins of data.transforms' pipelines, behind data.loaders' BatchLoader interface.
 
 The caller names the torch device the training runs on: a CUDA device gets `mixed` (nvJPEG) decode
 and GPU ops on it, views come out as CUDA tensors there; any other device gets CPU decode and ops, CPU
 tensors.
 
-A pipeline reads a file list of this rank's rows in the exact order data.loaders.ShardedSampler gives,
+A pipeline reads a file list of this rank's rows in the exact order data.sampler.ShardedSampler gives,
 with DALI's own shuffling off: sharding, epoch length and resume are those of the torch path. epoch()
 runs a fresh pipeline per call; stream() runs one per chunk of whole epochs of at least
 STREAM_MIN_STEPS steps, so a small labeled loader cycled epoch after epoch does not rebuild one (nvJPEG
@@ -38,6 +38,7 @@ import shutil
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import torch
@@ -48,11 +49,13 @@ from nvidia.dali.auto_aug.rand_augment import get_rand_augment_suite
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from PIL import Image
 
-from data.datasets import BadImageError, Split, load_image
-from data.loaders import KINDS, ShardedSampler
+from data.datasets import BadImageError, Split, check_on_bad_image, load_image
+from data.sampler import split_sampler
 from data.transforms import (CUTOUT_AREA, IMAGENET_MEAN, IMAGENET_STD, RAND_AUGMENT_MAX_MAGNITUDE,
                              RAND_AUGMENT_OPS, TRAIN_MIN_SCALE, barlow_twins_min_scale, blur_kernel,
                              translate_padding)
+from data.views import View, empty_batch, views_of
+from data.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +122,9 @@ def _colour_jitter_and_grey(images):
 def _gaussian_blur(images, kernel, p):
     """Gaussian blur, sigma ~ U(0.1, 2), reflected borders, with probability p.
 
-    fn.gaussian_blur is ~5x slower on CPU than two 1-D fn.filter passes with a per-sample kernel
-    built in the graph; a skipped sample gets sigma ~0, i.e. the identity kernel.
+    Two 1-D fn.filter passes with a per-sample kernel built in the graph, because fn.gaussian_blur is
+    several times slower on CPU (docs/results.md, loader); a skipped sample gets sigma ~0, i.e. the
+    identity kernel.
     """
     sigma = _uniform(0.1, 2.0)
     if p < 1:
@@ -134,9 +138,25 @@ def _gaussian_blur(images, kernel, p):
     return fn.filter(fn.filter(images, rows, border="reflect_101"), columns, border="reflect_101")
 
 
-def _barlow_twins_view(images, size, blur_p, solarize_p):
+class _Decoded:
+    """A sample's decoded image in the graph, and its torchvision-style fit per size (_fit), built on
+    first use and shared by the views that start from it (weak_strong's two)."""
+
+    def __init__(self, encoded, gpu):
+        self.images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        self.shape = fn.peek_image_shape(encoded, dtype=types.INT32)   # H, W, C after EXIF orientation
+        self._fitted = {}
+
+    def fit(self, size):
+        if size not in self._fitted:
+            self._fitted[size] = _fit(self.images, self.shape, size)
+        return self._fitted[size]
+
+
+def _barlow_twins_view(decoded, size, blur_p, solarize_p):
     # Crop first: every later op then works on size x size pixels, not on the decoded image.
-    images = fn.random_resized_crop(images, size=[size, size], random_area=[barlow_twins_min_scale(size), 1.0],
+    images = fn.random_resized_crop(decoded.images, size=[size, size],
+                                    random_area=[barlow_twins_min_scale(size), 1.0],
                                     random_aspect_ratio=[3 / 4, 4 / 3], interp_type=types.INTERP_CUBIC,
                                     antialias=True)
     images = _colour_jitter_and_grey(images)
@@ -148,8 +168,8 @@ def _barlow_twins_view(images, size, blur_p, solarize_p):
     return _normalise(images)
 
 
-def _train_view(images, size):
-    images = fn.random_resized_crop(images, size=[size, size], random_area=[TRAIN_MIN_SCALE, 1.0],
+def _train_view(decoded, size):
+    images = fn.random_resized_crop(decoded.images, size=[size, size], random_area=[TRAIN_MIN_SCALE, 1.0],
                                     random_aspect_ratio=[3 / 4, 4 / 3], interp_type=types.INTERP_LINEAR,
                                     antialias=True)
     return _normalise(images)
@@ -190,37 +210,45 @@ def _cutout(normalised, size):
     return fn.erase(normalised, anchor=anchor, shape=shape, axis_names="HW", fill_value=0.0)
 
 
+def _weak_view(decoded, size):
+    return _normalise(_reflect_translate(decoded.fit(size), size))
+
+
+def _strong_view(decoded, size):
+    return _cutout(_normalise(_rand_augment(_reflect_translate(decoded.fit(size), size), size)), size)
+
+
+def _evaluate_view(decoded, size):
+    return _normalise(decoded.fit(size), evaluate=True)
+
+
+# data.views' augmentation names -> graphs (_Decoded, size -> view): data.transforms.AUGMENTATIONS' twins.
+_AUGMENTATIONS = {
+    "barlow_twins_blurred": partial(_barlow_twins_view, blur_p=1.0, solarize_p=0.0),
+    "barlow_twins_solarized": partial(_barlow_twins_view, blur_p=0.1, solarize_p=0.2),
+    "train": _train_view,
+    "weak": _weak_view,
+    "strong": _strong_view,
+    "evaluate": _evaluate_view,
+}
+
+
 @pipeline_def(enable_conditionals=True)
-def _pipeline(file_list, kind, size, scales, gpu):
+def _pipeline(file_list, views, gpu):
     encoded, row = fn.readers.file(file_list=file_list, random_shuffle=False, pad_last_batch=True, name="reader")
-    images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
-    image_shape = fn.peek_image_shape(encoded, dtype=types.INT32)   # H, W, C after EXIF orientation
-    if kind == "barlow_twins":
-        views = [_barlow_twins_view(images, size, blur_p=1.0, solarize_p=0.0),
-                 _barlow_twins_view(images, size, blur_p=0.1, solarize_p=0.2)]
-    elif kind == "train":
-        views = [_train_view(images, size)]
-    elif kind == "weak":
-        views = [_normalise(_reflect_translate(_fit(images, image_shape, size), size))]
-    elif kind == "weak_strong":
-        fitted = _fit(images, image_shape, size)
-        weak = _reflect_translate(fitted, size)
-        strong = _rand_augment(_reflect_translate(fitted, size), size)
-        views = [_normalise(weak), _cutout(_normalise(strong), size)]
-    else:  # eval
-        views = [_normalise(_fit(images, image_shape, s), evaluate=True) for s in scales]
-    return (*views, row)
+    decoded = _Decoded(encoded, gpu)
+    return (*(_AUGMENTATIONS[view.augmentation](decoded, view.size) for view in views), row)
 
 
 _graph_lock = threading.Lock()
-_graphs: dict[tuple, bytes] = {}   # (kind, size, scales, gpu) -> serialized graph, traced once per process
+_graphs: dict[tuple, bytes] = {}   # (views, gpu) -> serialized graph, traced once per process
 _file_list_dir: list[str] = []
 
 
-def _build_pipeline(rows_and_files, kind, size, scales, gpu, seed, **params):
+def _build_pipeline(rows_and_files, views: tuple[View, ...], gpu, seed, **params):
     """A built pipeline reading `rows_and_files` in order.
 
-    Tracing a graph takes seconds (RandAugment's branches ~10 s), so each graph is traced once per
+    Tracing a graph takes seconds (longest with RandAugment's branches), so each graph is traced once per
     process with its reader on this process's one file list, serialized, and deserialized per pipeline
     after rewriting that list (the reader reads it when the pipeline is built, under the lock).
     """
@@ -231,10 +259,9 @@ def _build_pipeline(rows_and_files, kind, size, scales, gpu, seed, **params):
         file_list = os.path.join(_file_list_dir[0], "files.txt")
         with open(file_list, "w", encoding="utf-8") as f:   # "path label", the label being the row
             f.writelines(f"{path} {row}\n" for row, path in rows_and_files)
-        key = (kind, size, tuple(scales), gpu)
+        key = (views, gpu)
         if key not in _graphs:
-            _graphs[key] = _pipeline(file_list=file_list, kind=kind, size=size, scales=scales, gpu=gpu,
-                                     **params).serialize()
+            _graphs[key] = _pipeline(file_list=file_list, views=views, gpu=gpu, **params).serialize()
         pipe = Pipeline.deserialize(serialized_pipeline=_graphs[key], seed=seed, **params)
         pipe.build()
     return pipe
@@ -363,13 +390,13 @@ def _gpu_device_id(device: torch.device) -> int | None:
     visible = torch.cuda.device_count()
     index = 0 if device.index is None else device.index
     if index >= visible:
-        raise ValueError(f"DALI loader on device {device}: cannot build a GPU pipeline, {visible} CUDA device(s) "
+        raise InputError(f"DALI loader on device {device}: cannot build a GPU pipeline, {visible} CUDA device(s) "
                          f"visible")
     return index
 
 
 class DaliLoader:
-    """Same interface and batches as data.loaders.Loader: .steps_per_epoch, .epoch(), .stream()."""
+    """A data.loaders.BatchLoader (.steps_per_epoch, .epoch(), .stream()) giving data.loaders.Loader's batches."""
 
     def __init__(self, split: Split, kind: str, *, image_size: int, global_batch: int, rank: int = 0,
                  world: int = 1, seed: int = 0, shuffle: bool = True, drop_last: bool = True, workers: int = 2,
@@ -377,24 +404,17 @@ class DaliLoader:
                  device: torch.device | str = "cpu", scanned: dict | None = None):
         """`device`: the torch device the training runs on. `scanned`: scan_files(split.paths) computed
         elsewhere (rank 0, broadcast); None scans here."""
-        if kind not in KINDS:
-            raise ValueError(f"loader kind {kind!r}: expected one of {', '.join(KINDS)}")
-        if on_bad_image not in ("error", "skip"):
-            raise ValueError(f"on_bad_image: expected 'error' or 'skip', got {on_bad_image!r}")
-        self.sampler = ShardedSampler(len(split), global_batch, rank=rank, world=world, seed=seed, shuffle=shuffle,
-                                      drop_last=drop_last)
-        if self.sampler.steps_per_epoch == 0:
-            raise ValueError(f"split {split.name!r} has {len(split)} rows: not enough for one step of global batch "
-                             f"{global_batch}{' with drop_last' if drop_last else ''}")
-        self.split, self.kind, self.image_size, self.seed = split, kind, image_size, seed
-        self.scales = list(scales or [image_size])
-        self.view_sizes = self.scales if kind == "eval" else [image_size] * (1 if kind in ("train", "weak") else 2)
+        self.views = tuple(views_of(kind, image_size, scales))
+        check_on_bad_image(on_bad_image)
+        self.sampler = split_sampler(split, global_batch, rank=rank, world=world, seed=seed, shuffle=shuffle,
+                                     drop_last=drop_last)
+        self.split, self.seed = split, seed
         self.threads = max(1, workers)
         self.device_id = _gpu_device_id(torch.device(device))
         self.gpu = self.device_id is not None
         unlistable = next((p for p in split.paths if _UNLISTABLE.search(p)), None)
         if unlistable is not None:
-            raise ValueError(f"split {split.name!r}: {os.path.relpath(unlistable, split.root)!r}: DALI's file list "
+            raise InputError(f"split {split.name!r}: {os.path.relpath(unlistable, split.root)!r}: DALI's file list "
                              "cannot hold a path with a line break or ending in whitespace; expected the file "
                              "renamed, or data.backend=torch")
         self.on_bad_image = on_bad_image
@@ -442,7 +462,7 @@ class DaliLoader:
         raised) or changed ones converted, a new pipeline, seeded afresh, reads on from the failing step. A
         failure where no file changed is DALI's own and keeps its traceback.
         """
-        outputs = [f"view{i}" for i in range(len(self.view_sizes))]
+        outputs = [f"view{i}" for i in range(len(self.views))]
         iterator, k = None, 0
         while k < len(steps):
             if len(steps[k]) == 0:
@@ -465,8 +485,8 @@ class DaliLoader:
     def _iterator(self, steps, outputs, seed):
         """A DALI iterator over the rows of `steps`, bad rows read as their stand-ins (it reads a batch ahead)."""
         rows = self.stand_in[np.concatenate(steps)]
-        pipe = _build_pipeline(((r, self.files[r]) for r in rows), self.kind, self.image_size, self.scales,
-                               self.gpu, seed, batch_size=self.sampler.global_batch // self.sampler.world,
+        pipe = _build_pipeline(((r, self.files[r]) for r in rows), self.views, self.gpu, seed,
+                               batch_size=self.sampler.global_batch // self.sampler.world,
                                num_threads=self.threads, device_id=self.device_id, prefetch_queue_depth=2)
         return DALIGenericIterator([pipe], output_map=[*outputs, "row"], reader_name="reader",
                                    last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
@@ -510,7 +530,4 @@ class DaliLoader:
         return torch.full_like(index, -1) if self.labels is None else self.labels[index]
 
     def _empty_batch(self):
-        device = torch.device("cuda", self.device_id) if self.gpu else torch.device("cpu")
-        index = torch.empty(0, dtype=torch.int64)
-        return {"views": [torch.empty(0, 3, s, s, device=device) for s in self.view_sizes],
-                "label": index.clone(), "index": index}
+        return empty_batch(self.views, torch.device("cuda", self.device_id) if self.gpu else torch.device("cpu"))

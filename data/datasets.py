@@ -10,18 +10,19 @@ import csv
 import logging
 import os
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from data.errors import InputError
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("labeled", "val", "test", "unlabeled")
 
 
-class BadImageError(ValueError):
+class BadImageError(InputError):
     """An image file that cannot be decoded (missing, empty, truncated, corrupt)."""
 
     def __init__(self, path, reason=""):
@@ -50,16 +51,16 @@ def read_classes(root) -> list[str]:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except OSError as e:
-        raise ValueError(f"{path}: cannot read the class list ({e.strerror})") from None
+        raise InputError(f"{path}: cannot read the class list ({e.strerror})") from None
     seen = {}
     for lineno, name in enumerate(lines, start=1):
         if not name.strip():
-            raise ValueError(f"{path}:{lineno}: expected a class name, got an empty line")
+            raise InputError(f"{path}:{lineno}: expected a class name, got an empty line")
         if name in seen:
-            raise ValueError(f"{path}:{lineno}: class {name!r} already named on line {seen[name]}")
+            raise InputError(f"{path}:{lineno}: class {name!r} already named on line {seen[name]}")
         seen[name] = lineno
     if not lines:
-        raise ValueError(f"{path}: expected at least one class name, the file is empty")
+        raise InputError(f"{path}: expected at least one class name, the file is empty")
     return lines
 
 
@@ -85,7 +86,7 @@ def _first_bad_line(csv_path: str, rows: list, is_bad, expected: str):
     """Raises naming the first row for which `is_bad(row)` holds (line numbers count the header)."""
     for lineno, row in enumerate(rows, start=2):
         if is_bad(row):
-            raise ValueError(f"{csv_path}:{lineno}: expected {expected}, got {row!r}")
+            raise InputError(f"{csv_path}:{lineno}: expected {expected}, got {row!r}")
 
 
 def split_csv(root, name) -> str:
@@ -94,7 +95,7 @@ def split_csv(root, name) -> str:
         return os.path.join(os.path.abspath(root), f"{name}.csv")
     if str(name).endswith(".csv"):
         return str(name)
-    raise ValueError(f"split {name!r}: expected one of {', '.join(SPLITS)} or a path ending in .csv")
+    raise InputError(f"split {name!r}: expected one of {', '.join(SPLITS)} or a path ending in .csv")
 
 
 def read_split(root, name) -> Split:
@@ -111,12 +112,12 @@ def read_split(root, name) -> Split:
         with open(csv_path, newline="", encoding="utf-8") as f:
             header, *rows = list(csv.reader(f)) or [None]
     except OSError as e:
-        raise ValueError(f"{csv_path}: cannot read the split ({e.strerror})") from None
+        raise InputError(f"{csv_path}: cannot read the split ({e.strerror})") from None
     if not header or header[0] != "path":
-        raise ValueError(f"{csv_path}:1: expected a header starting with 'path' (path,label), got {header}")
+        raise InputError(f"{csv_path}:1: expected a header starting with 'path' (path,label), got {header}")
     label_col = header.index("label") if "label" in header else None
     if label_col is None and split_name in ("labeled", "val", "test"):
-        raise ValueError(f"{csv_path}:1: expected a 'label' column in the header, got {header}")
+        raise InputError(f"{csv_path}:1: expected a 'label' column in the header, got {header}")
     width = len(header)
     if any(len(row) != width for row in rows):
         _first_bad_line(csv_path, rows, lambda row: len(row) != width, f"{width} fields ({','.join(header)})")
@@ -146,16 +147,25 @@ def labeled_with_pseudo_labels(root, labeled: str, pseudo_labels: str = "") -> S
         return split
     pseudo = read_split(root, pseudo_labels)
     if pseudo.labels is None:
-        raise ValueError(f"{pseudo_labels}:1: expected a 'label' column")
+        raise InputError(f"{pseudo_labels}:1: expected a 'label' column")
     unlabeled = set(read_split(root, "unlabeled").paths)
     for row, path in enumerate(pseudo.paths, start=2):
         if path not in unlabeled:
-            raise ValueError(f"{pseudo_labels}:{row}: {os.path.relpath(path, pseudo.root)} "
+            raise InputError(f"{pseudo_labels}:{row}: {os.path.relpath(path, pseudo.root)} "
                              f"is not an image of unlabeled.csv")
-    known = set(split.paths)
-    keep = np.array([p not in known for p in pseudo.paths], bool)
-    return Split(split.root, f"{split.name}+pseudo", split.paths + [p for p, k in zip(pseudo.paths, keep) if k],
-                 np.concatenate([split.labels, pseudo.labels[keep]]), None)
+    pseudo = without(pseudo, split.paths)
+    return Split(split.root, f"{split.name}+pseudo", split.paths + pseudo.paths,
+                 np.concatenate([split.labels, pseudo.labels]), None)
+
+
+def without(split: Split, paths) -> Split:
+    """`split` less its images in `paths` (labels and hidden labels stay with their rows): the unlabeled
+    pool once the labeled or pseudo-labeled images are taken out of it."""
+    taken = set(paths)
+    keep = np.array([p not in taken for p in split.paths], bool)
+    labels = None if split.labels is None else split.labels[keep]
+    hidden = None if split.hidden_labels is None else split.hidden_labels[keep]
+    return replace(split, paths=[p for p, k in zip(split.paths, keep) if k], labels=labels, hidden_labels=hidden)
 
 
 def _canonical(split: Split) -> list[str]:
@@ -209,19 +219,19 @@ def check_dataset(root, labeled: str = "labeled") -> list[str]:
     root = os.path.abspath(root)
     classes = read_classes(root)
     if len(classes) < 2:
-        raise ValueError(f"{os.path.join(root, 'classes.txt')}: expected at least two classes, got "
+        raise InputError(f"{os.path.join(root, 'classes.txt')}: expected at least two classes, got "
                          f"{len(classes)} ({_some(classes)})")
     names = {"labeled": labeled, "val": "val", "test": "test", "unlabeled": "unlabeled"}
     splits = {role: read_split(root, name) for role, name in names.items()}
     csvs = {role: split_csv(root, name) for role, name in names.items()}
     if splits["labeled"].labels is None:
-        raise ValueError(f"{csvs['labeled']}:1: expected a 'label' column")
+        raise InputError(f"{csvs['labeled']}:1: expected a 'label' column")
     keys = {role: _canonical(split) for role, split in splits.items()}
     sets = {role: set(paths) for role, paths in keys.items()}
     for role, paths in keys.items():
         if len(sets[role]) < len(paths):
             first, again = _first_repeat(paths)
-            raise ValueError(f"{csvs[role]}:{again + 2}: {_relative(root, splits[role].paths[again])} is already "
+            raise InputError(f"{csvs[role]}:{again + 2}: {_relative(root, splits[role].paths[again])} is already "
                              f"listed on line {first + 2}: expected each image once per split "
                              f"({len(paths) - len(sets[role])} repeated row(s))")
     for one, two in (("labeled", "val"), ("labeled", "test"), ("val", "test"), ("val", "unlabeled"),
@@ -240,12 +250,12 @@ def check_dataset(root, labeled: str = "labeled") -> list[str]:
             problem = f"in both {where}: expected no {one} image in unlabeled.csv, where training would see it"
         else:
             problem = f"in both {where}: expected labeled, val and test to share no image"
-        raise ValueError(f"{_relative(root, splits[two].paths[j])} is {problem} ({len(shared)} shared)")
+        raise InputError(f"{_relative(root, splits[two].paths[j])} is {problem} ({len(shared)} shared)")
     missing = [(role, row) for role in ("labeled", "val", "test")
                for row, path in enumerate(splits[role].paths) if not os.path.isfile(path)]
     if missing:
         role, row = missing[0]
-        raise ValueError(f"{csvs[role]}:{row + 2}: {_relative(root, splits[role].paths[row])}: no such file "
+        raise InputError(f"{csvs[role]}:{row + 2}: {_relative(root, splits[role].paths[row])}: no such file "
                          f"({len(missing)} of the labeled, val and test files are missing)")
 
     warnings = []
@@ -298,6 +308,13 @@ def load_image(path) -> Image.Image:
         raise BadImageError(path, f"cannot decode ({type(e).__name__}: {e})") from None
 
 
+def check_on_bad_image(on_bad_image: str) -> None:
+    """Raises unless `on_bad_image` is "error" (a bad image raises) or "skip" (the next decodable row
+    stands in for it): the two policies of ImageDataset and of data.dali's DaliLoader."""
+    if on_bad_image not in ("error", "skip"):
+        raise InputError(f"on_bad_image: expected 'error' or 'skip', got {on_bad_image!r}")
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A well-mixed 64-bit seed per (seed, epoch, sample), independent of workers, ranks and resume."""
     return int(np.random.SeedSequence((seed, epoch, index)).generate_state(1, np.uint64)[0])
@@ -312,8 +329,7 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, split: Split, transform, seed: int = 0, on_bad_image: str = "error"):
-        if on_bad_image not in ("error", "skip"):
-            raise ValueError(f"on_bad_image: expected 'error' or 'skip', got {on_bad_image!r}")
+        check_on_bad_image(on_bad_image)
         self.split, self.transform, self.seed, self.on_bad_image = split, transform, seed, on_bad_image
         self.epoch = 0
         self.bad_images: set[str] = set()   # undecodable files met by this process (warned once each)

@@ -1,12 +1,14 @@
 """torchvision augmentations: PIL RGB image -> float32 CHW tensor, ImageNet-normalised, size x size.
 
 Every random draw goes through torch's global RNG, which ImageDataset seeds per sample.
-Geometry and colour run on the PIL image (PIL's colour and RandAugment kernels are 2-3x faster
-than torchvision's tensor kernels on small CPU images), blur and solarize on uint8 tensors.
+Geometry and colour run on the PIL image (PIL's colour and RandAugment kernels are faster than
+torchvision's tensor kernels on small CPU images: docs/results.md, loader), blur and solarize on uint8
+tensors.
 """
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torchvision.transforms import v2
@@ -71,12 +73,6 @@ def _barlow_twins_view(size, blur_p, solarize_p):
     )
 
 
-def barlow_twins(size) -> MultiView:
-    """The two asymmetric Barlow Twins views: blur always / solarize never, blur 10% / solarize 20%."""
-    return MultiView(_barlow_twins_view(size, blur_p=1.0, solarize_p=0.0),
-                     _barlow_twins_view(size, blur_p=0.1, solarize_p=0.2))
-
-
 def train(size):
     """Labeled fine-tuning: a mild random resized crop (labels are scarce; keep most of the object) + flip."""
     return _pipeline([v2.RandomResizedCrop(size, scale=(TRAIN_MIN_SCALE, 1.0)), v2.RandomHorizontalFlip()])
@@ -106,3 +102,20 @@ def strong(size, num_ops=RAND_AUGMENT_OPS, max_magnitude=RAND_AUGMENT_MAX_MAGNIT
 def evaluate(size):
     """Deterministic evaluation view: shorter side resized to `size`, longer side centre-trimmed."""
     return _pipeline(_fit(size))
+
+
+# data.views' augmentation names -> pipeline builders (size -> pipeline); data.dali holds their DALI twins.
+AUGMENTATIONS = {
+    # Barlow Twins' asymmetric pair: blur always / solarize never, blur 10% / solarize 20%.
+    "barlow_twins_blurred": partial(_barlow_twins_view, blur_p=1.0, solarize_p=0.0),
+    "barlow_twins_solarized": partial(_barlow_twins_view, blur_p=0.1, solarize_p=0.2),
+    "train": train,
+    "weak": weak,
+    "strong": strong,
+    "evaluate": evaluate,
+}
+
+
+def multi_view(views) -> MultiView:
+    """The pipelines of data.views.View `views` (augmentation, size), in order, over one image."""
+    return MultiView(*(AUGMENTATIONS[view.augmentation](view.size) for view in views))

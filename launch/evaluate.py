@@ -18,49 +18,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import itertools  # noqa: E402
-
-import torch  # noqa: E402
-
 from data.datasets import read_classes, read_split  # noqa: E402
 from trainer import config, dist, engine  # noqa: E402
 from trainer.config import EvaluateConfig  # noqa: E402
 from trainer.knn import faiss_gpu, knn_accuracy  # noqa: E402
 from trainer.loading import eval_loader  # noqa: E402
 from trainer.models import build_backbone, load_backbone_weights, load_classifier  # noqa: E402
-from trainer.predict import embed, outputs  # noqa: E402
-
-
-def tta_probabilities(per_scale: torch.Tensor) -> torch.Tensor:
-    """(scales, N, C) softmax probabilities -> (N, C) their mean over the scales."""
-    return per_scale.mean(0)
-
-
-def scale_probabilities(model, views) -> torch.Tensor:
-    """(scales, N, C): the model's softmax on each scale's view of the batch."""
-    return torch.stack([torch.softmax(model(v).float(), 1) for v in views])
-
-
-def scale_subsets(num_scales: int, mode: str) -> list[tuple[int, ...]]:
-    """TTA candidates as tuples of scale indices: all the scales, or (mode "val") every non-empty
-    subset, fewest scales first so that a tie on val goes to the cheaper one."""
-    if mode == "all":
-        return [tuple(range(num_scales))]
-    return [c for size in range(1, num_scales + 1) for c in itertools.combinations(range(num_scales), size)]
-
-
-@torch.no_grad()
-def hit_counts(model, loader, labels, num_scales, subsets, rt, precision) -> torch.Tensor:
-    """(scales + subsets, 3) top-1 hits, top-5 hits and images per scale, then per TTA subset, summed over ranks."""
-    model.eval()
-    counts = torch.zeros(num_scales + len(subsets), 3, dtype=torch.float64)
-    for index, per_scale in outputs(lambda views: scale_probabilities(model, views), loader, rt, precision):
-        probs = torch.cat([per_scale, *(tta_probabilities(per_scale[list(s)])[None] for s in subsets)])
-        y = torch.from_numpy(labels[index.numpy()])
-        hit = probs.topk(min(5, probs.shape[2]), dim=2).indices == y[None, :, None]
-        batch = torch.stack([hit[..., 0].sum(1), hit.any(2).sum(1), torch.full((len(probs),), len(y))], 1)
-        counts += batch.double()
-    return dist.all_reduce_(counts)
+from trainer.predict import embed  # noqa: E402
+from trainer.tta import best_subset, hit_counts, scale_subsets, top1_top5  # noqa: E402
 
 
 def labeled_splits(cfg) -> dict:
@@ -74,12 +39,7 @@ def labeled_splits(cfg) -> dict:
 
 
 def classifier(cfg):
-    model, arch = load_classifier(cfg.evaluate.model)
-    num_classes = len(read_classes(cfg.data.root))
-    if arch["num_classes"] != num_classes:
-        raise engine.StageError(f"{cfg.evaluate.model}: a {arch['num_classes']}-class model, but "
-                                f"{cfg.data.root}/classes.txt names {num_classes} classes")
-    return model
+    return load_classifier(cfg.evaluate.model, num_classes=len(read_classes(cfg.data.root)))[0]
 
 
 def backbone(cfg):
@@ -93,12 +53,11 @@ def evaluate_classifier(cfg, model, splits, rt, run) -> dict:
     scales, subsets = cfg.evaluate.scales, scale_subsets(len(cfg.evaluate.scales), cfg.evaluate.tta)
     results, chosen = {}, subsets[0]
     for name, split in splits.items():   # val first: in tta=val mode it picks the subset test is scored with
-        counts = hit_counts(model, eval_loader(split, cfg, rt, cfg.inference.batch_size, scales), split.labels, len(scales), subsets, rt,
-                            cfg.inference.precision)
-        scores = [{"top1": (c[0] / c[2]).item(), "top5": (c[1] / c[2]).item()} for c in counts]
-        per_scale, per_subset = scores[:len(scales)], dict(zip(subsets, scores[len(scales):]))
-        if name == "val" and len(subsets) > 1:
-            chosen = max(subsets, key=lambda s: per_subset[s]["top1"])   # max keeps the first of equals
+        loader = eval_loader(split, cfg, rt, cfg.inference.batch_size, scales)
+        counts = hit_counts(model, loader, split.labels, len(scales), subsets, rt, cfg.inference.precision)
+        per_scale, per_subset = top1_top5(counts, len(scales), subsets)
+        if name == "val":
+            chosen = best_subset(per_subset)
         results[name] = {"images": int(counts[0, 2]), "scales": dict(zip(map(str, scales), per_scale)),
                          "tta": per_subset[chosen], "tta_scales": [scales[i] for i in chosen]}
         run.say(f"{name}: top-1 " + ", ".join(f"{s} px {r['top1']:.4f}" for s, r in zip(scales, per_scale))

@@ -9,15 +9,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import copy  # noqa: E402
-import time  # noqa: E402
-
 import torch.nn.functional as F  # noqa: E402
 
 from data.datasets import labeled_with_pseudo_labels, read_classes, read_split  # noqa: E402
 from trainer import dist, engine, optim, schedule  # noqa: E402
 from trainer.loading import eval_loader, loader  # noqa: E402
 from trainer.config import FinetuneConfig  # noqa: E402
+from trainer.loop import BestModel, Loop  # noqa: E402
 from trainer.models import Classifier, build_backbone, classifier_arch, load_backbone_weights, save_classifier  # noqa: E402
 from trainer.predict import accuracy  # noqa: E402
 
@@ -45,53 +43,39 @@ def main(argv=None):
                                      cfg.optim.weight_decay, cfg.optim.momentum, cfg.optim.nesterov)
     scaler = engine.grad_scaler(cfg.train.precision, rt.device)
     run = engine.Run("finetune", cfg, rt)   # every check has passed: the first write
-    state = run.resume(model, optimizer, scaler)
-    best = {"top1": state.get("best_top1", -1.0), "epoch": state.get("best_epoch", -1),
-            "model": state.get("best_model")}
-    ddp = dist.wrap_ddp(model, rt)
-
     total, warmup = schedule.plan(cfg.train.epochs, cfg.train.max_steps, cfg.optim.warmup_epochs,
                                   train_loader.steps_per_epoch)
+    best = BestModel()
+    loop = Loop(run, train_loader, optimizer, {"model": model, "optimizer": optimizer, "scaler": scaler,
+                                               "best": best},
+                total=total, warmup=warmup, images_per_step=B, final_lr_factor=0.0)
+    loop.resume()
+    ddp = dist.wrap_ddp(model, rt)   # after resume: DDP starts every rank from rank 0's weights
     run.say(f"{len(train.paths)} training images ({train.name}), {num_classes} classes, init "
             f"{cfg.finetune.init or 'random'}, {train_loader.steps_per_epoch} steps/epoch, {total} steps")
-    step, epoch, start = state["step"], state["epoch"], state["step_in_epoch"]
-    bar = run.progress(total, step)
-    while step < total:
-        t0, seen = time.time(), 0
-        for i, batch in enumerate(train_loader.epoch(epoch, start), start=start):
-            schedule.apply_lr(optimizer, schedule.lr_factor(step, total, warmup, final_factor=0.0))
-            x, y = batch["views"][0].to(rt.device, non_blocking=True), batch["label"].to(rt.device)
-            with engine.autocast(cfg.train.precision, rt.device):
-                loss = F.cross_entropy(ddp(x).float(), y)
-            engine.step_optimizer(loss, optimizer, scaler, step, cfg.train.on_nan)
-            step, seen = step + 1, seen + B
-            bar.update()
-            if step % cfg.run.log_every == 0 or step == total:
-                loss_value = dist.all_reduce_mean_(loss.detach().float()).item()
-                bar.set_postfix(loss=f"{loss_value:.3f}")
-                run.log(epoch=epoch, step=step, loss=loss_value, lr=optimizer.param_groups[0]["lr"],
-                        img_s=round(seen / (time.time() - t0), 1))
-            if step == total:
-                break
-            if step % cfg.run.checkpoint_every == 0 and i + 1 < train_loader.steps_per_epoch:
-                run.save_checkpoint(model, optimizer, scaler, step, epoch, i + 1, best_top1=best["top1"],
-                                    best_epoch=best["epoch"], best_model=best["model"])
-        epoch, start = epoch + 1, 0
-        if epoch % cfg.finetune.eval_every == 0 or step == total:
-            val = accuracy(model, val_loader, rt, cfg.train.precision)
-            run.log(epoch=epoch, step=step, val_top1=val["top1"], val_top5=val["top5"])
-            if val["top1"] > best["top1"]:
-                best = {"top1": val["top1"], "epoch": epoch, "model": copy.deepcopy(model.state_dict())}
-        run.save_checkpoint(model, optimizer, scaler, step, epoch, 0, best_top1=best["top1"],
-                            best_epoch=best["epoch"], best_model=best["model"])
-    bar.close()
 
-    model.load_state_dict(best["model"])
-    run.log(event="done", best_epoch=best["epoch"], val_top1=best["top1"])   # before model.pt: see pipeline
+    def train_step(batch, step) -> dict:
+        x, y = batch["views"][0].to(rt.device, non_blocking=True), batch["label"].to(rt.device)
+        with engine.autocast(cfg.train.precision, rt.device):
+            loss = F.cross_entropy(ddp(x).float(), y)
+        engine.step_optimizer(loss, optimizer, scaler, step, cfg.train.on_nan)
+        return {"loss": loss}
+
+    def evaluate(epoch, step, img_s) -> dict:
+        if epoch % cfg.finetune.eval_every and step < total:
+            return {}
+        val = accuracy(model, val_loader, rt, cfg.train.precision)
+        best.offer(val["top1"], epoch, model)
+        return {"val_top1": val["top1"], "val_top5": val["top5"]}
+
+    loop.run_epochs(train_step, evaluate)
+
+    model.load_state_dict(best.weights)
+    run.log(event="done", best_epoch=best.epoch, val_top1=best.top1)   # before model.pt: see pipeline
     if rt.is_main:
         save_classifier(model, classifier_arch(cfg.model, num_classes), run.path("model.pt"))
     dist.barrier()   # in-process callers (pseudolabel) read model.pt on every rank next
-    run.say(f"best val top-1 {best['top1']:.4f} at epoch {best['epoch']}; wrote {run.path('model.pt')}")
+    run.say(f"best val top-1 {best.top1:.4f} at epoch {best.epoch}; wrote {run.path('model.pt')}")
 
 
 if __name__ == "__main__":

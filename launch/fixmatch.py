@@ -14,45 +14,28 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import copy  # noqa: E402
-import dataclasses  # noqa: E402
-import itertools  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from data.datasets import labeled_with_pseudo_labels, read_classes, read_split  # noqa: E402
+from data.datasets import labeled_with_pseudo_labels, read_classes, read_split, without  # noqa: E402
 from data.loaders import resolve_backend  # noqa: E402
-from trainer import dist, engine, optim, schedule  # noqa: E402
+from trainer import batchnorm, dist, engine, optim, schedule  # noqa: E402
 from trainer.config import FixmatchConfig  # noqa: E402
 from trainer.ema import EMA  # noqa: E402
-from trainer.fixmatch import fixmatch_loss  # noqa: E402
+from trainer.fixmatch import EPOCH_SUMS, epoch_summary, fixmatch_loss, step_sums  # noqa: E402
 from trainer.loading import eval_loader, loader  # noqa: E402
+from trainer.loop import BestModel, EpochSums, Loop  # noqa: E402
 from trainer.models import load_classifier, save_classifier  # noqa: E402
 from trainer.predict import accuracy  # noqa: E402
-
-# Per-epoch sums, kept on the device so no step waits for the host; saved in checkpoints so a
-# resumed epoch reports the same figures as an uninterrupted one.
-STATS = ("loss", "loss_s", "loss_u", "steps", "unlabeled", "masked", "pseudo_hits", "masked_pseudo_hits")
-
 
 def splits(cfg):
     """(labeled + pseudo-labeled, unlabeled without the pseudo-labeled images)."""
     train = labeled_with_pseudo_labels(cfg.data.root, cfg.fixmatch.labeled, cfg.fixmatch.pseudo_labels)
-    unlabeled = read_split(cfg.data.root, "unlabeled")
-    taken = set(train.paths)
-    keep = np.array([p not in taken for p in unlabeled.paths], dtype=bool)
-    if not keep.all():
-        hidden = None if unlabeled.hidden_labels is None else unlabeled.hidden_labels[keep]
-        unlabeled = dataclasses.replace(unlabeled, paths=[p for p, k in zip(unlabeled.paths, keep) if k],
-                                        hidden_labels=hidden)
-    return train, unlabeled
+    return train, without(read_split(cfg.data.root, "unlabeled"), train.paths)
 
 
-def train_step(ddp, labeled, unlabeled, hidden_labels, optimizer, scaler, cfg, device, step):
-    """One forward over [labeled, weak, strong], so BatchNorm normalises with the whole batch's statistics.
-    The statistics row is zero for a skipped step (train.on_nan=skip)."""
+def train_step(ddp, labeled, unlabeled, optimizer, scaler, cfg, device, step):
+    """One forward over [labeled, weak, strong], so BatchNorm normalises with the whole batch's statistics;
+    (the loss parts, whether the weights were updated: not for a skipped step, train.on_nan=skip)."""
     views = [labeled["views"][0], *unlabeled["views"]]
     sizes = [len(v) for v in views]
     x = torch.cat([v.to(device, non_blocking=True) for v in views])
@@ -60,39 +43,7 @@ def train_step(ddp, labeled, unlabeled, hidden_labels, optimizer, scaler, cfg, d
         logits_l, logits_w, logits_s = ddp(x).split(sizes)
     out = fixmatch_loss(logits_l, labeled["label"].to(device), logits_w, logits_s,
                         cfg.fixmatch.threshold, cfg.fixmatch.lambda_u)
-    updated = engine.step_optimizer(out.total, optimizer, scaler, step, cfg.train.on_nan)
-    with torch.no_grad():
-        if hidden_labels is None:   # real unlabeled data: nothing to measure pseudo-labels against
-            hits = torch.zeros_like(out.mask)
-        else:   # simulations only: hidden labels measure the pseudo-labels, never train
-            hits = (out.pseudo_labels == hidden_labels[unlabeled["index"].to(device)]).double()
-        mask = out.mask.double()
-        row = torch.stack([out.total.detach().double(), out.supervised.detach().double(),
-                           out.unsupervised.detach().double(), torch.ones_like(mask[0]),
-                           torch.full_like(mask[0], len(mask)), mask.sum(), hits.sum(), (hits * mask).sum()])
-    return out, row if updated else torch.zeros_like(row)
-
-
-def recalibrate_bn(model, loader, batches, device):
-    """Running statistics of `model`'s own weights, averaged over `batches` batches (torch's SWA helper).
-
-    The EMA copies the live model's buffers, which belong to other weights and to a batch that is
-    mostly strong views; evaluation sees clean images.
-    """
-    images = (batch["views"][0] for batch in itertools.islice(loader.epoch(0), batches))
-    torch.optim.swa_utils.update_bn(images, model, device)
-
-
-def summarise(sums: torch.Tensor, has_hidden: bool) -> dict:
-    """Means over the epoch and over ranks (every rank has the same number of steps and images)."""
-    s = dict(zip(STATS, dist.all_reduce_mean_(sums.clone()).tolist()))
-    steps = max(s["steps"], 1)
-    out = {"loss": s["loss"] / steps, "loss_s": s["loss_s"] / steps, "loss_u": s["loss_u"] / steps,
-           "mask_rate": s["masked"] / max(s["unlabeled"], 1)}
-    if has_hidden:
-        out["pseudo_acc"] = s["pseudo_hits"] / max(s["unlabeled"], 1)
-        out["pseudo_acc_masked"] = s["masked_pseudo_hits"] / s["masked"] if s["masked"] else None
-    return out
+    return out, engine.step_optimizer(out.total, optimizer, scaler, step, cfg.train.on_nan)
 
 
 def main(argv=None):
@@ -116,92 +67,60 @@ def main(argv=None):
                  if cfg.fixmatch.bn_batches else None)
     hidden = None if unlabeled.hidden_labels is None else torch.as_tensor(unlabeled.hidden_labels).to(rt.device)
 
-    model, arch = load_classifier(cfg.fixmatch.init)
-    if arch["num_classes"] != num_classes:
-        raise engine.StageError(f"fixmatch.init={cfg.fixmatch.init}: a model for {arch['num_classes']} classes, "
-                                f"but {cfg.data.root}/classes.txt has {num_classes}")
+    model, arch = load_classifier(cfg.fixmatch.init, num_classes=num_classes)
     model = rt.place(dist.sync_batchnorm(model))
     ema = EMA(model, cfg.fixmatch.ema)
     optimizer = optim.classifier_sgd(model, cfg.optim.lr_backbone, cfg.optim.lr_head, cfg.optim.weight_decay,
                                      cfg.optim.momentum, cfg.optim.nesterov)
     scaler = engine.grad_scaler(cfg.train.precision, rt.device)
     run = engine.Run("fixmatch", cfg, rt)   # every check has passed: the first write
-    state = run.resume(model, optimizer, scaler)
-    if "ema" in state:
-        ema.load_state_dict(state["ema"])
-    best = {"top1": state.get("best_top1", -1.0), "epoch": state.get("best_epoch", -1),
-            "model": state.get("best_model")}
-    sums = state.get("epoch_stats", torch.zeros(len(STATS), dtype=torch.float64)).to(rt.device)
-    ddp = dist.wrap_ddp(model, rt)
-
-    steps_per_epoch = unlabeled_loader.steps_per_epoch
-    total, warmup = schedule.plan(cfg.train.epochs, cfg.train.max_steps, cfg.optim.warmup_epochs, steps_per_epoch)
-    images_per_step = B + 2 * U
+    total, warmup = schedule.plan(cfg.train.epochs, cfg.train.max_steps, cfg.optim.warmup_epochs,
+                                  unlabeled_loader.steps_per_epoch)
+    best, sums = BestModel(), EpochSums(EPOCH_SUMS, rt.device)
+    loop = Loop(run, unlabeled_loader, optimizer, {"model": model, "optimizer": optimizer, "scaler": scaler,
+                                                   "ema": ema, "best": best, "epoch_sums": sums},
+                total=total, warmup=warmup, images_per_step=B + 2 * U, final_lr_factor=0.0)
+    resumed = loop.resume()
+    ddp = dist.wrap_ddp(model, rt)   # after resume: DDP starts every rank from rank 0's weights
     run.say(f"{len(train.paths)} labeled images ({train.name}), {len(unlabeled.paths)} unlabeled, {rt.world} "
-            f"rank(s), batch {B} + {cfg.fixmatch.mu}x{B} unlabeled, {steps_per_epoch} steps/epoch, {total} steps, "
-            f"backend {resolve_backend(cfg.data.backend)}, init {cfg.fixmatch.init}")
-    step, epoch, start = state["step"], state["epoch"], state["step_in_epoch"]
-    if step == 0:
+            f"rank(s), batch {B} + {cfg.fixmatch.mu}x{B} unlabeled, {unlabeled_loader.steps_per_epoch} steps/epoch, "
+            f"{total} steps, backend {resolve_backend(cfg.data.backend)}, init {cfg.fixmatch.init}")
+    if not resumed:   # the starting model competes too: an epoch must beat it on val to replace it
         val = accuracy(model, val_loader, rt, cfg.train.precision)
         run.log(epoch=0, step=0, val_top1=val["top1"], val_top5=val["top5"])
         run.say(f"val top-1 at initialisation: {val['top1']:.4f}")
-        # the starting model competes too: an epoch must beat it on val to replace it
-        best = {"top1": val["top1"], "epoch": 0, "model": copy.deepcopy(ema.model.state_dict())}
+        best.offer(val["top1"], 0, ema.model)
+    labeled_batches = labeled_loader.stream(loop.step)   # the labeled epochs run alongside
 
-    def save(step, epoch, step_in_epoch):
-        run.save_checkpoint(model, optimizer, scaler, step, epoch, step_in_epoch, ema=ema.state_dict(),
-                            epoch_stats=sums.cpu(), best_top1=best["top1"], best_epoch=best["epoch"],
-                            best_model=best["model"])
+    def fixmatch_step(batch, step) -> dict:
+        out, updated = train_step(ddp, next(labeled_batches), batch, optimizer, scaler, cfg, rt.device, step)
+        ema.update(model)
+        if updated:
+            sums.add(step_sums(out, None if hidden is None else hidden[batch["index"].to(rt.device)]))
+        return {"loss": out.total, "loss_s": out.supervised, "loss_u": out.unsupervised, "mask_rate": out.mask.mean()}
 
-    labeled_batches = labeled_loader.stream(step)   # the labeled epochs run alongside, where a resumed run left off
-    bar = run.progress(total, step)
-    while step < total:
-        t0, done = time.time(), 0
-        for i, batch in enumerate(unlabeled_loader.epoch(epoch, start), start=start):
-            schedule.apply_lr(optimizer, schedule.lr_factor(step, total, warmup, final_factor=0.0))
-            out, row = train_step(ddp, next(labeled_batches), batch, hidden, optimizer, scaler, cfg, rt.device,
-                                  step)
-            ema.update(model)
-            sums += row
-            step, done = step + 1, done + 1
-            bar.update()
-            if step % cfg.run.log_every == 0 or step == total:
-                parts = torch.stack([out.total.detach(), out.supervised.detach(), out.unsupervised.detach(),
-                                     out.mask.mean()]).float()
-                loss, loss_s, loss_u, mask = dist.all_reduce_mean_(parts).tolist()
-                img_s = done * images_per_step / (time.time() - t0)
-                bar.set_postfix(loss=f"{loss:.3f}", mask=f"{mask:.2f}", img_s=f"{img_s:.0f}")
-                run.log(epoch=epoch, step=step, loss=loss, loss_s=loss_s, loss_u=loss_u, mask_rate=mask,
-                        lr=optimizer.param_groups[0]["lr"], img_s=round(img_s, 1))
-            if step == total:
-                break
-            if step % cfg.run.checkpoint_every == 0 and i + 1 < steps_per_epoch:
-                save(step, epoch, i + 1)
-        img_s = done * images_per_step / (time.time() - t0)
-        epoch, start = epoch + 1, 0
-        event = {"epoch": epoch, "step": step, **summarise(sums, hidden is not None), "img_s": round(img_s, 1)}
-        sums.zero_()
-        if epoch % cfg.fixmatch.eval_every == 0 or step == total:
-            raw = accuracy(model, val_loader, rt, cfg.train.precision)
-            if cfg.fixmatch.bn_batches:
-                recalibrate_bn(ema.model, bn_loader, cfg.fixmatch.bn_batches, rt.device)
-            averaged = accuracy(ema.model, val_loader, rt, cfg.train.precision)
-            event.update(val_top1=raw["top1"], val_top1_ema=averaged["top1"], val_top5_ema=averaged["top5"])
-            if averaged["top1"] > best["top1"]:
-                best = {"top1": averaged["top1"], "epoch": epoch, "model": copy.deepcopy(ema.model.state_dict())}
-            run.say(f"epoch {epoch}: val top-1 {raw['top1']:.4f}, EMA {averaged['top1']:.4f}; mask rate "
-                    f"{event['mask_rate']:.3f}, pseudo-label accuracy {event.get('pseudo_acc')}, {img_s:.0f} img/s")
-        run.log(**event)
-        save(step, epoch, 0)
-    bar.close()
+    def evaluate(epoch, step, img_s) -> dict:
+        event = {**epoch_summary(sums.mean_over_ranks(), hidden is not None), "img_s": round(img_s, 1)}
+        if epoch % cfg.fixmatch.eval_every and step < total:
+            return event
+        raw = accuracy(model, val_loader, rt, cfg.train.precision)
+        if cfg.fixmatch.bn_batches:
+            batchnorm.recalibrate(ema.model, bn_loader, cfg.fixmatch.bn_batches, rt.device)
+        averaged = accuracy(ema.model, val_loader, rt, cfg.train.precision)
+        best.offer(averaged["top1"], epoch, ema.model)
+        run.say(f"epoch {epoch}: val top-1 {raw['top1']:.4f}, EMA {averaged['top1']:.4f}; mask rate "
+                f"{event['mask_rate']:.3f}, pseudo-label accuracy {event.get('pseudo_acc')}, {img_s:.0f} img/s")
+        return {**event, "val_top1": raw["top1"], "val_top1_ema": averaged["top1"], "val_top5_ema": averaged["top5"]}
 
-    ema.model.load_state_dict(best["model"])
-    run.log(event="done", best_epoch=best["epoch"], val_top1=best["top1"])   # before model.pt: see pipeline
+    loop.run_epochs(fixmatch_step, evaluate)
+
+    ema.model.load_state_dict(best.weights)
+    run.log(event="done", best_epoch=best.epoch, val_top1=best.top1)   # before model.pt: see pipeline
     if rt.is_main:
         save_classifier(ema.model, arch, run.path("model.pt"))
     dist.barrier()   # in-process callers read model.pt on every rank next
-    which = f"epoch {best['epoch']}" if best["epoch"] else "the starting model (no epoch beat it)"
-    run.say(f"best EMA val top-1 {best['top1']:.4f}: {which}; wrote {run.path('model.pt')}")
+    which = f"epoch {best.epoch}" if best.epoch else "the starting model (no epoch beat it)"
+    run.say(f"best EMA val top-1 {best.top1:.4f}: {which}; wrote {run.path('model.pt')}")
 
 
 if __name__ == "__main__":

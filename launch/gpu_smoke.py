@@ -35,9 +35,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from trainer import checkpoint, dist, engine, losses, models, optim  # noqa: E402
+from trainer import checkpoint, dist, engine, losses, models, optim, tta  # noqa: E402
 from trainer.config import EvaluateConfig  # noqa: E402
 from trainer.ema import EMA  # noqa: E402
+from trainer.fixmatch import EPOCH_SUMS, epoch_summary  # noqa: E402
+from trainer.loop import EpochSums  # noqa: E402
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(PROJECT, "configs", "demo")
@@ -225,19 +227,19 @@ def s2_collectives(smoke: Smoke) -> str:
         logits = torch.cat([model(b["views"][0].to(rt.device)).float().cpu() for b in loader.epoch(0)])
     expected = (logits.argmax(1).numpy() == val.labels).mean()
     check(abs(got["top1"] - expected) < 1e-6, f"accuracy {got['top1']} vs counted by hand {expected}")
-    evaluate = engine.stage_module("evaluate")
-    hits = evaluate.hit_counts(model, eval_loader(val, cfg, rt, 32, [32, 40]), val.labels, 2, [(0, 1)], rt, "fp32")
+    hits = tta.hit_counts(model, eval_loader(val, cfg, rt, 32, [32, 40]), val.labels, 2, [(0, 1)], rt, "fp32")
     check(int(hits[0, 2]) == len(val) and hits.device.type == "cpu", f"hit_counts counted {hits[0, 2]} images")
     features = embed(model.backbone, loader, rt, len(val))
     check(features.shape == (len(val), model.backbone.out_dim), f"embed gave {features.shape}")
     out_dir = os.path.join(smoke.out, "s2_predictions")
     write_predictions(model, loader, rt, out_dir, len(val), top_k=2)
     check(np.load(os.path.join(out_dir, "topk_class.npy")).shape == (len(val), 2), "write_predictions")
-    fixmatch = engine.stage_module("fixmatch")
-    summary = fixmatch.summarise(torch.ones(len(fixmatch.STATS), dtype=torch.float64, device=rt.device), True)
-    check(summary["mask_rate"] == 1.0, f"fixmatch summarise gave {summary}")
+    sums = EpochSums(EPOCH_SUMS, rt.device)
+    sums.add({name: torch.ones((), device=rt.device) for name in EPOCH_SUMS})
+    summary = epoch_summary(sums.mean_over_ranks(), True)
+    check(summary["mask_rate"] == 1.0, f"FixMatch epoch sums gave {summary}")
     return "; ".join(notes + ["all_reduce_/mean/sum, objects, barrier, accuracy, hit_counts, embed, "
-                              "write_predictions, fixmatch summarise"])
+                              "write_predictions, FixMatch epoch sums"])
 
 
 def s3_numerics(smoke: Smoke) -> str:

@@ -16,6 +16,7 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
+from launch._stages import script_path, stage_module  # noqa: E402
 from trainer import config, engine, report, rundir  # noqa: E402
 from trainer.config import STAGE_CONFIGS, PipelineConfig  # noqa: E402
 
@@ -47,10 +48,10 @@ STAGES = [
 
 def run_stage(script: str, argv: list[str], nproc: int):
     if nproc == 1:   # inline: a killed pipeline leaves no orphan behind
-        engine.stage_module(script).main(argv)
+        stage_module(script).main(argv)
         return
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.join(engine.LAUNCH_DIR, f"{script}.py"), *argv]
+           script_path(script), *argv]
     if subprocess.run(cmd).returncode != 0:
         raise engine.StageError(f"stage {script} failed under torchrun (command: {' '.join(cmd)})")
 
@@ -61,7 +62,7 @@ def check_stages(todo: list[tuple[str, str, list[str]]]):
     for name, script, argv in todo:
         try:
             stage_cfg = engine.parse(STAGE_CONFIGS[script], argv, name)
-            check = getattr(engine.stage_module(script), "check", None)
+            check = getattr(stage_module(script), "check", None)
             if check:
                 check(stage_cfg)
         except (config.ConfigError, ValueError) as e:

@@ -1,11 +1,12 @@
 """Builds a semiscale dataset (classes.txt, labeled/val/test/unlabeled.csv, images/) from a source.
 
     python launch/prepare.py fashion-mnist --out ROOT [--labels-per-class 30 --val-size 5000 --seed 0]
-    python launch/prepare.py folder SRC --out ROOT --labels-per-class N --val-per-class M --test-per-class T
+    python launch/prepare.py folder SRC --out ROOT --labels-per-class N --val-per-class M --test-per-class T [--link]
 
 Splits are class-balanced and seeded; unlabeled.csv keeps the true label as a hidden column for
-simulations. A finished dataset records its parameters in ROOT/prepare.json (written last), so
-re-running with the same parameters is a no-op and an interrupted run is redone from scratch.
+simulations. Folder images are copied into ROOT/images, or symlinked there with --link. A finished
+dataset records its parameters in ROOT/prepare.json (written last), so re-running with the same
+parameters is a no-op and an interrupted run is redone from scratch.
 A rebuild (--force, or after an interrupted run) removes only the OUTPUTS below, and the source and
 --out must not lie inside one another. Folder images that cannot be read, or whose names the dataset's
 files cannot hold (a line break: DALI's file lists are one path per line; not UTF-8: the CSVs are),
@@ -203,7 +204,8 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def _write_pngs(job):
-    """Writes 8-bit greyscale PNGs. Encoded by hand: PIL's per-image overhead is ~3x the encoding at 28 px."""
+    """Writes 8-bit greyscale PNGs. Encoded by hand: at 28 px PIL's per-image overhead costs more than
+    the encoding itself (docs/results.md, loader)."""
     images, paths = job
     n, height, width = images.shape
     rows = np.zeros((n, height, width + 1), np.uint8)   # each PNG row starts with filter type 0 (none)
@@ -380,9 +382,8 @@ def parse_args(argv):
     folder.add_argument("--labels-per-class", type=int, required=True)
     folder.add_argument("--val-per-class", type=int, required=True)
     folder.add_argument("--test-per-class", type=int, required=True)
-    placement = folder.add_mutually_exclusive_group()
-    placement.add_argument("--copy", action="store_true", help="copy the images into ROOT/images (default)")
-    placement.add_argument("--link", action="store_true", help="symlink them instead (SRC must then stay in place)")
+    folder.add_argument("--link", action="store_true", help="symlink the images into ROOT/images instead of "
+                        "copying them, the default (SRC must then stay in place)")
     for command in (fashion, folder):
         command.add_argument("--out", required=True, help="dataset root to create")
         command.add_argument("--seed", type=int, default=0)

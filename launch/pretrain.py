@@ -9,12 +9,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dataclasses  # noqa: E402
-import time  # noqa: E402
 
 
 from data.datasets import read_classes, read_split  # noqa: E402
 from data.loaders import resolve_backend  # noqa: E402
 from trainer import checkpoint, dist, engine, knn, optim, schedule  # noqa: E402
+from trainer.loop import Loop  # noqa: E402
 from trainer.loading import eval_loader, loader  # noqa: E402
 from trainer.config import PretrainConfig  # noqa: E402
 from trainer.models import BarlowTwins, build_backbone  # noqa: E402
@@ -71,46 +71,27 @@ def main(argv=None):
         weight_decay=cfg.optim.weight_decay)
     scaler = engine.grad_scaler(cfg.train.precision, rt.device)
     run = engine.Run("pretrain", cfg, rt)   # every check has passed: the first write
-    state = run.resume(model, optimizer, scaler)
-    ddp = dist.wrap_ddp(model, rt)
-
-    steps_per_epoch = train_loader.steps_per_epoch
-    total, warmup = schedule.plan(cfg.train.epochs, cfg.train.max_steps, cfg.optim.warmup_epochs, steps_per_epoch)
-    step = state["step"]
+    total, warmup = schedule.plan(cfg.train.epochs, cfg.train.max_steps, cfg.optim.warmup_epochs,
+                                  train_loader.steps_per_epoch)
+    loop = Loop(run, train_loader, optimizer, {"model": model, "optimizer": optimizer, "scaler": scaler},
+                total=total, warmup=warmup, images_per_step=B)
+    resumed = loop.resume()
+    ddp = dist.wrap_ddp(model, rt)   # after resume: DDP starts every rank from rank 0's weights
     run.say(f"{len(images.paths)} images, {rt.world} rank(s), global batch {B}, "
-            f"{steps_per_epoch} steps/epoch, {total} steps, backend {resolve_backend(cfg.data.backend)}")
-    if step == 0 and cfg.knn.every_epochs:
-        accuracy = knn_monitor(backbone, cfg, rt, labeled, val)
-        run.log(epoch=0, step=0, knn_top1=accuracy)
-        run.say(f"kNN top-1 at initialisation: {accuracy:.4f}")
+            f"{train_loader.steps_per_epoch} steps/epoch, {total} steps, backend {resolve_backend(cfg.data.backend)}")
 
-    bar = run.progress(total, step)
-    epoch, start = state["epoch"], state["step_in_epoch"]
-    while step < total:
-        t0, seen = time.time(), 0
-        for i, batch in enumerate(train_loader.epoch(epoch, start), start=start):
-            schedule.apply_lr(optimizer, schedule.lr_factor(step, total, warmup))
-            loss = train_step(ddp, batch["views"], optimizer, scaler, cfg.train.precision, rt.device, step,
-                              cfg.train.on_nan)
-            step, seen = step + 1, seen + B
-            bar.update()
-            if step % cfg.run.log_every == 0 or step == total:
-                loss_value = dist.all_reduce_mean_(loss.detach().float()).item()
-                ips = seen / (time.time() - t0)
-                bar.set_postfix(loss=f"{loss_value:.2f}", img_s=f"{ips:.0f}")
-                run.log(epoch=epoch, step=step, loss=loss_value, lr=optimizer.param_groups[0]["lr"],
-                        img_s=round(ips, 1))
-            if step == total:
-                break
-            if step % cfg.run.checkpoint_every == 0 and i + 1 < steps_per_epoch:
-                run.save_checkpoint(model, optimizer, scaler, step, epoch, i + 1)
-        epoch, start = epoch + 1, 0
-        if cfg.knn.every_epochs and (epoch % cfg.knn.every_epochs == 0 or step == total):
-            accuracy = knn_monitor(backbone, cfg, rt, labeled, val)
-            run.log(epoch=epoch, step=step, knn_top1=accuracy)
-            run.say(f"epoch {epoch}: kNN top-1 {accuracy:.4f}")
-        run.save_checkpoint(model, optimizer, scaler, step, epoch, 0)
-    bar.close()
+    def knn_every(epoch, step, img_s) -> dict:
+        if not cfg.knn.every_epochs or (epoch % cfg.knn.every_epochs and step < total):
+            return {}
+        top1 = knn_monitor(backbone, cfg, rt, labeled, val)
+        run.say(f"epoch {epoch}: kNN top-1 {top1:.4f}")
+        return {"knn_top1": top1}
+
+    if not resumed and cfg.knn.every_epochs:   # kNN at initialisation: the baseline training must beat
+        run.log(epoch=0, step=0, **knn_every(0, 0, 0.0))
+    loop.run_epochs(lambda batch, step: {"loss": train_step(ddp, batch["views"], optimizer, scaler,
+                                                            cfg.train.precision, rt.device, step, cfg.train.on_nan)},
+                    knn_every)
 
     if rt.is_main:   # a plain state_dict: loads into the torchvision model it came from
         checkpoint.save_atomic(backbone.state_dict(), run.path("backbone.pt"))

@@ -12,17 +12,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import csv  # noqa: E402
 import shutil  # noqa: E402
 
-
 from data.datasets import read_classes, read_split  # noqa: E402
-from trainer import config, dist, engine  # noqa: E402
+from launch._stages import stage_module  # noqa: E402
+from trainer import balanced_selection, config, dist, engine  # noqa: E402
 from trainer.config import FinetuneConfig, PseudolabelConfig  # noqa: E402
 from trainer.loading import eval_loader  # noqa: E402
 from trainer.models import load_classifier  # noqa: E402
 from trainer.predict import accuracy, write_predictions  # noqa: E402
-from trainer.select import select_balanced_from_npy  # noqa: E402
 
 
 def predict(model_path, unlabeled, cfg, rt, out_dir):
@@ -39,24 +37,15 @@ def val_top1(model_path, cfg, rt) -> float:
                     cfg.inference.precision)["top1"]
 
 
-def select(pred_dir, unlabeled, num_classes, p, cfg, out_csv, out_json) -> dict:
+def select_pseudo_labels(pred_dir, unlabeled, num_classes, p, cfg, out_csv, out_json) -> dict:
     """Top-p images per class from the predictions; writes the CSV (path,label,score) and a summary."""
-    chosen = select_balanced_from_npy(os.path.join(pred_dir, "topk_class.npy"),
-                                      os.path.join(pred_dir, "topk_prob.npy"), num_classes, p,
-                                      chunk=cfg.pseudo.chunk)
+    chosen = balanced_selection.select_balanced_from_npy(os.path.join(pred_dir, "topk_class.npy"),
+                                                         os.path.join(pred_dir, "topk_prob.npy"), num_classes, p,
+                                                         chunk=cfg.pseudo.chunk)
     summary = {"p": p, "top_k": cfg.pseudo.top_k, **chosen.summary()}
-    if unlabeled.hidden_labels is not None:   # simulations only: measure, never train on them
-        correct = unlabeled.hidden_labels[chosen.indices] == chosen.labels
-        per_class = [float(correct[chosen.labels == c].mean()) if (chosen.labels == c).any() else None
-                     for c in range(num_classes)]
-        summary.update(precision=float(correct.mean()) if len(correct) else None, class_precision=per_class)
-    tmp = out_csv + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label", "score"])
-        for i, label, score in zip(chosen.indices, chosen.labels, chosen.scores):
-            writer.writerow([os.path.relpath(unlabeled.paths[i], unlabeled.root), int(label), f"{score:.6f}"])
-    os.replace(tmp, out_csv)
+    if unlabeled.hidden_labels is not None:
+        summary.update(balanced_selection.selection_precision(chosen, unlabeled.hidden_labels, num_classes))
+    balanced_selection.write_pseudo_labels(out_csv, chosen, unlabeled)
     engine.write_json(out_json, summary)
     return summary
 
@@ -79,13 +68,10 @@ def main(argv=None):
     rt = dist.init(cfg.run.device)
     engine.check_dataset(cfg, rt)
     unlabeled = read_split(cfg.data.root, "unlabeled")
-    _, arch = load_classifier(cfg.pseudo.model)
-    if arch["num_classes"] != num_classes:
-        raise engine.StageError(f"pseudo.model={cfg.pseudo.model}: a {arch['num_classes']}-class model, but "
-                                f"{cfg.data.root}/classes.txt names {num_classes} classes")
+    load_classifier(cfg.pseudo.model, num_classes=num_classes)   # a model for this dataset's classes
     # the iterations' fine-tune recipe is checked now, not after the first predictions
     config.load(FinetuneConfig, cfg.pseudo.finetune_config, cfg.pseudo.finetune_overrides)
-    finetune_main = engine.stage_module("finetune").main
+    finetune_main = stage_module("finetune").main
     run = engine.Run("pseudolabel", cfg, rt)   # every check has passed: the first write
 
     start_val = val_top1(cfg.pseudo.model, cfg, rt)
@@ -97,7 +83,8 @@ def main(argv=None):
         pred_dir, csv_path = os.path.join(folder, "predictions"), os.path.join(folder, "pseudo_labels.csv")
         predict(current, unlabeled, cfg, rt, pred_dir)
         if rt.is_main and not os.path.exists(csv_path):
-            select(pred_dir, unlabeled, num_classes, p, cfg, csv_path, os.path.join(folder, "selection.json"))
+            select_pseudo_labels(pred_dir, unlabeled, num_classes, p, cfg, csv_path,
+                                 os.path.join(folder, "selection.json"))
         dist.barrier()
         summary = engine.read_json(os.path.join(folder, "selection.json"))
         run.say(f"iteration {it}: P={p}, {summary['selected']} pseudo-labels, {summary['duplicates']} images "
@@ -120,8 +107,8 @@ def main(argv=None):
     predict(run.path("model.pt"), unlabeled, cfg, rt, run.path("predictions"))
     fixmatch = None
     if rt.is_main and cfg.pseudo.fixmatch_p:
-        fixmatch = select(run.path("predictions"), unlabeled, num_classes, cfg.pseudo.fixmatch_p, cfg,
-                          run.path("pseudo_labels.csv"), run.path("fixmatch_selection.json"))
+        fixmatch = select_pseudo_labels(run.path("predictions"), unlabeled, num_classes, cfg.pseudo.fixmatch_p, cfg,
+                                        run.path("pseudo_labels.csv"), run.path("fixmatch_selection.json"))
     if rt.is_main:
         engine.write_json(run.path("selection.json"), {"iterations": iterations, "best_iteration": best["iteration"],
                                                        "fixmatch_selection": fixmatch})

@@ -233,7 +233,7 @@ def resolve_stage(stage: str) -> str:
         if stage in NOT_STAGES:
             raise UsageError(f"{stage} cannot be submitted as a stage: {NOT_STAGES[stage]}")
         if not path.is_file():
-            known = sorted(p.stem for p in LAUNCH_DIR.glob("*.py") if p.stem not in NOT_STAGES)
+            known = sorted(p.stem for p in LAUNCH_DIR.glob("[!_]*.py") if p.stem not in NOT_STAGES)
             choices = ", ".join(known) or "(none)"
             raise UsageError(f"unknown stage {stage!r}: expected one of {choices} or a script path")
     tree = ast.parse(path.read_text(), filename=str(path))

@@ -9,17 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from test_evaluate import pixels, tiny_classifier
-from tiny import ROOT, fashion, stage
+from tiny import ROOT, TINY_INFERENCE, fashion, pixels, stage, tiny_classifier
 from data.datasets import read_classes, read_split
-from trainer import config, engine
+from launch._stages import stage_module
+from trainer import active_learning, annotations, config, engine
 from trainer.cluster import split_budget
 from trainer.models import build_backbone
 
 ACTIVE = os.path.join(ROOT, "configs", "demo", "active.yaml")
-TINY = ["model.width=8", "data.backend=torch", "data.workers=0", "inference.batch_size=64"]
 QUERIES, CLUSTERS = 12, 4
-active = engine.stage_module("active")
+active = stage_module("active")
 
 
 def rows(path):
@@ -38,7 +37,7 @@ def oracle_run(tmp_path_factory):
     torch.save(backbone.state_dict(), tmp / "backbone.pt")
     args = ["--config", ACTIVE, f"data.root={data}", f"active.model={tmp / 'model.pt'}",
             f"active.backbone={tmp / 'backbone.pt'}", f"active.budget={QUERIES}", f"active.clusters={CLUSTERS}",
-            "active.max_points_per_centroid=0", *TINY]
+            "active.max_points_per_centroid=0", *TINY_INFERENCE]
     active.main([*args, f"run.dir={tmp / 'run'}", "active.oracle=true"])
     return data, model, backbone, tmp / "run", args
 
@@ -107,7 +106,8 @@ def test_oracle_answers_are_the_hidden_labels_merged_into_labeled_csv(oracle_run
     assert summary["guess_accuracy"] == pytest.approx(np.mean(guessed_right))
     assert json.loads(open(run / "metrics.jsonl").read().splitlines()[-1])["event"] == "done"
     sheet = Image.open(run / "queries.png")
-    assert sheet.width == active.COLUMNS * (active.THUMB + 2 * active.PAD) and not os.path.exists(run / "queries-2.png")
+    assert sheet.width == annotations.COLUMNS * (annotations.THUMB + 2 * annotations.PAD)
+    assert not os.path.exists(run / "queries-2.png")
 
 
 def answers_file(path, lines):
@@ -162,17 +162,17 @@ def test_import_errors_exit_2_with_one_line(oracle_run, tmp_path):
 
 
 def test_budget_is_a_fraction_of_the_pool_or_a_count():
-    assert active.query_count(0.0025, 55000) == 138
-    assert active.query_count(12, 55000) == 12
+    assert active_learning.query_count(0.0025, 55000) == 138
+    assert active_learning.query_count(12, 55000) == 12
     for bad in (12.5, 0.000001):
         with pytest.raises(config.ConfigError, match="active.budget"):
-            active.query_count(bad, 55000)
+            active_learning.query_count(bad, 55000)
 
 
 def test_contact_sheets_are_paged(oracle_run, tmp_path):
     data = oracle_run[0]
     paths = read_split(data, "unlabeled").paths[:23]
-    written = active.write_contact_sheets(str(tmp_path), paths, ["Ankle boot"] * 23, per_page=20)
+    written = annotations.write_contact_sheets(str(tmp_path), paths, ["Ankle boot"] * 23, per_page=20)
     assert [os.path.basename(p) for p in written] == ["queries.png", "queries-2.png"]
     first, last = Image.open(written[0]), Image.open(written[1])
     assert last.height < first.height and last.width == first.width   # 2 rows of 10 thumbnails, then 1

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -113,14 +114,19 @@ def test_restart_moves_the_previous_run_aside(data, finished_pretrain, tmp_path)
 
 def test_a_second_live_writer_is_refused(data, finished_pretrain, tmp_path):
     run_dir = copy_of(finished_pretrain, tmp_path)
-    lock = rundir.Lock(str(run_dir))   # a run that is still going
+    holder = subprocess.Popen(   # a run that is still going, in its own process as a real one would be
+        [sys.executable, "-c", "import sys, time; from trainer import rundir; lock = rundir.Lock(sys.argv[1]); "
+                               "print('locked', flush=True); time.sleep(300)", str(run_dir)],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
     try:
+        assert holder.stdout.readline().strip() == "locked"
         before = tree(run_dir)
         refused(pretrain(data, run_dir, check=False), "pretrain", "another live run is writing to it")
         assert tree(run_dir) == before
     finally:
-        lock.release()
-    pretrain(data, run_dir)   # the lock dies with its holder
+        holder.kill()
+        holder.wait()
+    pretrain(data, run_dir)   # the lock dies with its holder, even killed
 
 
 def test_a_run_dir_that_is_a_file_is_refused(data, tmp_path):
@@ -353,3 +359,21 @@ def test_pipeline_force_with_a_bad_override_deletes_nothing(data, tmp_path):
                               text=True, env=ENV, timeout=300)
         refused(proc, "pipeline", message)
         assert tree(run) == before
+
+
+def test_input_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
+    from data.errors import InputError
+    from trainer import engine
+
+    def bad_input():
+        raise InputError("train.epochs=-1: expected an integer >= 1")
+
+    def bug():
+        raise ValueError("operands could not be broadcast together")   # numpy's words for a shape bug
+
+    with pytest.raises(SystemExit) as exit_status:
+        engine.cli(bad_input)
+    assert exit_status.value.code == 2
+    assert capsys.readouterr().err.endswith("error: train.epochs=-1: expected an integer >= 1\n")
+    with pytest.raises(ValueError, match="broadcast"):   # not swallowed into one line
+        engine.cli(bug)

@@ -11,9 +11,10 @@ from PIL import Image
 
 pytest.importorskip("nvidia.dali", reason="nvidia.dali does not import (install the [dali] extra)")
 
-from data import dali  # noqa: E402
+from data import dali, transforms  # noqa: E402
 from data.datasets import BadImageError, read_split  # noqa: E402
-from data.loaders import build_loader  # noqa: E402
+from data.loaders import BatchLoader, build_loader  # noqa: E402
+from data.sampler import ShardedSampler  # noqa: E402
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -98,6 +99,11 @@ def test_eval_views_equal_torchvision_to_one_level(dataset):
         for view_expected, view_got, size in zip(expected["views"], got["views"], scales):
             assert view_got.dtype == torch.float32 and view_got.shape == (len(got["index"]), 3, size, size)
             torch.testing.assert_close(view_got, view_expected, atol=PIXEL_ATOL, rtol=0)
+
+
+def test_every_torchvision_augmentation_has_a_dali_twin_and_the_loader_is_a_batch_loader(dataset):
+    assert set(dali._AUGMENTATIONS) == set(transforms.AUGMENTATIONS)
+    assert isinstance(_loader(dataset, "dali"), BatchLoader)
 
 
 def _views(loader, epochs):
@@ -190,7 +196,7 @@ def test_stream_gives_the_rows_of_successive_epochs_across_pipelines_and_resumes
 def test_stream_builds_one_pipeline_per_chunk_of_epochs(dataset, monkeypatch):
     monkeypatch.setattr(dali, "STREAM_MIN_STEPS", 120)
     loader = _loader(dataset, "dali", "train", global_batch=8)
-    sampler = dali.ShardedSampler(25, 8, seed=3)
+    sampler = ShardedSampler(25, 8, seed=3)
     expected = []
     for epoch in range(41):
         sampler.set_epoch(epoch)

@@ -4,44 +4,17 @@ import os
 import numpy as np
 import pytest
 import torch
-import torchvision.transforms.functional as TF
 
-from tiny import ROOT, fashion, stage
-from data.datasets import load_image, read_split
-from trainer import config, engine
+from tiny import ROOT, TINY_INFERENCE, fashion, pixels, stage, tiny_classifier
+from data.datasets import read_split
+from launch._stages import stage_module
+from trainer import checkpoint, config, tta
 from trainer.knn import knn_accuracy
-from trainer.models import Classifier, build_backbone, save_classifier
+from trainer.models import build_backbone, load_classifier
 
 EVALUATE = os.path.join(ROOT, "configs", "demo", "evaluate.yaml")
-TINY = ["model.width=8", "data.backend=torch", "data.workers=0", "inference.batch_size=64"]
 SCALES = [28, 40]
-evaluate = engine.stage_module("evaluate")
-
-
-def tiny_classifier(data, path, seed=0):
-    """A random width-8 backbone with a nearest-class-mean head on the labeled images' standardised features:
-    a quick classifier whose predictions depend on the image (and on its scale), saved as model.pt."""
-    torch.manual_seed(seed)
-    model = Classifier(build_backbone("small", width=8), 10).eval()
-    labeled = read_split(data, "labeled")
-    with torch.no_grad():
-        features = model.backbone(pixels(labeled.paths, 28))
-        mean, std = features.mean(0), features.std(0) + 1e-6
-        standardised = (features - mean) / std
-        means = torch.stack([standardised[torch.from_numpy(labeled.labels == c)].mean(0) for c in range(10)])
-        model.head.weight.copy_(means / std)
-        model.head.bias.copy_(-(mean / std) @ means.T)
-    save_classifier(model, {"backbone": "small", "small_stem": False, "width": 8, "num_classes": 10}, str(path))
-    return model
-
-
-def pixels(paths, size):
-    """The evaluation view, built here with torchvision's functional ops: shorter side to `size`, centre crop."""
-    def view(path):
-        image = TF.resize(load_image(path), size)
-        x = TF.to_tensor(TF.center_crop(image, size))
-        return TF.normalize(x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-    return torch.stack([view(p) for p in paths])
+evaluate = stage_module("evaluate")
 
 
 def top1_top5(probs, labels):
@@ -55,17 +28,31 @@ def classifier_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluate")
     model = tiny_classifier(data, tmp / "model.pt")
     evaluate.main(["--config", EVALUATE, f"data.root={data}", f"run.dir={tmp / 'run'}",
-                   f"evaluate.model={tmp / 'model.pt'}", f"evaluate.scales={SCALES}", *TINY])
+                   f"evaluate.model={tmp / 'model.pt'}", f"evaluate.scales={SCALES}", *TINY_INFERENCE])
     return data, model, tmp / "run"
 
 
 def test_tta_averages_probabilities_not_logits():
     sharp = torch.tensor([[0.9, 0.0999, 0.0001]])
     split = torch.tensor([[0.0001, 0.5, 0.4999]])
-    tta = evaluate.tta_probabilities(torch.stack([sharp, split]))
-    torch.testing.assert_close(tta, (sharp + split) / 2)
-    assert tta.argmax(1).item() == 0          # averaging logits (a geometric mean) would pick class 1
+    mean = tta.tta_probabilities(torch.stack([sharp, split]))
+    torch.testing.assert_close(mean, (sharp + split) / 2)
+    assert mean.argmax(1).item() == 0          # averaging logits (a geometric mean) would pick class 1
     assert (sharp * split).argmax(1).item() == 1
+
+
+def test_val_mode_tries_every_subset_fewest_scales_first_and_a_tie_goes_to_the_first():
+    assert tta.scale_subsets(3, "all") == [(0, 1, 2)]
+    assert tta.scale_subsets(3, "val") == [(0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
+    assert tta.best_subset({(0,): {"top1": 0.5}, (1,): {"top1": 0.7}, (0, 1): {"top1": 0.7}}) == (1,)
+
+
+def test_a_model_for_another_number_of_classes_is_refused(classifier_run):
+    model = json.load(open(classifier_run[2] / "eval.json"))["model"]
+    assert load_classifier(model, num_classes=10)[1]["num_classes"] == 10
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r": a 10-class model, but the dataset's classes.txt names 12 classes$"):
+        load_classifier(model, num_classes=12)
 
 
 def test_eval_json_matches_an_independent_computation(classifier_run):
@@ -80,8 +67,8 @@ def test_eval_json_matches_an_independent_computation(classifier_run):
         assert scores["images"] == len(split)
         for s, p in zip(SCALES, probs):
             assert scores["scales"][str(s)] == pytest.approx(dict(zip(("top1", "top5"), top1_top5(p, split.labels))))
-        tta = dict(zip(("top1", "top5"), top1_top5(np.mean(probs, axis=0), split.labels)))
-        assert scores["tta"] == pytest.approx(tta)
+        averaged = dict(zip(("top1", "top5"), top1_top5(np.mean(probs, axis=0), split.labels)))
+        assert scores["tta"] == pytest.approx(averaged)
         assert done[f"{name}_top1"] == scores["tta"]["top1"]
     # the scales really disagree on this model, so the comparison above could fail
     assert result["splits"]["test"]["scales"]["28"] != result["splits"]["test"]["scales"]["40"]
@@ -91,7 +78,7 @@ def test_two_ranks_give_the_same_eval_json(classifier_run, tmp_path):
     data, _, run = classifier_run
     config = json.load(open(run / "eval.json"))
     stage("evaluate", "--config", EVALUATE, f"data.root={data}", f"run.dir={tmp_path}",
-          f"evaluate.model={config['model']}", f"evaluate.scales={SCALES}", *TINY, torchrun=2)
+          f"evaluate.model={config['model']}", f"evaluate.scales={SCALES}", *TINY_INFERENCE, torchrun=2)
     assert json.load(open(tmp_path / "eval.json")) == config   # hit counts: exact
 
 
@@ -101,7 +88,7 @@ def test_knn_mode_equals_trainer_knn(tmp_path_factory, tmp_path):
     backbone = build_backbone("small", width=8).eval()
     torch.save(backbone.state_dict(), tmp_path / "backbone.pt")
     evaluate.main(["--config", EVALUATE, "--knn", f"data.root={data}", f"run.dir={tmp_path / 'run'}",
-                   f"evaluate.backbone={tmp_path / 'backbone.pt'}", "evaluate.k=5", *TINY])
+                   f"evaluate.backbone={tmp_path / 'backbone.pt'}", "evaluate.k=5", *TINY_INFERENCE])
     result = json.load(open(tmp_path / "run" / "eval.json"))
     labeled = read_split(data, "labeled")
     with torch.no_grad():
@@ -117,7 +104,7 @@ def test_unlabeled_split_is_refused_before_any_work(tmp_path_factory, tmp_path):
     data = fashion(tmp_path_factory)
     with pytest.raises(config.ConfigError, match="^evaluate.splits: 'unlabeled' has no label column to score against$"):
         evaluate.main(["--config", EVALUATE, f"data.root={data}", f"run.dir={tmp_path / 'run'}",
-                       "evaluate.splits=[val,unlabeled]", *TINY])
+                       "evaluate.splits=[val,unlabeled]", *TINY_INFERENCE])
     assert not os.path.exists(tmp_path / "run")
 
 
@@ -126,14 +113,14 @@ def test_tta_val_mode_picks_the_subset_best_on_val_and_scores_test_with_it(class
     model = json.load(open(run / "eval.json"))["model"]
     scales = [28, 40, 20]
     evaluate.main(["--config", EVALUATE, f"data.root={data}", f"run.dir={tmp_path / 'val'}", f"evaluate.model={model}",
-                   f"evaluate.scales={scales}", "evaluate.tta=val", "evaluate.splits=[test,val]", *TINY])
+                   f"evaluate.scales={scales}", "evaluate.tta=val", "evaluate.splits=[test,val]", *TINY_INFERENCE])
     chosen = json.load(open(tmp_path / "val" / "eval.json"))["splits"]
     # every subset scored on its own in the plain mode, fewest scales first
     subsets = [[28], [40], [20], [28, 40], [28, 20], [40, 20], [28, 40, 20]]
     alone = []
     for i, subset in enumerate(subsets):
         evaluate.main(["--config", EVALUATE, f"data.root={data}", f"run.dir={tmp_path / str(i)}",
-                       f"evaluate.model={model}", f"evaluate.scales={subset}", *TINY])
+                       f"evaluate.model={model}", f"evaluate.scales={subset}", *TINY_INFERENCE])
         alone.append(json.load(open(tmp_path / str(i) / "eval.json"))["splits"])
     val_top1 = [a["val"]["tta"]["top1"] for a in alone]
     best = val_top1.index(max(val_top1))
@@ -146,4 +133,4 @@ def test_tta_val_mode_needs_val(classifier_run, tmp_path):
     data, _, run = classifier_run
     with pytest.raises(config.ConfigError, match="evaluate.tta=val chooses the TTA scales on val"):
         evaluate.main(["--config", EVALUATE, f"data.root={data}", f"run.dir={tmp_path}", "evaluate.tta=val",
-                       "evaluate.splits=[test]", *TINY])
+                       "evaluate.splits=[test]", *TINY_INFERENCE])

@@ -134,7 +134,7 @@ def fixmatch(setup, run_dir, *extra, **kw):
 
 def final_state(run_dir):
     state = checkpoint.load(os.path.join(run_dir, "checkpoint.pt"))
-    return state["model"], state["ema"]["model"]
+    return state["state"]["model"], state["state"]["ema"]["model"]
 
 
 def epoch_events(run_dir):

@@ -1,4 +1,6 @@
-"""Datasets, transforms, the sharded sampler and the torch Loader, on tiny datasets written here."""
+"""Datasets, transforms, the views of each loader kind, the sharded sampler and the torch Loader, on tiny
+datasets written here."""
+import ast
 import importlib.util
 import itertools
 import logging
@@ -14,7 +16,9 @@ from torchvision.transforms import v2
 
 from data import loaders, transforms
 from data.datasets import BadImageError, ImageDataset, Split, load_image, read_classes, read_split
-from data.loaders import ShardedSampler, build_loader, resolve_backend
+from data.loaders import BatchLoader, build_loader, resolve_backend
+from data.sampler import ShardedSampler
+from data.views import KINDS, views_of
 
 torch.set_num_threads(1)
 
@@ -130,11 +134,48 @@ def test_read_split_and_classes_reject_bad_headers_and_names(root):
 @pytest.mark.parametrize("size", [28, 32])
 def test_every_transform_gives_normalised_float_views_of_the_exact_size(size):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 30, 3), dtype=np.uint8))
-    for kind in loaders.KINDS:
-        views = loaders.views_for(kind, size)(image)
-        assert len(views) == {"barlow_twins": 2, "weak_strong": 2}.get(kind, 1)
-        for view in views:
+    for kind in KINDS:
+        kind_views = transforms.multi_view(views_of(kind, size))(image)
+        assert len(kind_views) == {"barlow_twins": 2, "weak_strong": 2}.get(kind, 1)
+        for view in kind_views:
             assert type(view) is torch.Tensor and view.dtype == torch.float32 and view.shape == (3, size, size), kind
+
+
+def test_views_of_gives_each_kinds_views_in_batch_order():
+    assert views_of("barlow_twins", 32) == [("barlow_twins_blurred", 32), ("barlow_twins_solarized", 32)]
+    assert views_of("weak_strong", 32, scales=[16]) == [("weak", 32), ("strong", 32)]   # scales: eval's only
+    assert views_of("eval", 32) == [("evaluate", 32)]
+    assert views_of("eval", 32, scales=[28, 36]) == [("evaluate", 28), ("evaluate", 36)]
+    with pytest.raises(ValueError, match="loader kind 'bogus': expected one of barlow_twins, train, weak, "
+                                         "weak_strong, eval"):
+        views_of("bogus", 32)
+
+
+def test_every_augmentation_a_kind_names_has_a_torchvision_pipeline():
+    named = {augmentation for kind in KINDS.values() for augmentation in kind.augmentations}
+    assert named == set(transforms.AUGMENTATIONS)
+
+
+def test_data_modules_import_one_way():
+    """loaders -> dali (lazily) -> sampler, views, transforms, datasets: the backends share the contract
+    modules and never import each other's module; nothing in data/ imports trainer/."""
+    data_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+    imported = {}
+    for name in os.listdir(data_dir):
+        if name.endswith(".py"):
+            with open(os.path.join(data_dir, name)) as f:
+                tree = ast.parse(f.read())
+            imported[name[:-3]] = {alias.name if isinstance(node, ast.Import) else f"{node.module}.{alias.name}"
+                                   for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                                   for alias in node.names}
+    assert not {module for names in imported.values() for module in names if module.startswith("trainer")}
+    data_imports = {module: {n.split(".")[1] for n in names if n.startswith("data.")}
+                    for module, names in imported.items()}
+    assert data_imports["dali"] - {"errors"} == {"datasets", "sampler", "transforms", "views"}
+    assert data_imports["loaders"] - {"errors"} == {"dali", "datasets", "sampler", "transforms", "views"}
+    assert not data_imports["errors"]   # the base of every input error imports nothing
+    for contract in ("sampler", "views", "transforms", "datasets"):
+        assert not data_imports[contract] & {"loaders", "dali"}, contract
 
 
 def test_evaluate_on_a_square_image_is_plain_normalisation():
@@ -147,8 +188,9 @@ def test_evaluate_on_a_square_image_is_plain_normalisation():
 def test_barlow_twins_views_are_random_and_differ():
     image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     torch.manual_seed(0)
-    first = transforms.barlow_twins(32)(image)
-    second = transforms.barlow_twins(32)(image)
+    barlow_twins = transforms.multi_view(views_of("barlow_twins", 32))
+    first = barlow_twins(image)
+    second = barlow_twins(image)
     assert not torch.equal(first[0], first[1]) and not torch.equal(first[0], second[0])
 
 
@@ -169,7 +211,7 @@ def test_strong_draws_its_randaugment_magnitude_per_sample():
 # ---- the dataset: per-sample seeding and bad images ----
 
 def test_items_depend_only_on_seed_epoch_and_index(root):
-    dataset = ImageDataset(read_split(root, "labeled"), transforms.barlow_twins(16), seed=3)
+    dataset = ImageDataset(read_split(root, "labeled"), transforms.multi_view(views_of("barlow_twins", 16)), seed=3)
     global_rng = torch.get_rng_state()
     forward = [dataset[i] for i in range(4)]
     assert torch.equal(torch.get_rng_state(), global_rng)       # the caller's RNG is left alone
@@ -319,7 +361,7 @@ def test_eval_loader_gives_one_view_per_scale_and_empty_final_batches(root):
     indices = torch.cat([b["index"] for shard in batches for b in shard]).tolist()
     assert indices == list(range(12))
     assert [tuple(v.shape) for v in batches[0][0]["views"]] == [(5, 3, 16, 16), (5, 3, 24, 24)]
-    empty = loaders.Collate([16, 24])([])
+    empty = loaders.Collate(views_of("eval", 16, [16, 24]))([])
     assert [tuple(v.shape) for v in empty["views"]] == [(0, 3, 16, 16), (0, 3, 24, 24)] and len(empty["label"]) == 0
 
 
@@ -336,6 +378,11 @@ def test_resolve_backend():
     assert resolve_backend("auto") == ("dali" if dali_imports else "torch")
     with pytest.raises(ValueError, match="expected one of auto, dali, torch"):
         resolve_backend("tensorflow")
+
+
+def test_torch_loader_is_a_batch_loader(root):
+    assert isinstance(build_loader(read_split(root, "labeled"), "train", image_size=16, global_batch=4, workers=0),
+                      BatchLoader)
 
 
 def test_dali_backend_delegates_to_dali_loader(root, monkeypatch):

@@ -117,17 +117,14 @@ def test_param_groups_split_weights_from_biases_and_norms():
     assert (biases["base_lr"], biases["weight_decay"], biases["lars_exclude"]) == (0.01, 0.0, True)
 
 
-@pytest.mark.parametrize("name", ["lars", "sgd", "adamw"])
-def test_build_optimizer_never_decays_biases(name):
-    opt = optim.build_optimizer(name, tiny_model(), lr_weights=0.2, weight_decay=1e-4, nesterov=True)
+def test_build_optimizer_never_decays_biases():
+    opt = optim.build_optimizer("lars", tiny_model(), lr_weights=0.2, weight_decay=1e-4)
     assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 0.0]
     assert [g["lr"] for g in opt.param_groups] == [0.2, 0.2]
-    if name == "sgd":
-        assert all(g["nesterov"] and g["momentum"] == 0.9 for g in opt.param_groups)
 
 
 def test_build_optimizer_rejects_unknown_name():
-    with pytest.raises(ValueError, match="expected one of lars, apex_lars, sgd, adamw"):
+    with pytest.raises(ValueError, match="expected one of lars, apex_lars$"):
         optim.build_optimizer("rmsprop", tiny_model(), lr_weights=0.1)
 
 

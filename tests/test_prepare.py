@@ -123,10 +123,10 @@ def prepare_folder(src, out, *extra, labels=2, val=1, test=1):
                          "--val-per-class", str(val), "--test-per-class", str(test), *extra])
 
 
-@pytest.mark.parametrize("placement", ["--copy", "--link"])
+@pytest.mark.parametrize("placement", [[], ["--link"]])   # copies unless --link
 def test_folder_skips_and_lists_bad_images_and_splits_per_class(tmp_path, capsys, placement):
     src, out = make_tree(tmp_path / "src"), tmp_path / "out"
-    assert prepare_folder(src, out, placement) == 0
+    assert prepare_folder(src, out, *placement) == 0
     assert "skipped 3 unreadable images" in capsys.readouterr().out
     bad = dict(line.split("\t") for line in (out / "bad_images.txt").read_text().splitlines())
     assert sorted(bad) == ["cat/corrupt.jpg", "cat/empty.png", "dog/truncated.png"]
@@ -143,7 +143,7 @@ def test_folder_skips_and_lists_bad_images_and_splits_per_class(tmp_path, capsys
             image = load_image(out / r["path"])
             assert image.mode == "RGB" and image.size == (24, 20)
             source = src / r["path"].removeprefix("images/")
-            if placement == "--link":
+            if placement:
                 assert os.readlink(out / r["path"]) == str(source)
             else:
                 assert not (out / r["path"]).is_symlink() and (out / r["path"]).read_bytes() == source.read_bytes()

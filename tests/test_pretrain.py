@@ -83,10 +83,10 @@ def test_apex_larc_trains_through_the_engine(tmp_path_factory, tmp_path, monkeyp
     """optim.impl=apex: LARC is a wrapper whose zero_grad() takes no arguments (it died on step 1 when the
     engine called zero_grad(set_to_none=True)); its state goes into the checkpoints."""
     import apex_larc
-    from trainer import engine
+    from launch._stages import stage_module
     apex_larc.install(monkeypatch)
     data = fashion(tmp_path_factory)
-    pretrain_main = engine.stage_module("pretrain").main
+    pretrain_main = stage_module("pretrain").main
     pretrain_main(["--config", CONFIG, f"data.root={data}", f"run.dir={tmp_path}", *TINY_PRETRAIN,
                    "optim.impl=apex", "train.max_steps=3", "run.checkpoint_every=1"])
     trained = weights(tmp_path)
@@ -95,4 +95,4 @@ def test_apex_larc_trains_through_the_engine(tmp_path_factory, tmp_path, monkeyp
     assert moved and all(torch.isfinite(v).all() for v in trained.values() if v.is_floating_point())
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]
     assert len(losses) == 3 and all(map(math.isfinite, losses))
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["optimizer"]["state"]   # SGD momentum
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]["optimizer"]["state"]   # SGD momentum

@@ -143,9 +143,10 @@ def _finetune_then_read_as_pseudolabel_does(rank, data, init, run_dir):
     right after an in-process fine-tune."""
     import time
 
+    from launch._stages import stage_module
     from trainer import engine
     from trainer.models import load_classifier
-    finetune_stage = engine.stage_module("finetune")
+    finetune_stage = stage_module("finetune")
     write = finetune_stage.save_classifier
     finetune_stage.save_classifier = lambda *a: (time.sleep(2), write(*a))
     finetune_stage.main(["--config", FINETUNE, f"data.root={data}", f"run.dir={run_dir}", f"finetune.init={init}",

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from trainer.select import TopPerClass, select_balanced, select_balanced_from_npy
+from trainer.balanced_selection import TopPerClass, select_balanced_from_npy
 
 NUM_CLASSES = 12
 
@@ -36,6 +36,13 @@ def random_topk(n, k, num_classes, seed, levels=6):
     return classes, scores
 
 
+def select(folder, topk_class, topk_prob, num_classes, p, **kwargs):
+    """select_balanced_from_npy over the arrays, written to folder/c.npy and folder/p.npy."""
+    np.save(folder / "c.npy", topk_class)
+    np.save(folder / "p.npy", topk_prob)
+    return select_balanced_from_npy(folder / "c.npy", folder / "p.npy", num_classes, p, **kwargs)
+
+
 def assert_matches(selection, reference):
     indices, labels, scores, duplicates = reference
     assert selection.indices.tolist() == indices
@@ -47,12 +54,12 @@ def assert_matches(selection, reference):
 
 @pytest.mark.parametrize("p", [1, 3, 10, 1000])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_matches_brute_force_with_ties_and_duplicates(p, seed):
+def test_matches_brute_force_with_ties_and_duplicates(tmp_path, p, seed):
     classes, scores = random_topk(300, 4, NUM_CLASSES, seed)
     reference = brute_force(classes, scores, NUM_CLASSES, p)
     if p <= 10:
         assert reference[3] > 0, "the case should contain duplicate images"
-    selection = select_balanced(classes, scores, NUM_CLASSES, p)
+    selection = select(tmp_path, classes, scores, NUM_CLASSES, p)
     assert_matches(selection, reference)
     if p == 1000:  # more than any class's candidates: every image is selected once
         assert selection.indices.tolist() == list(range(300))
@@ -60,37 +67,13 @@ def test_matches_brute_force_with_ties_and_duplicates(p, seed):
         selection.indices)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
-def test_chunked_equals_in_memory(chunk):
+@pytest.mark.parametrize("chunk", [1, 7, 33, 64, 10_000])
+def test_chunked_equals_whole(tmp_path, chunk):
     classes, scores = random_topk(500, 5, NUM_CLASSES, seed=3)
-    whole = select_balanced(classes, scores, NUM_CLASSES, 9, chunk=len(classes))
+    whole = select(tmp_path, classes, scores, NUM_CLASSES, 9, chunk=len(classes))
     assert_matches(whole, brute_force(classes, scores, NUM_CLASSES, 9))
-    assert_matches(select_balanced(classes, scores, NUM_CLASSES, 9, chunk=chunk),
+    assert_matches(select(tmp_path, classes, scores, NUM_CLASSES, 9, chunk=chunk),
                    brute_force(classes, scores, NUM_CLASSES, 9))
-
-
-@pytest.mark.parametrize("num_shards", [2, 3])
-def test_merged_shards_equal_in_memory(num_shards):
-    classes, scores = random_topk(600, 5, NUM_CLASSES, seed=4)
-    bounds = np.linspace(0, len(classes), num_shards + 1).astype(int)
-    shards = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        shard = TopPerClass(NUM_CLASSES, 8)
-        for start in range(a, b, 37):
-            shard.update(classes[start:min(start + 37, b)], scores[start:min(start + 37, b)], start)
-        shards.append(shard)
-    merged = shards[-1].merge(shards[:-1][::-1])  # merging out of index order must not matter
-    assert_matches(merged.result(), brute_force(classes, scores, NUM_CLASSES, 8))
-
-
-def test_explicit_indices_and_shuffled_rows():
-    classes, scores = random_topk(200, 3, NUM_CLASSES, seed=5)
-    perm = np.random.default_rng(0).permutation(len(classes))
-    tracker = TopPerClass(NUM_CLASSES, 6)
-    for start in range(0, len(perm), 50):
-        rows = perm[start:start + 50]
-        tracker.update(classes[rows], scores[rows], indices=rows)
-    assert_matches(tracker.result(), brute_force(classes, scores, NUM_CLASSES, 6))
 
 
 def test_huge_indices_take_the_general_path_with_the_same_result():
@@ -100,70 +83,48 @@ def test_huge_indices_take_the_general_path_with_the_same_result():
     for start in range(0, 300, 64):
         tracker.update(classes[start:start + 64], scores[start:start + 64], offset + start)
     far = tracker.result()
-    near = select_balanced(classes, scores, NUM_CLASSES, 5)
-    assert (far.indices - offset).tolist() == near.indices.tolist()
-    assert far.labels.tolist() == near.labels.tolist()
-    assert far.num_duplicates == near.num_duplicates > 0
+    near_indices, near_labels, _, near_duplicates = brute_force(classes, scores, NUM_CLASSES, 5)
+    assert (far.indices - offset).tolist() == near_indices
+    assert far.labels.tolist() == near_labels
+    assert far.num_duplicates == near_duplicates > 0
 
 
-def test_negative_and_signed_zero_scores_order_like_floats():
+def test_negative_and_signed_zero_scores_order_like_floats(tmp_path):
     classes = np.array([[0], [0], [0], [0], [0]], np.int32)
     scores = np.array([[-0.0], [0.0], [-1.5], [2.0], [-np.inf]], np.float32)
-    selection = select_balanced(classes, scores, 1, 3)
+    selection = select(tmp_path, classes, scores, 1, 3)
     assert selection.indices.tolist() == [0, 1, 3]  # 2.0, then the two zeros by index
 
 
-def test_from_npy_files_equals_in_memory(tmp_path):
-    classes, scores = random_topk(400, 4, NUM_CLASSES, seed=7)
-    np.save(tmp_path / "c0.npy", classes[:150])
-    np.save(tmp_path / "p0.npy", scores[:150])
-    np.save(tmp_path / "c1.npy", classes[150:])
-    np.save(tmp_path / "p1.npy", scores[150:])
-    reference = brute_force(classes, scores, NUM_CLASSES, 7)
-    sharded = select_balanced_from_npy([tmp_path / "c0.npy", tmp_path / "c1.npy"],
-                                       [tmp_path / "p0.npy", tmp_path / "p1.npy"], NUM_CLASSES, 7, chunk=33)
-    assert_matches(sharded, reference)
-
-    perm = np.random.default_rng(1).permutation(len(classes))
-    np.save(tmp_path / "c.npy", classes[perm])
-    np.save(tmp_path / "p.npy", scores[perm])
-    np.save(tmp_path / "i.npy", perm.astype(np.int64))
-    indexed = select_balanced_from_npy(tmp_path / "c.npy", tmp_path / "p.npy", NUM_CLASSES, 7,
-                                       index_paths=tmp_path / "i.npy", chunk=50)
-    assert_matches(indexed, reference)
-
-
-def test_bad_parameters_raise():
+def test_bad_parameters_raise(tmp_path):
     classes, scores = random_topk(10, 4, NUM_CLASSES, seed=8)
     with pytest.raises(ValueError, match="p .* must be >= 1"):
-        select_balanced(classes, scores, NUM_CLASSES, 0)
+        select(tmp_path, classes, scores, NUM_CLASSES, 0)
     with pytest.raises(ValueError, match="p .* must be >= 1"):
         TopPerClass(NUM_CLASSES, -3)
     with pytest.raises(ValueError, match="K=4 .* exceeds num_classes=3"):
-        select_balanced(classes % 3, scores, 3, 2)
+        select(tmp_path, classes % 3, scores, 3, 2)
 
 
 def test_bad_rows_name_the_row(tmp_path):
     classes, scores = random_topk(10, 4, NUM_CLASSES, seed=9)
     out_of_range = classes.copy()
     out_of_range[6, 2] = NUM_CLASSES
-    with pytest.raises(ValueError, match="topk_class row 6: class ids .* outside"):
-        select_balanced(out_of_range, scores, NUM_CLASSES, 2)
+    with pytest.raises(ValueError, match=r"c\.npy row 6: class ids .* outside"):
+        select(tmp_path, out_of_range, scores, NUM_CLASSES, 2, chunk=4)   # row counts from the file's start
     nan = scores.copy()
     nan[4, 0] = np.nan
-    with pytest.raises(ValueError, match="topk_prob row 4: contains NaN"):
-        select_balanced(classes, nan, NUM_CLASSES, 2, chunk=3)  # row counts from the array's start
+    with pytest.raises(ValueError, match=r"p\.npy row 4: contains NaN"):
+        select(tmp_path, classes, nan, NUM_CLASSES, 2, chunk=3)
     repeated = classes.copy()
     repeated[3, 1] = repeated[3, 0]
-    with pytest.raises(ValueError, match="topk_class row 3: repeats a class"):
-        select_balanced(repeated, scores, NUM_CLASSES, 2)
-    with pytest.raises(ValueError, match="same 2-D shape"):
-        select_balanced(classes, scores[:, :3], NUM_CLASSES, 2)
+    with pytest.raises(ValueError, match=r"c\.npy row 3: repeats a class"):
+        select(tmp_path, repeated, scores, NUM_CLASSES, 2)
+    with pytest.raises(ValueError, match=r"c\.npy \(10, 4\) and .*p\.npy \(10, 3\) must have the same 2-D shape"):
+        select(tmp_path, classes, scores[:, :3], NUM_CLASSES, 2)
 
     np.save(tmp_path / "c.npy", classes)
-    np.save(tmp_path / "p.npy", nan)
-    with pytest.raises(ValueError, match=r"p\.npy row 4: contains NaN"):
-        select_balanced_from_npy(tmp_path / "c.npy", tmp_path / "p.npy", NUM_CLASSES, 2, chunk=3)
+    np.save(tmp_path / "p.npy", scores)
     np.save(tmp_path / "f.npy", classes.astype(np.float32))
     with pytest.raises(ValueError, match=r"f\.npy / .*p\.npy: topk_class must hold integer class ids"):
         select_balanced_from_npy(tmp_path / "f.npy", tmp_path / "p.npy", NUM_CLASSES, 2)

@@ -13,12 +13,13 @@ import shutil
 import tempfile
 
 import torch
+from data.errors import InputError
 
 CHECKSUM = "checksum"
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be used by this run (one line naming the file)."""
 
 

@@ -6,10 +6,10 @@ from typing import NamedTuple
 import numpy as np
 
 from trainer.knn import as_numpy, check_gpu, cosine_search, import_faiss, unit_rows
+from data.errors import InputError
 
 _ROW_BLOCK = 65536  # rows per block when taking the top-2 probabilities: bounds the temporaries
 SEED_SAMPLE_PER_CENTROID = 64  # greedy k-means++ seeds from a random sample of 64·k rows
-INITS = ("greedy-kmeans++", "random")
 
 
 class KMeansResult(NamedTuple):
@@ -19,33 +19,30 @@ class KMeansResult(NamedTuple):
 
 
 def spherical_kmeans(x, k: int, *, niter: int = 20, seed: int = 0, max_points_per_centroid: int | None = 256,
-                     init: str = "greedy-kmeans++", gpu: int | None = None) -> KMeansResult:
+                     gpu: int | None = None) -> KMeansResult:
     """Spherical k-means (faiss.Kmeans(spherical=True)) of the rows of x, then every row's assignment.
 
     x is L2-normalised here (a normalised copy unless its rows are unit already): faiss's spherical
     mode only renormalises the centroids and assumes unit inputs. faiss trains on a random subsample of
     k * max_points_per_centroid rows when x has more (silently); None trains on all rows. The
-    assignment and objective always cover every row. init: "greedy-kmeans++" (greedy_kmeanspp, the
-    default) or "random" (faiss's own: k random rows, cheapest). The Lloyd iterations and the
-    assignment run on GPU `gpu` (None: the CPU; trainer.knn.faiss_gpu maps a run's device to it):
-    faiss.Kmeans(gpu=True) would quietly run on the CPU without one, so it is checked here. faiss.Kmeans
-    trains on its first GPU(s) whatever `gpu` says; rank 0, whose GPU is normally the first, runs it.
-    The seeding always runs on the CPU.
+    assignment and objective always cover every row. Seeded by greedy_kmeanspp, which always runs on
+    the CPU. The Lloyd iterations and the assignment run on GPU `gpu` (None: the CPU;
+    trainer.knn.faiss_gpu maps a run's device to it): faiss.Kmeans(gpu=True) would quietly run on the
+    CPU without one, so it is checked here. faiss.Kmeans trains on its first GPU(s) whatever `gpu` says;
+    rank 0, whose GPU is normally the first, runs it.
     """
     x = unit_rows(x, "x")
     n, d = x.shape
     if not 1 <= k <= n:
-        raise ValueError(f"k={k} clusters for {n} points: need 1 <= k <= {n}")
+        raise InputError(f"k={k} clusters for {n} points: need 1 <= k <= {n}")
     if niter < 1:
-        raise ValueError(f"niter must be >= 1, got {niter}")
+        raise InputError(f"niter must be >= 1, got {niter}")
     if max_points_per_centroid is None:
         max_points_per_centroid = -(-n // k)
     if max_points_per_centroid < 1:
-        raise ValueError(f"max_points_per_centroid must be >= 1 or None, got {max_points_per_centroid}")
-    if init not in INITS:
-        raise ValueError(f"init={init!r} is not one of {', '.join(INITS)}")
+        raise InputError(f"max_points_per_centroid must be >= 1 or None, got {max_points_per_centroid}")
     check_gpu(gpu)
-    seeds = greedy_kmeanspp(x, k, np.random.default_rng(seed)) if init == "greedy-kmeans++" else None
+    seeds = greedy_kmeanspp(x, k, np.random.default_rng(seed))
     gpus = 1 if gpu is not None else False   # faiss.Kmeans takes a number of GPUs, False for the CPU
     kmeans = import_faiss().Kmeans(d, k, niter=niter, seed=seed, spherical=True, gpu=gpus,
                                    max_points_per_centroid=max_points_per_centroid)
@@ -61,8 +58,8 @@ def greedy_kmeanspp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarr
     Each step draws 2 + ln k candidates with probability proportional to their squared distance to the
     seeds so far and keeps the one that lowers the total most. Written here because faiss's k-means++
     (and AFK-MC2) draw one candidate per step: on clustered data they often put two seeds in one
-    cluster, a local optimum Lloyd's iterations never leave (mean cosine 0.751-0.776 vs 0.789-0.793
-    with this seeding, like scikit-learn's, on 40k x 256 unit vectors around 100 centres).
+    cluster, a local optimum Lloyd's iterations never leave. Greedy seeding, like scikit-learn's, gives
+    a higher mean cosine on such data (docs/results.md, k-means).
     """
     sample_size = min(len(x), SEED_SAMPLE_PER_CENTROID * k)
     sample = x[np.sort(rng.choice(len(x), size=sample_size, replace=False))]
@@ -93,7 +90,7 @@ def split_budget(cluster_sizes, budget: int) -> np.ndarray:
     """
     sizes = np.asarray(cluster_sizes, dtype=np.int64)
     if not 0 <= budget <= sizes.sum():
-        raise ValueError(f"budget={budget} must be between 0 and the {sizes.sum()} samples available")
+        raise InputError(f"budget={budget} must be between 0 and the {sizes.sum()} samples available")
     low, high = 0, int(sizes.max(initial=0))
     while low < high:  # largest level whose capped total fits the budget
         mid = (low + high + 1) // 2
@@ -110,13 +107,13 @@ def margins(probs) -> np.ndarray:
     """p1 - p2 per row (float64, exact for float32 inputs), from full probabilities (N, C) or top-2 (N, 2)."""
     probs = as_numpy(probs)
     if probs.ndim != 2 or probs.shape[1] < 2:
-        raise ValueError(f"probs must be (samples, >= 2 classes), got shape {probs.shape}")
+        raise InputError(f"probs must be (samples, >= 2 classes), got shape {probs.shape}")
     out = np.empty(len(probs), np.float64)
     for start in range(0, len(probs), _ROW_BLOCK):
         top2 = np.partition(probs[start:start + _ROW_BLOCK], -2, axis=1)[:, -2:].astype(np.float64)
         out[start:start + _ROW_BLOCK] = top2[:, 1] - top2[:, 0]
     if np.isnan(out).any():
-        raise ValueError(f"probs row {int(np.flatnonzero(np.isnan(out))[0])} contains NaN")
+        raise InputError(f"probs row {int(np.flatnonzero(np.isnan(out))[0])} contains NaN")
     return out
 
 
@@ -128,12 +125,12 @@ def margin_query(probs, assignment, budget: int, num_clusters: int) -> np.ndarra
     margin = margins(probs)
     assignment = as_numpy(assignment)
     if assignment.shape != margin.shape or not np.issubdtype(assignment.dtype, np.integer):
-        raise ValueError(f"assignment must be {margin.shape} integer cluster ids, got shape {assignment.shape} "
+        raise InputError(f"assignment must be {margin.shape} integer cluster ids, got shape {assignment.shape} "
                          f"dtype {assignment.dtype}")
     bad = (assignment < 0) | (assignment >= num_clusters)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"assignment row {row} is {assignment[row]}, expected a cluster id in [0, {num_clusters})")
+        raise InputError(f"assignment row {row} is {assignment[row]}, expected a cluster id in [0, {num_clusters})")
     quota = split_budget(np.bincount(assignment, minlength=num_clusters), budget)
     order = np.lexsort((np.arange(len(margin)), margin, assignment))
     cluster = assignment[order]

@@ -17,9 +17,10 @@ import typing
 from dataclasses import dataclass, field
 
 import yaml
+from data.errors import InputError
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config problem, reported as one line naming the key."""
 
 
@@ -44,7 +45,7 @@ class Bounds:
             return cls(spec, float(m[2]), low_open=m[1] == ">")
         if m := re.fullmatch(r"([\[(]) *([-+.\de]+) *, *([-+.\de]+) *([\])])", spec):
             return cls(f"in {spec}", float(m[2]), float(m[3]), low_open=m[1] == "(", high_open=m[4] == ")")
-        raise ValueError(f"bounds {spec!r}: expected '>= a', '> a' or an interval such as '[a, b)'")
+        raise InputError(f"bounds {spec!r}: expected '>= a', '> a' or an interval such as '[a, b)'")
 
     def __contains__(self, x) -> bool:
         return ((self.low < x if self.low_open else self.low <= x)

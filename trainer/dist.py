@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
+from data.errors import InputError
 
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -63,14 +64,14 @@ def resolve_device(request: str, local_rank: int = 0) -> torch.device:
     a single device 0.
     """
     if request not in DEVICES:
-        raise ValueError(f"run.device={request!r}: expected one of {', '.join(DEVICES)}")
+        raise InputError(f"run.device={request!r}: expected one of {', '.join(DEVICES)}")
     if request == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         if request == "cuda":
-            raise ValueError("run.device=cuda: torch cannot use CUDA here (torch.cuda.is_available() is False)")
+            raise InputError("run.device=cuda: torch cannot use CUDA here (torch.cuda.is_available() is False)")
         if gpus_visible():
-            raise ValueError(f"run.device=auto: this machine has NVIDIA GPUs but torch {torch.__version__} cannot "
+            raise InputError(f"run.device=auto: this machine has NVIDIA GPUs but torch {torch.__version__} cannot "
                              "use them (check the driver against the wheel's CUDA); run.device=cpu runs on the CPU")
         return torch.device("cpu")
     return torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -88,7 +89,7 @@ def init(device: str = "auto") -> Runtime:
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")):
         # the agent's store outlives a failed group and its stale addresses make the restarted one
         # hang or fail to connect; a store per attempt avoids it
-        raise ValueError("torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in every torchrun's "
+        raise InputError("torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in every torchrun's "
                          "environment (docs/cluster.md)")
     if world > 1 and not dist.is_initialized():
         # device_id binds NCCL's communicator to this rank's GPU instead of a guess from the rank number
@@ -145,7 +146,7 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if op == "mean":
         on_group /= world_size()
     elif op != "sum":
-        raise ValueError(f"all_reduce_ op {op!r}: expected sum or mean")
+        raise InputError(f"all_reduce_ op {op!r}: expected sum or mean")
     if on_group is not tensor:
         tensor.copy_(on_group)
     return tensor
@@ -193,7 +194,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def _check_input_dim(self, x: torch.Tensor):
         if x.dim() < 2:
-            raise ValueError(f"expected at least 2-D input (N, C, ...), got {x.dim()}-D")
+            raise InputError(f"expected at least 2-D input (N, C, ...), got {x.dim()}-D")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or world_size() == 1:

@@ -5,6 +5,7 @@ import copy
 
 import torch
 from torch import nn
+from data.errors import InputError
 
 
 class EMA:
@@ -19,7 +20,7 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float):
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay {decay}: expected 0 <= decay < 1")
+            raise InputError(f"EMA decay {decay}: expected 0 <= decay < 1")
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
         self.updates = 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import logging
 import os
@@ -20,11 +19,12 @@ from tqdm import tqdm
 from data import datasets
 from trainer import checkpoint, config, dist, rundir
 from trainer.dist import Runtime, barrier, shutdown
+from data.errors import InputError
 
 log = logging.getLogger(__name__)
 
 
-class StageError(RuntimeError):
+class StageError(InputError):
     """Bad input found while a stage runs; printed as one line, exit status 2."""
 
 
@@ -44,7 +44,7 @@ def cli(main):
     try:
         main()
         shutdown()
-    except (config.ConfigError, checkpoint.CheckpointError, StageError, rundir.RunDirError, ValueError) as e:
+    except InputError as e:   # a genuine bug keeps its traceback
         for bar in list(tqdm._instances):   # an open progress bar would redraw itself after the message
             bar.close()
         prog = os.path.basename(sys.argv[0])
@@ -58,17 +58,6 @@ def check_dataset(cfg, rt: Runtime, labeled: str = "labeled"):
     for warning in datasets.check_dataset(cfg.data.root, labeled):
         if rt.is_main:
             tqdm.write(f"warning: {warning}", file=sys.stderr)
-
-
-LAUNCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch")
-
-
-def stage_module(name: str):
-    """launch/<name>.py as a module, so one stage can run another's own code path."""
-    spec = importlib.util.spec_from_file_location(f"semiscale_stage_{name}", os.path.join(LAUNCH_DIR, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class Run:
@@ -128,33 +117,30 @@ class Run:
 
     # ---- checkpoints ----
 
-    def save_checkpoint(self, model, optimizer, scaler, step: int, epoch: int, step_in_epoch: int,
-                        **extra):
+    def save_checkpoint(self, state: dict, step: int, epoch: int, step_in_epoch: int, model):
+        """checkpoint.pt: the named states (trainer.loop registers them), the position in the data and
+        the RNG; rank 0 writes, every rank waits for the file."""
         if self.rt.is_main:
             checkpoint.save_checked({
-                "stage": self.stage, "model": model.state_dict(),
-                "arch": checkpoint.architecture_of(model.state_dict()), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
-                "step_in_epoch": step_in_epoch, "rng": checkpoint.rng_state(), **extra,
+                "stage": self.stage, "arch": checkpoint.architecture_of(model.state_dict()), "step": step,
+                "epoch": epoch, "step_in_epoch": step_in_epoch, "rng": checkpoint.rng_state(), "state": state,
             }, self.checkpoint_path)
         barrier()
 
-    def resume(self, model, optimizer, scaler) -> dict:
-        """Load run.dir/checkpoint.pt into the objects when it exists; every rank reads it."""
+    def load_checkpoint(self, model) -> dict | None:
+        """run.dir/checkpoint.pt checked against this stage and `model`'s architecture (every rank reads
+        it), with the RNG restored; None when there is none."""
         if not os.path.exists(self.checkpoint_path):
-            return {"step": 0, "epoch": 0, "step_in_epoch": 0}
-        state = checkpoint.load_checked(self.checkpoint_path)
-        if state.get("stage") != self.stage:
+            return None
+        saved = checkpoint.load_checked(self.checkpoint_path)
+        if saved.get("stage") != self.stage or "state" not in saved:
             raise checkpoint.CheckpointError(
-                f"{self.checkpoint_path}: written by stage {state.get('stage')!r}, not {self.stage!r}")
-        checkpoint.check_architecture(self.checkpoint_path, state["arch"], model)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
-        self.say(f"resumed from {self.checkpoint_path} at step {state['step']} "
-                 f"(epoch {state['epoch']}, step {state['step_in_epoch']} of it)")
-        return state
+                f"{self.checkpoint_path}: not a checkpoint of this version's {self.stage} stage: pass --restart")
+        checkpoint.check_architecture(self.checkpoint_path, saved["arch"], model)
+        checkpoint.set_rng_state(saved["rng"])
+        self.say(f"resumed from {self.checkpoint_path} at step {saved['step']} "
+                 f"(epoch {saved['epoch']}, step {saved['step_in_epoch']} of it)")
+        return saved
 
 
 # ---- small files ----

@@ -30,3 +30,29 @@ def fixmatch_loss(logits_labeled: torch.Tensor, labels: torch.Tensor, logits_wea
     per_image = F.cross_entropy(logits_strong.float(), pseudo_labels, reduction="none")
     unsupervised = (per_image * mask).mean()
     return FixmatchLoss(supervised + lambda_u * unsupervised, supervised, unsupervised, pseudo_labels, mask)
+
+
+# What a FixMatch epoch reports, summed step by step (trainer.loop.EpochSums) and divided at its end.
+EPOCH_SUMS = ("loss", "loss_s", "loss_u", "steps", "unlabeled", "masked", "pseudo_hits", "masked_pseudo_hits")
+
+
+@torch.no_grad()
+def step_sums(out: FixmatchLoss, hidden_labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """One step's contribution to EPOCH_SUMS. Hidden labels (simulations only) measure the pseudo-labels;
+    they never train."""
+    mask = out.mask.double()
+    hits = torch.zeros_like(mask) if hidden_labels is None else (out.pseudo_labels == hidden_labels).double()
+    return {"loss": out.total, "loss_s": out.supervised, "loss_u": out.unsupervised, "steps": torch.ones_like(mask[0]),
+            "unlabeled": torch.full_like(mask[0], len(mask)), "masked": mask.sum(), "pseudo_hits": hits.sum(),
+            "masked_pseudo_hits": (hits * mask).sum()}
+
+
+def epoch_summary(sums: dict[str, float], has_hidden: bool) -> dict:
+    """Per-epoch means from the EPOCH_SUMS totals."""
+    steps = max(sums["steps"], 1)
+    out = {"loss": sums["loss"] / steps, "loss_s": sums["loss_s"] / steps, "loss_u": sums["loss_u"] / steps,
+           "mask_rate": sums["masked"] / max(sums["unlabeled"], 1)}
+    if has_hidden:
+        out["pseudo_acc"] = sums["pseudo_hits"] / max(sums["unlabeled"], 1)
+        out["pseudo_acc_masked"] = sums["masked_pseudo_hits"] / sums["masked"] if sums["masked"] else None
+    return out

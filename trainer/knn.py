@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+from data.errors import InputError
 
 _NORM_TOLERANCE = 1e-5  # rows this close to unit length are used as they are (no copy)
 _ROW_BLOCK = 65536      # rows per block when normalising: bounds the temporaries
@@ -29,7 +30,7 @@ def unit_rows(x, name: str = "x") -> np.ndarray:
     """
     x = np.ascontiguousarray(as_numpy(x), dtype=np.float32)
     if x.ndim != 2 or x.shape[1] == 0:
-        raise ValueError(f"{name} must be 2-D (rows, dim), got shape {x.shape}")
+        raise InputError(f"{name} must be 2-D (rows, dim), got shape {x.shape}")
     norms = np.empty(len(x), np.float32)
     for start in range(0, len(x), _ROW_BLOCK):
         block = x[start:start + _ROW_BLOCK]
@@ -37,7 +38,7 @@ def unit_rows(x, name: str = "x") -> np.ndarray:
     bad = ~np.isfinite(norms) | (norms == 0)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{name} row {row} has norm {norms[row]}: cosine similarity needs finite non-zero rows")
+        raise InputError(f"{name} row {row} has norm {norms[row]}: cosine similarity needs finite non-zero rows")
     if np.all(np.abs(norms - 1) <= _NORM_TOLERANCE):
         return x
     out = np.empty_like(x)
@@ -51,7 +52,7 @@ def import_faiss():
     try:
         import faiss
     except ImportError as e:
-        raise ValueError(f"faiss does not import ({e}): pip install faiss-cpu, or faiss-gpu on GPU nodes") from None
+        raise InputError(f"faiss does not import ({e}): pip install faiss-cpu, or faiss-gpu on GPU nodes") from None
     return faiss
 
 
@@ -65,7 +66,7 @@ def faiss_gpu(device) -> int | None:
 
 def check_gpu(gpu: int | None):
     if gpu is not None and import_faiss().get_num_gpus() <= gpu:
-        raise ValueError(f"faiss GPU {gpu} requested but faiss sees {import_faiss().get_num_gpus()} GPU(s)")
+        raise InputError(f"faiss GPU {gpu} requested but faiss sees {import_faiss().get_num_gpus()} GPU(s)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,9 +94,9 @@ def cosine_search(base, queries, k: int, *, gpu: int | None = None,
     if normalise:
         base, queries = unit_rows(base, "base"), unit_rows(queries, "queries")
     if base.shape[1] != queries.shape[1]:
-        raise ValueError(f"queries have dimension {queries.shape[1]}, base has {base.shape[1]}")
+        raise InputError(f"queries have dimension {queries.shape[1]}, base has {base.shape[1]}")
     if not 1 <= k <= len(base):
-        raise ValueError(f"k={k} neighbours requested from {len(base)} base rows: need 1 <= k <= {len(base)}")
+        raise InputError(f"k={k} neighbours requested from {len(base)} base rows: need 1 <= k <= {len(base)}")
     index = inner_product_index(base.shape[1], gpu)
     index.add(base)
     return index.search(queries, k)
@@ -110,15 +111,15 @@ def knn_classify(train_emb, train_labels, query_emb, num_classes: int, k: int = 
     """
     labels = as_numpy(train_labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"train_labels must be a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}")
+        raise InputError(f"train_labels must be a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}")
     if len(labels) != len(as_numpy(train_emb)):
-        raise ValueError(f"{len(labels)} train_labels for {len(as_numpy(train_emb))} train_emb rows")
+        raise InputError(f"{len(labels)} train_labels for {len(as_numpy(train_emb))} train_emb rows")
     bad = (labels < 0) | (labels >= num_classes)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"train_labels row {row} is {labels[row]}, expected a class id in [0, {num_classes})")
+        raise InputError(f"train_labels row {row} is {labels[row]}, expected a class id in [0, {num_classes})")
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise InputError(f"temperature must be > 0, got {temperature}")
     sims, ids = cosine_search(train_emb, query_emb, k, gpu=gpu)
     # exp(sim/T) scaled by exp(-best sim/T) per query (cancels when normalised): no overflow, best weight 1
     weights = np.exp((sims - sims[:, :1]) / temperature)
@@ -134,5 +135,5 @@ def knn_accuracy(train_emb, train_labels, query_emb, query_labels, num_classes: 
     pred, _ = knn_classify(train_emb, train_labels, query_emb, num_classes, k, temperature, gpu=gpu)
     query_labels = as_numpy(query_labels)
     if query_labels.shape != pred.shape:
-        raise ValueError(f"query_labels has shape {query_labels.shape}, expected {pred.shape}")
+        raise InputError(f"query_labels has shape {query_labels.shape}, expected {pred.shape}")
     return float((pred == query_labels).mean())

@@ -94,7 +94,9 @@ def classifier_arch(model_cfg, num_classes: int) -> dict:
             "width": model_cfg.width, "num_classes": num_classes}
 
 
-def load_classifier(path: str) -> tuple[Classifier, dict]:
+def load_classifier(path: str, num_classes: int | None = None) -> tuple[Classifier, dict]:
+    """(the classifier a model.pt holds, its arch); with `num_classes`, a model for another number of
+    classes (one trained on another dataset) is refused with one line."""
     state = checkpoint.load(path)
     if not isinstance(state, dict) or "arch" not in state or "model" not in state:
         raise checkpoint.CheckpointError(f"{path}: not a semiscale model.pt (expected keys arch, model)")
@@ -102,6 +104,9 @@ def load_classifier(path: str) -> tuple[Classifier, dict]:
     if not isinstance(arch, dict) or not {"backbone", "small_stem", "width", "num_classes"} <= set(arch):
         raise checkpoint.CheckpointError(f"{path}: not a semiscale model.pt (a training checkpoint? use the "
                                          "model.pt its stage wrote)")
+    if num_classes is not None and arch["num_classes"] != num_classes:
+        raise checkpoint.CheckpointError(f"{path}: a {arch['num_classes']}-class model, but the dataset's "
+                                         f"classes.txt names {num_classes} classes")
     model = Classifier(build_backbone(arch["backbone"], arch["small_stem"], arch["width"]), arch["num_classes"])
     checkpoint.check_architecture(path, checkpoint.architecture_of(state["model"]), model)
     model.load_state_dict(state["model"])

@@ -1,8 +1,9 @@
-"""Optimisers: vectorised LARS (Barlow Twins variant), apex LARC, SGD and AdamW over shared param groups."""
+"""Optimisers: vectorised LARS (Barlow Twins variant) or apex LARC for pre-training, SGD for classifiers."""
 import torch
 from torch import nn
+from data.errors import InputError
 
-OPTIMIZERS = ("lars", "apex_lars", "sgd", "adamw")
+OPTIMIZERS = ("lars", "apex_lars")
 
 
 class LARS(torch.optim.Optimizer):
@@ -78,8 +79,7 @@ def lars_param_groups(model: nn.Module, lr_weights: float, lr_biases: float,
 
 
 def build_optimizer(name: str, model: nn.Module, *, lr_weights: float, lr_biases: float | None = None,
-                    weight_decay: float = 0.0, momentum: float = 0.9, nesterov: bool = False,
-                    eta: float = 0.001):
+                    weight_decay: float = 0.0, momentum: float = 0.9, eta: float = 0.001):
     """An optimiser over lars_param_groups(model, ...): `name` is one of OPTIMIZERS.
 
     lr_biases defaults to lr_weights. Biases and norm parameters never get weight decay.
@@ -94,21 +94,19 @@ def build_optimizer(name: str, model: nn.Module, *, lr_weights: float, lr_biases
         try:
             from apex.parallel.LARC import LARC
         except ImportError:  # the unrelated PyPI package "apex" has no apex.parallel
-            raise ValueError("optimizer apex_lars: NVIDIA apex (apex.parallel.LARC) is not installed; "
+            raise InputError("optimizer apex_lars: NVIDIA apex (apex.parallel.LARC) is not installed; "
                              "use optim.impl=native") from None
         return LARC(torch.optim.SGD(groups, lr=lr_weights, momentum=momentum), trust_coefficient=eta,
                     clip=False)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr_weights, momentum=momentum, nesterov=nesterov)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr_weights)
-    raise ValueError(f"optimizer {name!r}: expected one of {', '.join(OPTIMIZERS)}")
+    raise InputError(f"optimizer {name!r}: expected one of {', '.join(OPTIMIZERS)}")
 
 
 def classifier_sgd(model: nn.Module, lr_backbone: float, lr_head: float, weight_decay: float,
                    momentum: float = 0.9, nesterov: bool = False) -> torch.optim.SGD:
     """SGD over a Classifier with its own learning rate for the backbone and for the head;
     weight decay only on weights (biases and norm parameters excluded)."""
+    if nesterov and momentum <= 0:
+        raise InputError(f"optim.nesterov=true needs optim.momentum > 0 (got {momentum})")
     groups = (lars_param_groups(model.backbone, lr_backbone, lr_backbone, weight_decay)
               + lars_param_groups(model.head, lr_head, lr_head, weight_decay))
     return torch.optim.SGD([g for g in groups if g["params"]], lr=lr_head, momentum=momentum,

@@ -21,6 +21,7 @@ import os
 import shutil
 
 import yaml
+from data.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ RESULT_NEUTRAL = {"run.dir", "run.restart", "run.log_every", "run.checkpoint_eve
 RESULTS = (METRICS, "checkpoint.pt")
 
 
-class RunDirError(ValueError):
+class RunDirError(InputError):
     """A run dir this run must not write to; printed as one line."""
 
 
@@ -109,15 +110,17 @@ def _read_config(path: str) -> dict | None:
 
 
 class Lock:
-    """An exclusive flock on RUN_DIR/.lock for the life of this object (the kernel drops it when the
-    process dies, so a killed run never leaves a stale lock)."""
+    """An exclusive lock on RUN_DIR/.lock for the life of this object. A POSIX record lock (lockf), not
+    flock: it belongs to this process alone, so data-loader workers forked from it do not keep it after
+    the run is killed, and the kernel drops it the moment the process dies. The price: closing any other
+    descriptor of .lock in this process drops it too, so nothing else here opens that file."""
 
     def __init__(self, run_dir: str):
         path = os.path.join(run_dir, LOCK)
         self._file = open(path, "a")
         try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             self._file.close()
             raise RunDirError(f"run.dir={run_dir}: another live run is writing to it ({path} is locked)") from None
 

@@ -5,6 +5,7 @@ global_batch / 256 is the caller's job, done once when the groups are built, e.g
 `lars_param_groups(model, 0.2 * B / 256, 0.0048 * B / 256, wd)`.
 """
 import math
+from data.errors import InputError
 
 
 def plan(epochs: int, max_steps: int, warmup_epochs: float, steps_per_epoch: int) -> tuple[int, int]:
@@ -21,7 +22,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, final_factor: floa
     Steps past total_steps stay at final_factor.
     """
     if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"lr schedule: need total_steps >= 1 and 0 <= warmup_steps <= total_steps, "
+        raise InputError(f"lr schedule: need total_steps >= 1 and 0 <= warmup_steps <= total_steps, "
                          f"got total_steps={total_steps}, warmup_steps={warmup_steps}")
     if step < warmup_steps:
         return step / warmup_steps
@@ -34,6 +35,6 @@ def apply_lr(optimizer, factor: float) -> None:
     """Set every param group's lr to its base_lr * factor."""
     for group in optimizer.param_groups:
         if "base_lr" not in group:
-            raise ValueError("apply_lr: a param group has no 'base_lr' (build groups with "
+            raise InputError("apply_lr: a param group has no 'base_lr' (build groups with "
                              "trainer.optim.lars_param_groups)")
         group["lr"] = group["base_lr"] * factor

@@ -4,21 +4,26 @@ Every (image, class, score) in an image's top-K is a candidate for that class; e
 best-scoring candidates, so at most P·C pseudo-labels. An image kept by several classes counts as a
 duplicate and stays once, under its highest-scoring class.
 
-Ties are broken exactly and independently of chunking or shard order:
+Ties are broken exactly and independently of chunking:
   - within a class, equal scores -> the lower image index ranks first;
   - for a duplicate image, equal scores -> the lower class id wins.
 
 Selection streams: `TopPerClass.update` takes the top-K rows chunk by chunk and keeps only the current
-top-P of every class, so memory is O(chunk·K + P·C), never O(N·C); shards merge with `merge` (the
-global top-P of a class is the top-P of the union of the shards' top-P).
+top-P of every class, so memory is O(chunk·K + P·C), never O(N·C). The rows come from the one pair of
+top-K files that trainer.predict writes, its ranks' shards already merged.
+
+A selection becomes the pseudo-label CSV the fine-tune and FixMatch stages read; in simulations its
+precision is measured against the hidden labels.
 """
 from __future__ import annotations
 
+import csv
 import os
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
+from data.errors import InputError
 
 PathLike = str | os.PathLike
 
@@ -41,12 +46,12 @@ class Selection:
 
 def _check_params(num_classes: int, p: int) -> None:
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise InputError(f"num_classes must be >= 1, got {num_classes}")
     if p <= 0:
-        raise ValueError(f"p (images per class) must be >= 1, got {p}")
+        raise InputError(f"p (images per class) must be >= 1, got {p}")
 
 
-class BadRowError(ValueError):
+class BadRowError(InputError):
     """A top-K row that cannot be used; `array` is "topk_class" or "topk_prob", `row` counts from 0."""
 
     def __init__(self, array: str, row: int, reason: str):
@@ -72,11 +77,11 @@ def _unsortable(key: np.ndarray) -> np.ndarray:
 def _sort_candidates(cls, score, idx, num_classes):
     """Sort candidates by (class, score descending, image index).
 
-    numpy's SIMD sort of one packed uint64 key (class | inverted score | index) is ~4x faster than
+    numpy's SIMD sort of one packed uint64 key (class | inverted score | index) is faster than
     np.lexsort over three keys; indices too large to pack (>= 2^(32 - class bits)) take the lexsort path.
     Kept over faiss's k-selection (float_minheap_array_t.addn, one heap per class), which needs the
-    sparse top-K scattered into a dense class x image block: 1.3 s vs 0.3 s for the whole selection at
-    N=512k, C=800, K=10, P=500 on 2 cores (and faiss's Python API has no standalone GPU k-select).
+    sparse top-K scattered into a dense class x image block and was slower for the whole selection
+    (and faiss's Python API has no standalone GPU k-select). Timings: docs/results.md, selection.
     """
     class_bits = max(1, (num_classes - 1).bit_length())
     index_bits = 32 - class_bits
@@ -108,35 +113,18 @@ class TopPerClass:
         # a candidate scoring below its class's threshold (the p-th kept score) can never enter
         self._threshold = np.full(num_classes, -np.inf, np.float32)
 
-    def update(self, topk_class, topk_prob, first_index: int = 0, *, indices=None) -> "TopPerClass":
-        """Add rows of top-K predictions: row r is image first_index + r, or indices[r] when given."""
+    def update(self, topk_class, topk_prob, first_index: int = 0) -> "TopPerClass":
+        """Add rows of top-K predictions: row r is image first_index + r."""
         topk_class, topk_prob = np.asarray(topk_class), np.asarray(topk_prob)
         self._validate(topk_class, topk_prob)
         n, k = topk_class.shape
-        if indices is None:
-            if first_index < 0:
-                raise ValueError(f"first_index must be >= 0, got {first_index}")
-            row_index = np.arange(first_index, first_index + n, dtype=np.int64)
-        else:
-            row_index = np.asarray(indices, dtype=np.int64)
-            if row_index.shape != (n,):
-                raise ValueError(f"indices has shape {row_index.shape}, expected ({n},) like the top-K rows")
-            if n and row_index.min() < 0:
-                raise ValueError(f"indices row {int(np.argmin(row_index))} is negative")
+        if first_index < 0:
+            raise InputError(f"first_index must be >= 0, got {first_index}")
+        row_index = np.arange(first_index, first_index + n, dtype=np.int64)
         cls = topk_class.astype(np.int32, copy=False).ravel()
         score = topk_prob.astype(np.float32, copy=False).ravel() + np.float32(0)  # -0.0 -> +0.0
         passing = np.flatnonzero(score >= self._threshold[cls])
         self._add_pending(cls[passing], score[passing], row_index[passing // k])
-        return self
-
-    def merge(self, others: Sequence["TopPerClass"]) -> "TopPerClass":
-        """Fold other trackers (e.g. other ranks' shards) into this one."""
-        for other in others:
-            if (other.num_classes, other.p) != (self.num_classes, self.p):
-                raise ValueError(f"cannot merge TopPerClass(num_classes={other.num_classes}, p={other.p}) "
-                                 f"into TopPerClass(num_classes={self.num_classes}, p={self.p})")
-            other._compact()
-            self._add_pending(other._cls, other._score, other._idx)
         return self
 
     def kept(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -159,15 +147,15 @@ class TopPerClass:
 
     def _validate(self, topk_class, topk_prob) -> None:
         if topk_class.ndim != 2 or topk_class.shape != topk_prob.shape:
-            raise ValueError(f"topk_class {topk_class.shape} and topk_prob {topk_prob.shape} must have the "
+            raise InputError(f"topk_class {topk_class.shape} and topk_prob {topk_prob.shape} must have the "
                              "same 2-D shape (images, K)")
         if not np.issubdtype(topk_class.dtype, np.integer):
-            raise ValueError(f"topk_class must hold integer class ids, got dtype {topk_class.dtype}")
+            raise InputError(f"topk_class must hold integer class ids, got dtype {topk_class.dtype}")
         k = topk_class.shape[1]
         if k < 1:
-            raise ValueError("top-K arrays have no columns: K must be >= 1")
+            raise InputError("top-K arrays have no columns: K must be >= 1")
         if k > self.num_classes:
-            raise ValueError(f"K={k} predictions per image exceeds num_classes={self.num_classes}")
+            raise InputError(f"K={k} predictions per image exceeds num_classes={self.num_classes}")
         if not len(topk_class):
             return
         bad = (topk_class < 0) | (topk_class >= self.num_classes)
@@ -205,28 +193,16 @@ class TopPerClass:
         self._threshold[full] = self._score[np.cumsum(counts)[full] - 1]
 
 
-def select_balanced(topk_class, topk_prob, num_classes: int, p: int, *, chunk: int = 32768) -> Selection:
-    """Balanced selection over in-memory top-K arrays (N, K), processed `chunk` rows at a time."""
-    topk_class, topk_prob = np.asarray(topk_class), np.asarray(topk_prob)
-    tracker = TopPerClass(num_classes, p)
-    for start in range(0, max(len(topk_class), 1), chunk):  # an empty input still gets validated
-        try:
-            tracker.update(topk_class[start:start + chunk], topk_prob[start:start + chunk], start)
-        except BadRowError as error:
-            raise BadRowError(error.array, start + error.row, error.reason) from None
-    return tracker.result()
-
-
 def _npy_header(path: PathLike) -> tuple[tuple[int, ...], np.dtype, int]:
     """(shape, dtype, data offset) of a C-ordered .npy file."""
     with open(path, "rb") as f:
         version = np.lib.format.read_magic(f)
         if version not in ((1, 0), (2, 0)):
-            raise ValueError(f"{path}: unsupported .npy format version {version}")
+            raise InputError(f"{path}: unsupported .npy format version {version}")
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran_order, dtype = read_header(f)
         if fortran_order or dtype.hasobject:
-            raise ValueError(f"{path}: expected a C-ordered numeric array, got fortran_order={fortran_order} "
+            raise InputError(f"{path}: expected a C-ordered numeric array, got fortran_order={fortran_order} "
                              f"dtype={dtype}")
         return shape, dtype, f.tell()
 
@@ -245,48 +221,48 @@ def _npy_chunks(path: PathLike, chunk: int) -> Iterator[np.ndarray]:
             rows = min(chunk, shape[0] - start)
             block = np.fromfile(f, dtype=dtype, count=rows * row_size)
             if block.size != rows * row_size:
-                raise ValueError(f"{path}: file truncated at row {start}")
+                raise InputError(f"{path}: file truncated at row {start}")
             yield block.reshape((rows,) + tuple(shape[1:]))
 
 
-def _as_list(paths) -> list:
-    return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-
-
-def select_balanced_from_npy(class_paths, prob_paths, num_classes: int, p: int, *, index_paths=None,
+def select_balanced_from_npy(class_path: PathLike, prob_path: PathLike, num_classes: int, p: int, *,
                              chunk: int = 32768) -> Selection:
-    """Balanced selection streamed from .npy files of top-K class ids (N, K) and scores (N, K).
-
-    Each of class_paths / prob_paths is one path or a list of per-shard paths (same order). Rows are
-    numbered consecutively across shards, unless index_paths gives each shard's 1-D image-index file.
-    Memory stays O(chunk·K + P·C).
-    """
+    """Balanced selection streamed from .npy files of top-K class ids (N, K) and scores (N, K), row r
+    being image r, `chunk` rows at a time: memory stays O(chunk·K + P·C)."""
     _check_params(num_classes, p)
-    class_paths, prob_paths = _as_list(class_paths), _as_list(prob_paths)
-    index_paths = [None] * len(class_paths) if index_paths is None else _as_list(index_paths)
-    if not len(class_paths) == len(prob_paths) == len(index_paths):
-        raise ValueError(f"got {len(class_paths)} class files, {len(prob_paths)} score files and "
-                         f"{len(index_paths)} index files: one of each per shard expected")
     tracker = TopPerClass(num_classes, p)
-    next_index = 0
-    for class_path, prob_path, index_path in zip(class_paths, prob_paths, index_paths):
-        shape = _npy_header(class_path)[0]
-        paths = {"topk_class": class_path, "topk_prob": prob_path}
-        if len(shape) != 2 or _npy_header(prob_path)[0] != shape:
-            raise ValueError(f"{class_path} {shape} and {prob_path} {_npy_header(prob_path)[0]} must have the "
-                             "same 2-D shape (images, K)")
-        if index_path is not None and _npy_header(index_path)[0] != shape[:1]:
-            raise ValueError(f"{index_path} has shape {_npy_header(index_path)[0]}, expected ({shape[0]},) "
-                             f"like {class_path}")
-        index_chunks = _npy_chunks(index_path, chunk) if index_path is not None else None
-        for start, (classes, probs) in zip(range(0, shape[0], chunk),
-                                           zip(_npy_chunks(class_path, chunk), _npy_chunks(prob_path, chunk))):
-            indices = next(index_chunks) if index_chunks else None
-            try:
-                tracker.update(classes, probs, next_index + start, indices=indices)
-            except BadRowError as error:
-                raise ValueError(f"{paths[error.array]} row {start + error.row}: {error.reason}") from None
-            except ValueError as error:
-                raise ValueError(f"{class_path} / {prob_path}: {error}") from None
-        next_index += shape[0]
+    shape = _npy_header(class_path)[0]
+    paths = {"topk_class": class_path, "topk_prob": prob_path}
+    if len(shape) != 2 or _npy_header(prob_path)[0] != shape:
+        raise InputError(f"{class_path} {shape} and {prob_path} {_npy_header(prob_path)[0]} must have the "
+                         "same 2-D shape (images, K)")
+    for start, (classes, probs) in zip(range(0, shape[0], chunk),
+                                       zip(_npy_chunks(class_path, chunk), _npy_chunks(prob_path, chunk))):
+        try:
+            tracker.update(classes, probs, start)
+        except BadRowError as error:
+            raise InputError(f"{paths[error.array]} row {start + error.row}: {error.reason}") from None
+        except ValueError as error:
+            raise InputError(f"{class_path} / {prob_path}: {error}") from None
     return tracker.result()
+
+
+def selection_precision(selection: Selection, hidden_labels: np.ndarray, num_classes: int) -> dict:
+    """Simulations only: the share of pseudo-labels equal to the hidden label, over all of them and per
+    class (None where nothing was chosen). The hidden labels measure the selection, never train."""
+    correct = hidden_labels[selection.indices] == selection.labels
+    per_class = [float(correct[selection.labels == c].mean()) if (selection.labels == c).any() else None
+                 for c in range(num_classes)]
+    return {"precision": float(correct.mean()) if len(correct) else None, "class_precision": per_class}
+
+
+def write_pseudo_labels(path: str, selection: Selection, split) -> None:
+    """The pseudo-label CSV (path,label,score; paths relative to the split's root) of the rows of `split`
+    the selection chose."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "score"])
+        for i, label, score in zip(selection.indices, selection.labels, selection.scores):
+            writer.writerow([os.path.relpath(split.paths[i], split.root), int(label), f"{score:.6f}"])
+    os.replace(tmp, path)
