@@ -582,9 +582,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(PROJECT, "runs", "gpu-smoke"))
     parser.add_argument("--only", action="append", metavar="STEP", help="run these steps (and what they need)")
     args = parser.parse_args(argv)
-    if os.path.exists(args.out):
+    if os.path.exists(args.out):   # only a previous smoke run's folder is replaced
+        if not os.path.exists(os.path.join(args.out, "smoke.json")) and os.listdir(args.out):
+            print(f"gpu_smoke.py: error: --out {args.out} holds something other than a smoke run; "
+                  "expected a new, empty or earlier smoke folder", file=sys.stderr)
+            return 2
         shutil.rmtree(args.out)
     os.makedirs(args.out)
+    engine.write_json(os.path.join(args.out, "smoke.json"), {"status": "running"})   # marks the folder as ours
     smoke = Smoke(args.device, os.path.abspath(args.out))
     wanted = set(args.only or [s[0] for s in STEPS])
     while any(NEEDS.get(s) and NEEDS[s] not in wanted for s in wanted):

@@ -20,3 +20,11 @@ def test_smoke_on_cpu_passes_every_step_it_can_run(tmp_path):
     assert status["S11"] == "SKIP"   # two GPUs
     table = (out / "smoke.md").read_text()
     assert table.count("\n") == len(summary["steps"]) + 2 and "| S4 | stages end to end | PASS |" in table
+
+
+def test_smoke_never_replaces_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine\n")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "gpu_smoke.py"), "--device", "cpu",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("expected a new, empty or earlier smoke folder")
+    assert os.listdir(tmp_path) == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine\n"
