@@ -33,7 +33,7 @@ from data.datasets import read_classes, read_split  # noqa: E402
 from trainer import active_learning, annotations, config, dist, engine, knn  # noqa: E402
 from trainer.config import ActiveConfig  # noqa: E402
 from trainer.loading import eval_loader  # noqa: E402
-from trainer.models import build_backbone, load_backbone_weights, load_classifier  # noqa: E402
+from trainer.models import load_backbone, load_classifier  # noqa: E402
 
 
 def parse(argv):
@@ -64,8 +64,7 @@ def query_inputs(cfg, rt, classes):
     """(candidate pool, query count, classifier, SSL backbone, loader), every check done, nothing written."""
     pool, count = check(cfg)
     model, _ = load_classifier(cfg.active.model, num_classes=len(classes))
-    ssl = build_backbone(cfg.model.backbone, cfg.model.small_stem, cfg.model.width)
-    load_backbone_weights(ssl, cfg.active.backbone)
+    ssl = load_backbone(cfg.active.backbone)
     return pool, count, model, ssl, eval_loader(pool, cfg, rt, cfg.inference.batch_size)
 
 

@@ -23,7 +23,7 @@ from trainer import config, dist, engine  # noqa: E402
 from trainer.config import EvaluateConfig  # noqa: E402
 from trainer.knn import faiss_gpu, knn_accuracy  # noqa: E402
 from trainer.loading import eval_loader  # noqa: E402
-from trainer.models import build_backbone, load_backbone_weights, load_classifier  # noqa: E402
+from trainer.models import load_backbone, load_classifier  # noqa: E402
 from trainer.predict import embed  # noqa: E402
 from trainer.tta import best_subset, hit_counts, scale_subsets, top1_top5  # noqa: E402
 
@@ -40,12 +40,6 @@ def labeled_splits(cfg) -> dict:
 
 def classifier(cfg):
     return load_classifier(cfg.evaluate.model, num_classes=len(read_classes(cfg.data.root)))[0]
-
-
-def backbone(cfg):
-    network = build_backbone(cfg.model.backbone, cfg.model.small_stem, cfg.model.width)
-    load_backbone_weights(network, cfg.evaluate.backbone)
-    return network
 
 
 def evaluate_classifier(cfg, model, splits, rt, run) -> dict:
@@ -98,7 +92,7 @@ def main(argv=None):
         raise config.ConfigError(f"evaluate.k={cfg.evaluate.k}: expected 1..{labeled} (the labeled images)")
     rt = dist.init(cfg.run.device)
     engine.check_dataset(cfg, rt)
-    network = backbone(cfg) if cfg.evaluate.knn else classifier(cfg)
+    network = load_backbone(cfg.evaluate.backbone) if cfg.evaluate.knn else classifier(cfg)
     run = engine.Run("evaluate", cfg, rt)   # every check has passed: the first write
     result = (evaluate_knn if cfg.evaluate.knn else evaluate_classifier)(cfg, network, splits, rt, run)
     if rt.is_main:

@@ -368,11 +368,11 @@ def s4_stages(smoke: Smoke) -> str:
     check(fixmatch_events and os.path.exists(os.path.join(d("fixmatch"), "model.pt")), "fixmatch: no EMA val")
     done.append(f"finetune (val {finetune_val:.2f}), pseudolabel, fixmatch")
     if smoke.has_faiss:
-        smoke.stage("active", d("active"), *TINY_MODEL, "active.clusters=2", "active.budget=4", "active.oracle=true",
+        smoke.stage("active", d("active"), "active.clusters=2", "active.budget=4", "active.oracle=true",
                     "inference.batch_size=64", f"active.model={d('fixmatch')}/model.pt",
                     f"active.backbone={d('pretrain')}/backbone.pt")
         check(sum(1 for _ in open(os.path.join(d("active"), "queries.csv"))) == 5, "active: not 4 queries")
-        smoke.stage("evaluate", d("evaluate_knn"), *TINY_MODEL, "evaluate.knn=true", "inference.batch_size=64",
+        smoke.stage("evaluate", d("evaluate_knn"), "evaluate.knn=true", "inference.batch_size=64",
                     f"evaluate.backbone={d('pretrain')}/backbone.pt")
         done.append("active, evaluate --knn")
     else:

@@ -17,7 +17,7 @@ from trainer import checkpoint, dist, engine, knn, optim, schedule  # noqa: E402
 from trainer.loop import Loop  # noqa: E402
 from trainer.loading import eval_loader, loader  # noqa: E402
 from trainer.config import PretrainConfig  # noqa: E402
-from trainer.models import BarlowTwins, build_backbone  # noqa: E402
+from trainer.models import BACKBONE_ARCH, BarlowTwins, backbone_arch, build_backbone  # noqa: E402
 from trainer.predict import embed  # noqa: E402
 
 
@@ -94,6 +94,7 @@ def main(argv=None):
                     knn_every)
 
     if rt.is_main:   # a plain state_dict: loads into the torchvision model it came from
+        engine.write_json(run.path(BACKBONE_ARCH), backbone_arch(cfg.model))   # before backbone.pt: see pipeline
         checkpoint.save_atomic(backbone.state_dict(), run.path("backbone.pt"))
     dist.barrier()   # in-process callers read backbone.pt on every rank next
     run.say(f"wrote {run.path('backbone.pt')}")

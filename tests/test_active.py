@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tiny import ROOT, TINY_INFERENCE, fashion, pixels, stage, tiny_classifier
+from tiny import ROOT, TINY_INFERENCE, fashion, pixels, save_backbone, stage, tiny_classifier
 from data.datasets import read_classes, read_split
 from launch._stages import stage_module
 from trainer import active_learning, annotations, config, engine
@@ -34,7 +34,7 @@ def oracle_run(tmp_path_factory):
     model = tiny_classifier(data, tmp / "model.pt")
     torch.manual_seed(1)
     backbone = build_backbone("small", width=8).eval()
-    torch.save(backbone.state_dict(), tmp / "backbone.pt")
+    save_backbone(backbone, str(tmp / "backbone.pt"))
     args = ["--config", ACTIVE, f"data.root={data}", f"active.model={tmp / 'model.pt'}",
             f"active.backbone={tmp / 'backbone.pt'}", f"active.budget={QUERIES}", f"active.clusters={CLUSTERS}",
             "active.max_points_per_centroid=0", *TINY_INFERENCE]

@@ -42,7 +42,7 @@ def load_stage(stage, *overrides):
     ("active", "run.seed=4294967296", "run.seed=4294967296: expected an integer in [0, 2147483647]"),
     ("finetune", "data.image_size=4", "data.image_size=4: expected an integer >= 8"),
     ("pretrain", "data.workers=-1", "data.workers=-1: expected an integer >= 0"),
-    ("evaluate", "model.width=0", "model.width=0: expected an integer >= 1"),
+    ("finetune", "model.width=0", "model.width=0: expected an integer >= 1"),
     ("pseudolabel", "inference.batch_size=0", "inference.batch_size=0: expected an integer >= 1"),
     ("pipeline", "pipeline.nproc=0", "pipeline.nproc=0: expected an integer >= 1"),
     # pretrain: LARS, Barlow Twins, kNN monitor
@@ -96,7 +96,9 @@ def load_stage(stage, *overrides):
     ("pretrain", "train.epochs=ten", "train.epochs: expected int, got str 'ten'"),
     ("finetune", "train.batch_size=6.4", "train.batch_size: expected int, got float 6.4"),
     ("finetune", "optim.lr_backbone=fast", "optim.lr_backbone: expected float, got str 'fast'"),
-    ("evaluate", "model.width=true", "model.width: expected int, got bool True"),
+    ("finetune", "model.width=true", "model.width: expected int, got bool True"),
+    ("evaluate", "model.width=8", "model: the backbone's architecture is read from backbone.json next to "
+                                  "evaluate.backbone; drop the model section"),
     ("evaluate", "evaluate.scales=[28,big]", "evaluate.scales[1]: expected int, got str 'big'"),
     ("fixmatch", "train.on_nan=ignore", "train.on_nan: 'ignore' is not one of stop, skip"),
 ])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tiny import ROOT, TINY_INFERENCE, fashion, pixels, stage, tiny_classifier
+from tiny import ROOT, TINY_INFERENCE, fashion, pixels, save_backbone, stage, tiny_classifier
 from data.datasets import read_split
 from launch._stages import stage_module
 from trainer import checkpoint, config, tta
@@ -86,7 +86,7 @@ def test_knn_mode_equals_trainer_knn(tmp_path_factory, tmp_path):
     data = fashion(tmp_path_factory)
     torch.manual_seed(1)
     backbone = build_backbone("small", width=8).eval()
-    torch.save(backbone.state_dict(), tmp_path / "backbone.pt")
+    save_backbone(backbone, str(tmp_path / "backbone.pt"))
     evaluate.main(["--config", EVALUATE, "--knn", f"data.root={data}", f"run.dir={tmp_path / 'run'}",
                    f"evaluate.backbone={tmp_path / 'backbone.pt'}", "evaluate.k=5", *TINY_INFERENCE])
     result = json.load(open(tmp_path / "run" / "eval.json"))

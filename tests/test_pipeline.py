@@ -20,8 +20,8 @@ TINY_STAGES = {
                     "pseudo.labeled_epochs=1", "inference.batch_size=64",
                     f"pseudo.finetune_overrides=[{','.join(TINY_FINETUNE)}]"],
     "fixmatch": ["train.batch_size=8", "fixmatch.mu=2", "train.max_steps=3", "train.precision=fp32"],
-    "active": ["model.width=8", "active.clusters=3", "active.budget=6", "inference.batch_size=64"],
-    "evaluate": ["model.width=8", "evaluate.scales=[28,32]", "inference.batch_size=64"],
+    "active": ["active.clusters=3", "active.budget=6", "inference.batch_size=64"],
+    "evaluate": ["evaluate.scales=[28,32]", "inference.batch_size=64"],
 }
 
 

@@ -102,7 +102,17 @@ def assert_trained_alike(one: dict, two: dict, init: dict, atol: float = 1e-3, s
 
 
 # the inference stages (evaluate, active) over a width-8 model, small enough for seconds on CPU
-TINY_INFERENCE = ["model.width=8", "data.backend=torch", "data.workers=0", "inference.batch_size=64"]
+TINY_INFERENCE = ["data.backend=torch", "data.workers=0", "inference.batch_size=64"]
+
+
+def save_backbone(backbone, path):
+    """A backbone.pt as pretrain writes it: the plain state_dict plus backbone.json beside it."""
+    import json
+
+    import torch
+    torch.save(backbone.state_dict(), path)
+    with open(os.path.join(os.path.dirname(path), "backbone.json"), "w") as f:
+        json.dump({"backbone": "small", "small_stem": False, "width": backbone.stem[0].out_channels}, f)
 
 
 def pixels(paths, size):

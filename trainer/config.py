@@ -237,9 +237,10 @@ class EvaluateSection:
 class EvaluateConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)     # the backbone's, in knn mode
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+    RETIRED = {"model": "the backbone's architecture is read from backbone.json next to evaluate.backbone; "
+                        "drop the model section"}
 
 
 @dataclass
@@ -260,9 +261,10 @@ class ActiveSection:
 class ActiveConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)     # the SSL backbone's
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     active: ActiveSection = field(default_factory=ActiveSection)
+    RETIRED = {"model": "the backbone's architecture is read from backbone.json next to active.backbone; "
+                        "drop the model section"}
 
 
 @dataclass
@@ -346,6 +348,9 @@ def _build(cls, tree, prefix: str, base=None):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(tree) - set(fields))
+    retired = [key for key in unknown if key in getattr(cls, "RETIRED", {})]
+    if retired:   # a key older configs have: say what replaced it
+        raise ConfigError(f"{prefix}{retired[0]}: {cls.RETIRED[retired[0]]}")
     if unknown:
         raise ConfigError(f"unknown key {prefix}{unknown[0]}; allowed keys in "
                           f"{prefix.rstrip('.') or 'the top level'}: {', '.join(fields)}")

@@ -1,6 +1,9 @@
 """Backbones (torchvision ResNets, a small CPU-friendly net), the Barlow Twins model, the classifier."""
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 import torch.nn as nn
 import torchvision
@@ -111,6 +114,33 @@ def load_classifier(path: str, num_classes: int | None = None) -> tuple[Classifi
     checkpoint.check_architecture(path, checkpoint.architecture_of(state["model"]), model)
     model.load_state_dict(state["model"])
     return model, arch
+
+
+BACKBONE_ARCH = "backbone.json"   # next to backbone.pt: what rebuilds the network (backbone.pt stays plain)
+
+
+def backbone_arch(model_cfg) -> dict:
+    return {"backbone": model_cfg.backbone, "small_stem": model_cfg.small_stem, "width": model_cfg.width}
+
+
+def load_backbone(path: str) -> nn.Module:
+    """The network of a backbone.pt (its architecture from the backbone.json beside it) or of a model.pt's
+    backbone, with its weights: no stage config repeats the architecture by hand."""
+    state = checkpoint.load(path)
+    if "arch" in state and "model" in state:
+        arch = state["arch"]
+    else:
+        arch_path = os.path.join(os.path.dirname(os.path.abspath(path)), BACKBONE_ARCH)
+        try:
+            with open(arch_path, encoding="utf-8") as f:
+                arch = json.load(f)
+        except (OSError, ValueError) as e:
+            raise checkpoint.CheckpointError(f"{path}: no readable {BACKBONE_ARCH} beside it ({e}); pretrain writes "
+                                             "one, e.g. {\"backbone\": \"resnet50\", \"small_stem\": false, "
+                                             "\"width\": 32}") from None
+    backbone = build_backbone(arch["backbone"], arch["small_stem"], arch["width"])
+    load_backbone_weights(backbone, path)
+    return backbone
 
 
 def load_backbone_weights(backbone: nn.Module, path: str):
