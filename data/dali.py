@@ -51,9 +51,9 @@ from PIL import Image
 
 from data.datasets import BadImageError, Split, check_on_bad_image, load_image
 from data.sampler import split_sampler
-from data.transforms import (CUTOUT_AREA, IMAGENET_MEAN, IMAGENET_STD, RAND_AUGMENT_MAX_MAGNITUDE,
-                             RAND_AUGMENT_OPS, TRAIN_MIN_SCALE, barlow_twins_min_scale, blur_kernel,
-                             translate_padding)
+from data.transforms import (BARLOW_TWINS_PAIR, CUTOUT_AREA, IMAGENET_MEAN, IMAGENET_STD,
+                             RAND_AUGMENT_MAX_MAGNITUDE, RAND_AUGMENT_OPS, TRAIN_MIN_SCALE, barlow_twins_min_scale,
+                             blur_kernel, translate_padding)
 from data.views import View, empty_batch, views_of
 from data.errors import InputError
 
@@ -224,8 +224,7 @@ def _evaluate_view(decoded, size):
 
 # data.views' augmentation names -> graphs (_Decoded, size -> view): data.transforms.AUGMENTATIONS' twins.
 _AUGMENTATIONS = {
-    "barlow_twins_blurred": partial(_barlow_twins_view, blur_p=1.0, solarize_p=0.0),
-    "barlow_twins_solarized": partial(_barlow_twins_view, blur_p=0.1, solarize_p=0.2),
+    **{name: partial(_barlow_twins_view, **probabilities) for name, probabilities in BARLOW_TWINS_PAIR.items()},
     "train": _train_view,
     "weak": _weak_view,
     "strong": _strong_view,

@@ -61,6 +61,11 @@ def _with_probability(transform, p):
     return [] if p <= 0 else [transform] if p >= 1 else [v2.RandomApply([transform], p=p)]
 
 
+# Barlow Twins' asymmetric pair of views: blur always / solarize never, blur 10% / solarize 20%.
+BARLOW_TWINS_PAIR = {"barlow_twins_blurred": {"blur_p": 1.0, "solarize_p": 0.0},
+                     "barlow_twins_solarized": {"blur_p": 0.1, "solarize_p": 0.2}}
+
+
 def _barlow_twins_view(size, blur_p, solarize_p):
     kernel = blur_kernel(size)
     return _pipeline(
@@ -106,9 +111,7 @@ def evaluate(size):
 
 # data.views' augmentation names -> pipeline builders (size -> pipeline); data.dali holds their DALI twins.
 AUGMENTATIONS = {
-    # Barlow Twins' asymmetric pair: blur always / solarize never, blur 10% / solarize 20%.
-    "barlow_twins_blurred": partial(_barlow_twins_view, blur_p=1.0, solarize_p=0.0),
-    "barlow_twins_solarized": partial(_barlow_twins_view, blur_p=0.1, solarize_p=0.2),
+    **{name: partial(_barlow_twins_view, **probabilities) for name, probabilities in BARLOW_TWINS_PAIR.items()},
     "train": train,
     "weak": weak,
     "strong": strong,
