@@ -17,9 +17,9 @@ import torch
 from tqdm import tqdm
 
 from data import datasets
+from data.errors import InputError
 from trainer import checkpoint, config, dist, rundir
 from trainer.dist import Runtime, barrier, shutdown
-from data.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -67,7 +67,7 @@ class EpochSums:
 
 
 class Loop:
-    """`run()` trains from wherever the run dir's checkpoint left off to `total` steps.
+    """`resume()` then `run_epochs()` trains from wherever the run dir's checkpoint left off to `total` steps.
 
     step(batch, step) -> {name: scalar tensor}: one update; what it returns is logged.
     end_of_epoch(epoch, step, img_s) -> {name: value}: evaluation and the like, logged with the epoch.

@@ -127,7 +127,7 @@ def load_backbone(path: str) -> nn.Module:
     """The network of a backbone.pt (its architecture from the backbone.json beside it) or of a model.pt's
     backbone, with its weights: no stage config repeats the architecture by hand."""
     state = checkpoint.load(path)
-    if "arch" in state and "model" in state:
+    if _is_classifier(state):
         arch = state["arch"]
     else:
         arch_path = os.path.join(os.path.dirname(os.path.abspath(path)), BACKBONE_ARCH)
@@ -139,14 +139,21 @@ def load_backbone(path: str) -> nn.Module:
                                              "one, e.g. {\"backbone\": \"resnet50\", \"small_stem\": false, "
                                              "\"width\": 32}") from None
     backbone = build_backbone(arch["backbone"], arch["small_stem"], arch["width"])
-    load_backbone_weights(backbone, path)
+    _load_backbone_state(backbone, path, state)
     return backbone
 
 
 def load_backbone_weights(backbone: nn.Module, path: str):
     """Initialise from backbone.pt (a plain state_dict) or from a model.pt's backbone."""
-    state = checkpoint.load(path)
-    if "arch" in state and "model" in state:
+    _load_backbone_state(backbone, path, checkpoint.load(path))
+
+
+def _is_classifier(state: dict) -> bool:
+    return "arch" in state and "model" in state
+
+
+def _load_backbone_state(backbone: nn.Module, path: str, state: dict):
+    if _is_classifier(state):
         state = {k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")}
     checkpoint.check_architecture(path, checkpoint.architecture_of(state), backbone)
     backbone.load_state_dict(state)
