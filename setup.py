@@ -5,11 +5,11 @@ setup(
     version="0.1.0",
     description="Distributed semi-supervised image classification: Barlow Twins, balanced "
                 "pseudo-labels, FixMatch, active learning, multi-scale TTA",
-    packages=["trainer", "data"],
+    packages=["trainer", "data", "launch", "launch.benches"],
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4", "torchvision>=0.19", "numpy", "pyyaml", "tqdm", "pillow",
-        "matplotlib", "submitit",
+        "matplotlib", "submitit", "onnx", "onnxruntime",   # onnx*: launch/export.py
     ],
     extras_require={
         # faiss comes as one of two builds that provide the same module: pick exactly one

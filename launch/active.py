@@ -23,17 +23,15 @@ Answers become run.dir/labeled.csv = active.labeled + the answers (paths relativ
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import time
 
-import time  # noqa: E402
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from data.datasets import read_classes, read_split  # noqa: E402
-from trainer import active_learning, annotations, config, dist, engine, knn  # noqa: E402
-from trainer.config import ActiveConfig  # noqa: E402
-from trainer.loading import eval_loader  # noqa: E402
-from trainer.models import load_backbone, load_classifier  # noqa: E402
+from data.datasets import read_classes, read_split
+from trainer import active_learning, annotations, config, dist, engine, knn
+from trainer.config import ActiveConfig
+from trainer.loading import eval_loader
+from trainer.models import load_backbone, load_classifier
 
 
 def parse(argv):

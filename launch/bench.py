@@ -5,13 +5,11 @@
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import argparse  # noqa: E402
-import importlib  # noqa: E402
-import json  # noqa: E402
-import pkgutil  # noqa: E402
-import traceback  # noqa: E402
+import argparse
+import importlib
+import json
+import pkgutil
+import traceback
 
 BENCH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benches")
 

@@ -1,31 +1,29 @@
-"""Top-1/top-5 of a classifier on val/test at several image scales and with multi-scale TTA,
-or (--knn) the kNN top-1 of a backbone's embeddings with the labeled images as references.
+"""Scores what it is given: a classifier (evaluate.model) by top-1/top-5 on val/test at several image
+scales and with multi-scale TTA; a backbone (evaluate.backbone) by the kNN top-1 of its embeddings with
+the labeled images as references. Both may be given.
 
-    python launch/evaluate.py --config configs/demo/evaluate.yaml [key=value ...]
-    python launch/evaluate.py --config configs/demo/evaluate.yaml --knn [key=value ...]   # = evaluate.knn=true
+    python launch/evaluate.py --config configs/demo/evaluate.yaml evaluate.model=RUN/model.pt
+    python launch/evaluate.py --config configs/demo/evaluate.yaml evaluate.backbone=RUN/backbone.pt
 
-Writes run.dir/eval.json:
-    {"model": PATH, "splits": {SPLIT: {"images": N, "scales": {"28": {"top1", "top5"}, ...},
-                                       "tta": {"top1", "top5"}, "tta_scales": [px, ...]}}}
-    --knn: {"backbone": PATH, "k": K, "temperature": T, "knn": {SPLIT: top1}}
+Writes run.dir/eval.json with the parts that were scored:
+    model:    {"model": PATH, "splits": {SPLIT: {"images": N, "scales": {"28": {"top1", "top5"}, ...},
+                                                 "tta": {"top1", "top5"}, "tta_scales": [px, ...],
+                                                 "tta_mirror": bool}}}
+    backbone: {"backbone": PATH, "k": K, "temperature": T, "knn": {SPLIT: top1}}
 TTA averages the softmax probabilities of the evaluate.scales views (each image is resized so its
 shorter side is the scale): of all of them (evaluate.tta=all, the report's fixed 96/144/192 px), or of
 the subset of them with the best val top-1 (evaluate.tta=val; test is then scored with val's choice).
+evaluate.mirror adds each view's horizontal mirror: always (tta=all) or as a candidate val chooses.
 Every rank scores its shard of a split; only hit counts cross ranks.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data.datasets import read_classes, read_split  # noqa: E402
-from trainer import config, dist, engine  # noqa: E402
-from trainer.config import EvaluateConfig  # noqa: E402
-from trainer.knn import faiss_gpu, knn_accuracy  # noqa: E402
-from trainer.loading import eval_loader  # noqa: E402
-from trainer.models import load_backbone, load_classifier  # noqa: E402
-from trainer.predict import embed  # noqa: E402
-from trainer.tta import best_subset, hit_counts, scale_subsets, top1_top5  # noqa: E402
+from data.datasets import read_classes, read_split
+from trainer import config, dist, engine
+from trainer.config import EvaluateConfig
+from trainer.knn import faiss_gpu, knn_accuracy
+from trainer.loading import eval_loader
+from trainer.models import load_backbone, load_classifier
+from trainer.predict import embed
+from trainer.tta import best_subset, candidates, hit_counts, top1_top5
 
 
 def labeled_splits(cfg) -> dict:
@@ -44,20 +42,23 @@ def classifier(cfg):
 
 def evaluate_classifier(cfg, model, splits, rt, run) -> dict:
     model = rt.place(model)
-    scales, subsets = cfg.evaluate.scales, scale_subsets(len(cfg.evaluate.scales), cfg.evaluate.tta)
-    results, chosen = {}, subsets[0]
-    for name, split in splits.items():   # val first: in tta=val mode it picks the subset test is scored with
+    scales = cfg.evaluate.scales
+    tried = candidates(len(scales), cfg.evaluate.tta, cfg.evaluate.mirror)
+    results, chosen = {}, tried[-1] if cfg.evaluate.tta == "all" else tried[0]
+    for name, split in splits.items():   # val first: in tta=val mode it picks the candidate test is scored with
         loader = eval_loader(split, cfg, rt, cfg.inference.batch_size, scales)
-        counts = hit_counts(model, loader, split.labels, len(scales), subsets, rt, cfg.inference.precision)
-        per_scale, per_subset = top1_top5(counts, len(scales), subsets)
-        if name == "val":
-            chosen = best_subset(per_subset)
+        counts = hit_counts(model, loader, split.labels, len(scales), tried, rt, cfg.inference.precision)
+        per_scale, per_candidate = top1_top5(counts, len(scales), tried)
+        if name == "val" and cfg.evaluate.tta == "val":
+            chosen = best_subset(per_candidate)
         results[name] = {"images": int(counts[0, 2]), "scales": dict(zip(map(str, scales), per_scale)),
-                         "tta": per_subset[chosen], "tta_scales": [scales[i] for i in chosen]}
+                         "tta": per_candidate[chosen], "tta_scales": [scales[i] for i in chosen[0]],
+                         "tta_mirror": chosen[1]}
         run.say(f"{name}: top-1 " + ", ".join(f"{s} px {r['top1']:.4f}" for s, r in zip(scales, per_scale))
-                + f", TTA over {results[name]['tta_scales']} px {per_subset[chosen]['top1']:.4f}")
+                + f", TTA over {results[name]['tta_scales']} px{' and their mirrors' if chosen[1] else ''} "
+                f"{per_candidate[chosen]['top1']:.4f}")
         run.log(split=name, **{f"top1_{s}": r["top1"] for s, r in zip(scales, per_scale)},
-                top1_tta=per_subset[chosen]["top1"])
+                top1_tta=per_candidate[chosen]["top1"])
     return {"model": cfg.evaluate.model, "splits": results}
 
 
@@ -79,26 +80,32 @@ def evaluate_knn(cfg, network, splits, rt, run) -> dict:
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--knn" in argv:   # a flag for the common case; overrides stay positional at the end
-        argv = [a for a in argv if a != "--knn"] + ["evaluate.knn=true"]
-    cfg = engine.parse(EvaluateConfig, argv, "Top-1/top-5 per scale and with multi-scale TTA, or kNN top-1")
+    cfg = engine.parse(EvaluateConfig, argv, "Top-1/top-5 per scale and with multi-scale TTA, and/or kNN top-1")
     if cfg.evaluate.tta == "val" and "val" not in cfg.evaluate.splits:
         raise config.ConfigError(f"evaluate.tta=val chooses the TTA scales on val: evaluate.splits="
                                  f"{cfg.evaluate.splits} must include val")
     splits = labeled_splits(cfg)
+    if not (cfg.evaluate.model or cfg.evaluate.backbone):
+        raise config.ConfigError("evaluate.model, evaluate.backbone: give at least one (a model.pt is scored per "
+                                 "scale and with TTA, a backbone.pt by kNN)")
     labeled = len(read_split(cfg.data.root, "labeled"))
-    if cfg.evaluate.knn and not 1 <= cfg.evaluate.k <= labeled:
+    if cfg.evaluate.backbone and not 1 <= cfg.evaluate.k <= labeled:
         raise config.ConfigError(f"evaluate.k={cfg.evaluate.k}: expected 1..{labeled} (the labeled images)")
     rt = dist.init(cfg.run.device)
     engine.check_dataset(cfg, rt)
-    network = load_backbone(cfg.evaluate.backbone) if cfg.evaluate.knn else classifier(cfg)
+    model = classifier(cfg) if cfg.evaluate.model else None
+    backbone = load_backbone(cfg.evaluate.backbone) if cfg.evaluate.backbone else None
     run = engine.Run("evaluate", cfg, rt)   # every check has passed: the first write
-    result = (evaluate_knn if cfg.evaluate.knn else evaluate_classifier)(cfg, network, splits, rt, run)
+    result, done = {}, {}
+    if model is not None:
+        result |= evaluate_classifier(cfg, model, splits, rt, run)
+        done |= {f"{s}_top1": r["tta"]["top1"] for s, r in result["splits"].items()}
+    if backbone is not None:
+        result |= evaluate_knn(cfg, backbone, splits, rt, run)
+        done |= {f"{s}_knn_top1": v for s, v in result["knn"].items()}
     if rt.is_main:
         engine.write_json(run.path("eval.json"), result)
-        top1 = result["knn"] if cfg.evaluate.knn else {s: r["tta"]["top1"] for s, r in result["splits"].items()}
-        run.log(event="done", mode="knn" if cfg.evaluate.knn else "tta", **{f"{s}_top1": v for s, v in top1.items()})
+        run.log(event="done", **done)
     dist.barrier()
 
 

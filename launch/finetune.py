@@ -4,20 +4,16 @@
 
 Writes run.dir/model.pt: the weights of the epoch with the best val top-1.
 """
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch.nn.functional as F
 
-import torch.nn.functional as F  # noqa: E402
-
-from data.datasets import labeled_with_pseudo_labels, read_classes, read_split  # noqa: E402
-from trainer import dist, engine, optim, schedule  # noqa: E402
-from trainer.loading import eval_loader, loader  # noqa: E402
-from trainer.config import FinetuneConfig  # noqa: E402
-from trainer.loop import BestModel, Loop  # noqa: E402
-from trainer.models import Classifier, build_backbone, classifier_arch, load_backbone_weights, save_classifier  # noqa: E402
-from trainer.predict import accuracy  # noqa: E402
+from data.datasets import labeled_with_pseudo_labels, read_classes, read_split
+from trainer import dist, engine, optim, schedule
+from trainer.loading import eval_loader, loader
+from trainer.config import FinetuneConfig
+from trainer.loop import BestModel, Loop
+from trainer.models import Classifier, build_backbone, classifier_arch, load_backbone_weights, save_classifier
+from trainer.predict import accuracy
 
 
 def main(argv=None):
@@ -36,14 +32,16 @@ def main(argv=None):
     val_loader = eval_loader(read_split(cfg.data.root, "val"), cfg, rt, B)
 
     backbone = build_backbone(cfg.model.backbone, cfg.model.small_stem, cfg.model.width)
-    if cfg.finetune.init:   # "" trains from scratch: the supervised-only baseline
-        load_backbone_weights(backbone, cfg.finetune.init)
+    if cfg.finetune.backbone != "random":   # random: the supervised-only baseline
+        load_backbone_weights(backbone, cfg.finetune.backbone)
     model = rt.place(dist.sync_batchnorm(Classifier(backbone, num_classes)))
-    optimizer = optim.classifier_sgd(model, cfg.optim.lr_backbone, cfg.optim.lr_head,
-                                     cfg.optim.weight_decay, cfg.optim.momentum, cfg.optim.nesterov)
-    scaler = engine.grad_scaler(cfg.train.precision, rt.device)
+    optimizer = optim.classifier_sgd(model, cfg.sgd.lr_backbone, cfg.sgd.lr_head,
+                                     cfg.sgd.weight_decay, cfg.sgd.momentum, cfg.sgd.nesterov)
+    size = cfg.data.image_size
+    precision, measured = engine.resolve_precision(cfg.train.precision, model, (B // rt.world, 3, size, size), rt)
+    scaler = engine.grad_scaler(precision, rt.device)
     run = engine.Run("finetune", cfg, rt)   # every check has passed: the first write
-    total, warmup = schedule.plan(cfg.train.epochs, cfg.train.max_steps, cfg.optim.warmup_epochs,
+    total, warmup = schedule.plan(cfg.train.epochs, cfg.train.max_steps, cfg.sgd.warmup_epochs,
                                   train_loader.steps_per_epoch)
     best = BestModel()
     loop = Loop(run, train_loader, optimizer, {"model": model, "optimizer": optimizer, "scaler": scaler,
@@ -51,12 +49,13 @@ def main(argv=None):
                 total=total, warmup=warmup, images_per_step=B, final_lr_factor=0.0)
     loop.resume()
     ddp = dist.wrap_ddp(model, rt)   # after resume: DDP starts every rank from rank 0's weights
-    run.say(f"{len(train.paths)} training images ({train.name}), {num_classes} classes, init "
-            f"{cfg.finetune.init or 'random'}, {train_loader.steps_per_epoch} steps/epoch, {total} steps")
+    run.say(f"{len(train.paths)} training images ({train.name}), {num_classes} classes, backbone "
+            f"{cfg.finetune.backbone}, {train_loader.steps_per_epoch} steps/epoch, {total} steps, "
+            f"{engine.describe_precision(precision, measured)}")
 
     def train_step(batch, step) -> dict:
         x, y = batch["views"][0].to(rt.device, non_blocking=True), batch["label"].to(rt.device)
-        with engine.autocast(cfg.train.precision, rt.device):
+        with engine.autocast(precision, rt.device):
             loss = F.cross_entropy(ddp(x).float(), y)
         engine.step_optimizer(loss, optimizer, scaler, step, cfg.train.on_nan)
         return {"loss": loss}
@@ -64,7 +63,7 @@ def main(argv=None):
     def evaluate(epoch, step, img_s) -> dict:
         if epoch % cfg.finetune.eval_every and step < total:
             return {}
-        val = accuracy(model, val_loader, rt, cfg.train.precision)
+        val = accuracy(model, val_loader, rt, precision)
         best.offer(val["top1"], epoch, model)
         return {"val_top1": val["top1"], "val_top5": val["top5"]}
 

@@ -16,30 +16,28 @@ Steps (docs/gpu.md says what each one catches):
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import argparse
+import copy
+import importlib
+import json
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import traceback
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import importlib  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import random  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from trainer import checkpoint, dist, engine, losses, models, optim, tta  # noqa: E402
-from trainer.config import EvaluateConfig  # noqa: E402
-from trainer.ema import EMA  # noqa: E402
-from trainer.fixmatch import EPOCH_SUMS, epoch_summary  # noqa: E402
-from trainer.loop import EpochSums  # noqa: E402
+from trainer import checkpoint, dist, engine, losses, models, optim, tta
+from trainer.config import EvaluateConfig
+from trainer.ema import EMA
+from trainer.fixmatch import EPOCH_SUMS, epoch_summary
+from trainer.loop import EpochSums
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(PROJECT, "configs", "demo")
@@ -71,7 +69,8 @@ class Smoke:
         self.cuda = device == "cuda"
         self.data = os.path.join(out, "data")
         self.runs = os.path.join(out, "runs")
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "SEMISCALE_CACHE": os.path.join(out, "cache")}
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "SEMISCALE_CACHE": os.path.join(out, "cache"),
+                    "PYTHONPATH": os.pathsep.join([PROJECT, *filter(None, [os.environ.get("PYTHONPATH")])])}
         if not self.cuda:
             self.env["OMP_NUM_THREADS"] = "1"   # two processes share the cores in S10
         self.backend = "auto" if self.cuda else "torch"
@@ -227,7 +226,7 @@ def s2_collectives(smoke: Smoke) -> str:
         logits = torch.cat([model(b["views"][0].to(rt.device)).float().cpu() for b in loader.epoch(0)])
     expected = (logits.argmax(1).numpy() == val.labels).mean()
     check(abs(got["top1"] - expected) < 1e-6, f"accuracy {got['top1']} vs counted by hand {expected}")
-    hits = tta.hit_counts(model, eval_loader(val, cfg, rt, 32, [32, 40]), val.labels, 2, [(0, 1)], rt, "fp32")
+    hits = tta.hit_counts(model, eval_loader(val, cfg, rt, 32, [32, 40]), val.labels, 2, [((0, 1), True)], rt, "fp32")
     check(int(hits[0, 2]) == len(val) and hits.device.type == "cpu", f"hit_counts counted {hits[0, 2]} images")
     features = embed(model.backbone, loader, rt, len(val))
     check(features.shape == (len(val), model.backbone.out_dim), f"embed gave {features.shape}")
@@ -352,7 +351,7 @@ def s4_stages(smoke: Smoke) -> str:
 
     precision = f"train.precision={smoke.precision}"
     smoke.stage("finetune", d("finetune"), *TINY_FINETUNE, precision, "train.epochs=3",
-                f"finetune.init={d('pretrain')}/backbone.pt")
+                f"finetune.backbone={d('pretrain')}/backbone.pt")
     check(os.path.exists(os.path.join(d("finetune"), "model.pt")), "finetune wrote no model.pt")
     finetune_val = engine.read_done(d("finetune"))["val_top1"]
     smoke.stage("pseudolabel", d("pseudolabel"), "pseudo.top_k=2", "pseudo.schedule=[10]", "pseudo.fixmatch_p=4",
@@ -362,7 +361,7 @@ def s4_stages(smoke: Smoke) -> str:
     selection = engine.read_json(os.path.join(d("pseudolabel"), "selection.json"))
     check(len(selection["iterations"]) == 2, "pseudolabel did not run its iteration")
     smoke.stage("fixmatch", d("fixmatch"), "train.batch_size=8", "fixmatch.mu=2", "train.max_steps=6", precision,
-                "fixmatch.bn_batches=2", f"fixmatch.init={d('pseudolabel')}/model.pt",
+                "fixmatch.bn_batches=2", f"fixmatch.model={d('pseudolabel')}/model.pt",
                 f"fixmatch.pseudo_labels={d('pseudolabel')}/pseudo_labels.csv")
     fixmatch_events = [e for e in events(d("fixmatch")) if "val_top1_ema" in e]
     check(fixmatch_events and os.path.exists(os.path.join(d("fixmatch"), "model.pt")), "fixmatch: no EMA val")
@@ -372,11 +371,11 @@ def s4_stages(smoke: Smoke) -> str:
                     "inference.batch_size=64", f"active.model={d('fixmatch')}/model.pt",
                     f"active.backbone={d('pretrain')}/backbone.pt")
         check(sum(1 for _ in open(os.path.join(d("active"), "queries.csv"))) == 5, "active: not 4 queries")
-        smoke.stage("evaluate", d("evaluate_knn"), "evaluate.knn=true", "inference.batch_size=64",
+        smoke.stage("evaluate", d("evaluate_knn"), "inference.batch_size=64",
                     f"evaluate.backbone={d('pretrain')}/backbone.pt")
-        done.append("active, evaluate --knn")
+        done.append("active, evaluate (kNN)")
     else:
-        done.append("active and evaluate --knn not run (no faiss)")
+        done.append("active and evaluate (kNN) not run (no faiss)")
     smoke.stage("evaluate", d("evaluate"), "evaluate.scales=[32,40]", "evaluate.tta=val", "inference.batch_size=64",
                 f"inference.precision={smoke.precision}", f"evaluate.model={d('fixmatch')}/model.pt")
     scores = engine.read_json(os.path.join(d("evaluate"), "eval.json"))["splits"]
@@ -486,8 +485,8 @@ def s7_apex(smoke: Smoke) -> str:
     if not optional("apex.parallel.LARC"):
         raise Skip("NVIDIA apex (apex.parallel.LARC) does not import")
     smoke.stage("pretrain", smoke.dir("pretrain_apex"), *TINY_MODEL, "barlow.projector=[64,64]", "train.batch_size=32",
-                "optim.impl=apex", "train.max_steps=3", "knn.every_epochs=0", f"train.precision={smoke.precision}")
-    return "3 pretraining steps with optim.impl=apex"
+                "lars.impl=apex", "train.max_steps=3", "knn.every_epochs=0", f"train.precision={smoke.precision}")
+    return "3 pretraining steps with lars.impl=apex"
 
 
 def s8_bench(smoke: Smoke) -> str:
@@ -562,7 +561,7 @@ def s11_two_gpus(smoke: Smoke) -> str:
     for nproc in (0, 2):
         run_dir = smoke.dir(f"finetune_torchrun{nproc}")
         smoke.stage("finetune", run_dir, *TINY_FINETUNE, "train.precision=fp32", "train.epochs=2",
-                    f"finetune.init={smoke.dir('pretrain')}/backbone.pt", nproc=nproc)
+                    f"finetune.backbone={smoke.dir('pretrain')}/backbone.pt", nproc=nproc)
         runs[nproc] = engine.read_done(run_dir)["val_top1"]
     check(abs(runs[0] - runs[2]) <= 0.1, f"val top-1 one rank {runs[0]} vs two {runs[2]}")
     return f"finetune val top-1: 1 rank {runs[0]:.3f}, 2 ranks {runs[2]:.3f}"

@@ -1,57 +1,63 @@
 """The whole recipe as one resumable run: supervised baseline, Barlow Twins, fine-tune, balanced
-pseudo-labels, FixMatch, active learning + FixMatch, evaluation with multi-scale TTA, report.
+pseudo-labels, FixMatch, active learning + FixMatch, evaluation with multi-scale TTA, the final model's
+labels for the unlabeled pile (run.dir/predict/predictions.csv, with the TTA views evaluate chose), report.
 
     python launch/pipeline.py --config configs/demo/pipeline.yaml [--force STAGE ...] [key=value ...]
 
 Each stage runs its own launch script in run.dir/<stage>; a stage whose output exists is skipped,
 and a stage that was killed resumes from its checkpoint, so rerunning the command continues.
 """
+import argparse
+import importlib
 import os
+import shutil
+import subprocess
 import sys
+import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from trainer import config, engine, report, rundir
+from trainer.config import STAGE_CONFIGS, PipelineConfig
 
-import argparse  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-
-from launch._stages import script_path, stage_module  # noqa: E402
-from trainer import config, engine, report, rundir  # noqa: E402
-from trainer.config import STAGE_CONFIGS, PipelineConfig  # noqa: E402
-
+# the stages that produce a classifier, in recipe order: each is scored by evaluate_<stage>
+MODEL_STAGES = ["supervised", "finetune", "pseudolabel", "fixmatch", "fixmatch_active"]
 # (stage, script, which pipeline.<spec> configures it, the file that marks it finished,
 #  how it is wired to the stages before it: dir(stage) -> overrides)
 STAGES = [
     ("supervised", "finetune", "supervised", "model.pt", lambda d: []),
     ("pretrain", "pretrain", "pretrain", "backbone.pt", lambda d: []),
-    ("finetune", "finetune", "finetune", "model.pt", lambda d: [f"finetune.init={d('pretrain')}/backbone.pt"]),
+    ("finetune", "finetune", "finetune", "model.pt", lambda d: [f"finetune.backbone={d('pretrain')}/backbone.pt"]),
     ("pseudolabel", "pseudolabel", "pseudolabel", "selection.json",
      lambda d: [f"pseudo.model={d('finetune')}/model.pt"]),
     ("fixmatch", "fixmatch", "fixmatch", "model.pt",
-     lambda d: [f"fixmatch.init={d('pseudolabel')}/model.pt",
+     lambda d: [f"fixmatch.model={d('pseudolabel')}/model.pt",
                 f"fixmatch.pseudo_labels={d('pseudolabel')}/pseudo_labels.csv"]),
     ("active", "active", "active", "labeled.csv",
      lambda d: [f"active.model={d('fixmatch')}/model.pt", f"active.backbone={d('pretrain')}/backbone.pt",
                 "active.oracle=true"]),
     ("fixmatch_active", "fixmatch", "fixmatch_active", "model.pt",
-     lambda d: [f"fixmatch.init={d('fixmatch')}/model.pt", f"fixmatch.labeled={d('active')}/labeled.csv",
+     lambda d: [f"fixmatch.model={d('fixmatch')}/model.pt", f"fixmatch.labeled={d('active')}/labeled.csv",
                 f"fixmatch.pseudo_labels={d('pseudolabel')}/pseudo_labels.csv"]),
     ("evaluate_knn", "evaluate", "evaluate", "eval.json",
-     lambda d: ["evaluate.knn=true", f"evaluate.backbone={d('pretrain')}/backbone.pt"]),
+     lambda d: ["evaluate.model=", f"evaluate.backbone={d('pretrain')}/backbone.pt"]),
 ] + [
     (f"evaluate_{model}", "evaluate", "evaluate", "eval.json",
-     lambda d, model=model: [f"evaluate.model={d(model)}/model.pt"])
-    for model in report.MODEL_STAGES
+     lambda d, model=model: [f"evaluate.model={d(model)}/model.pt", "evaluate.backbone="])
+    for model in MODEL_STAGES
+] + [
+    # the final model labels predict.input (the demo and paper configs: the unlabeled pile) with the TTA
+    # scales and mirrors its evaluation chose on val; summary.json is written after predictions.csv
+    ("predict", "predict", "predict", "summary.json",
+     lambda d: [f"predict.model={d('fixmatch_active')}/model.pt",
+                f"predict.tta_from={d('evaluate_fixmatch_active')}"]),
 ]
 
 
 def run_stage(script: str, argv: list[str], nproc: int):
     if nproc == 1:   # inline: a killed pipeline leaves no orphan behind
-        stage_module(script).main(argv)
+        importlib.import_module(f"launch.{script}").main(argv)
         return
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           script_path(script), *argv]
+           importlib.import_module(f"launch.{script}").__file__, *argv]
     if subprocess.run(cmd).returncode != 0:
         raise engine.StageError(f"stage {script} failed under torchrun (command: {' '.join(cmd)})")
 
@@ -62,7 +68,7 @@ def check_stages(todo: list[tuple[str, str, list[str]]]):
     for name, script, argv in todo:
         try:
             stage_cfg = engine.parse(STAGE_CONFIGS[script], argv, name)
-            check = getattr(stage_module(script), "check", None)
+            check = getattr(importlib.import_module(f"launch.{script}"), "check", None)
             if check:
                 check(stage_cfg)
         except (config.ConfigError, ValueError) as e:
@@ -130,8 +136,9 @@ def main(argv=None):
         run_stage(script, argv, cfg.pipeline.nproc)
         times[name] = times.get(name, 0.0) + time.time() - t0
         engine.write_json(times_path, times)
-    report.write(cfg.run.dir, times)
+    report.write(cfg.run.dir, times, MODEL_STAGES)
     lock.release()
+    print(f"[pipeline] labels: {os.path.join(stage_dir('predict'), 'predictions.csv')}", flush=True)
     print(f"[pipeline] report: {os.path.join(cfg.run.dir, 'report.md')}", flush=True)
 
 

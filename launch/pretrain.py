@@ -3,32 +3,27 @@
     python launch/pretrain.py --config configs/demo/pretrain.yaml [key=value ...]
     torchrun --nproc_per_node 8 launch/pretrain.py --config configs/paper/pretrain.yaml
 """
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import dataclasses  # noqa: E402
+import dataclasses
 
 
-from data.datasets import read_classes, read_split  # noqa: E402
-from data.loaders import resolve_backend  # noqa: E402
-from trainer import checkpoint, dist, engine, knn, optim, schedule  # noqa: E402
-from trainer.loop import Loop  # noqa: E402
-from trainer.loading import eval_loader, loader  # noqa: E402
-from trainer.config import PretrainConfig  # noqa: E402
-from trainer.models import BACKBONE_ARCH, BarlowTwins, backbone_arch, build_backbone  # noqa: E402
-from trainer.predict import embed  # noqa: E402
+from data.datasets import read_classes, read_split
+from data.loaders import resolve_backend
+from trainer import checkpoint, dist, engine, knn, optim, schedule
+from trainer.loop import Loop
+from trainer.loading import eval_loader, loader
+from trainer.config import PretrainConfig
+from trainer.models import BACKBONE_ARCH, BarlowTwins, backbone_arch, build_backbone
+from trainer.predict import embed
 
 
-def knn_monitor(backbone, cfg, rt, labeled, val) -> float:
+def knn_monitor(backbone, cfg, rt, labeled, val, precision) -> float:
     """Top-1 of a cosine kNN classifier: labeled embeddings vote for each val image.
 
     Every rank embeds its shard; rank 0 alone searches (one faiss index, on its own GPU) and tells the others.
     """
     def features(split):
-        return embed(backbone, eval_loader(split, cfg, rt, cfg.train.batch_size), rt, len(split.paths),
-                     cfg.train.precision)
+        return embed(backbone, eval_loader(split, cfg, rt, cfg.train.batch_size), rt, len(split.paths), precision)
     references, queries = features(labeled), features(val)
     top1 = knn.knn_accuracy(references, labeled.labels, queries, val.labels,
                             num_classes=len(read_classes(cfg.data.root)), k=cfg.knn.k,
@@ -66,31 +61,34 @@ def main(argv=None):
     model = rt.place(dist.sync_batchnorm(model))
     scale = B / 256   # learning rates are given per 256 images
     optimizer = optim.build_optimizer(
-        "apex_lars" if cfg.optim.impl == "apex" else "lars", model,
-        lr_weights=cfg.optim.lr_weights * scale, lr_biases=cfg.optim.lr_biases * scale,
-        weight_decay=cfg.optim.weight_decay)
-    scaler = engine.grad_scaler(cfg.train.precision, rt.device)
+        "apex_lars" if cfg.lars.impl == "apex" else "lars", model,
+        lr_weights=cfg.lars.lr_weights * scale, lr_biases=cfg.lars.lr_biases * scale,
+        weight_decay=cfg.lars.weight_decay)
+    size = cfg.data.image_size   # the backbone's step stands for the model's: the projector is small beside it
+    precision, measured = engine.resolve_precision(cfg.train.precision, backbone, (2 * B // rt.world, 3, size, size), rt)
+    scaler = engine.grad_scaler(precision, rt.device)
     run = engine.Run("pretrain", cfg, rt)   # every check has passed: the first write
-    total, warmup = schedule.plan(cfg.train.epochs, cfg.train.max_steps, cfg.optim.warmup_epochs,
+    total, warmup = schedule.plan(cfg.train.epochs, cfg.train.max_steps, cfg.lars.warmup_epochs,
                                   train_loader.steps_per_epoch)
     loop = Loop(run, train_loader, optimizer, {"model": model, "optimizer": optimizer, "scaler": scaler},
                 total=total, warmup=warmup, images_per_step=B)
     resumed = loop.resume()
     ddp = dist.wrap_ddp(model, rt)   # after resume: DDP starts every rank from rank 0's weights
     run.say(f"{len(images.paths)} images, {rt.world} rank(s), global batch {B}, "
-            f"{train_loader.steps_per_epoch} steps/epoch, {total} steps, backend {resolve_backend(cfg.data.backend)}")
+            f"{train_loader.steps_per_epoch} steps/epoch, {total} steps, backend {resolve_backend(cfg.data.backend)}, "
+            f"{engine.describe_precision(precision, measured)}")
 
     def knn_every(epoch, step, img_s) -> dict:
         if not cfg.knn.every_epochs or (epoch % cfg.knn.every_epochs and step < total):
             return {}
-        top1 = knn_monitor(backbone, cfg, rt, labeled, val)
+        top1 = knn_monitor(backbone, cfg, rt, labeled, val, precision)
         run.say(f"epoch {epoch}: kNN top-1 {top1:.4f}")
         return {"knn_top1": top1}
 
     if not resumed and cfg.knn.every_epochs:   # kNN at initialisation: the baseline training must beat
         run.log(epoch=0, step=0, **knn_every(0, 0, 0.0))
     loop.run_epochs(lambda batch, step: {"loss": train_step(ddp, batch["views"], optimizer, scaler,
-                                                            cfg.train.precision, rt.device, step, cfg.train.on_nan)},
+                                                            precision, rt.device, step, cfg.train.on_nan)},
                     knn_every)
 
     if rt.is_main:   # a plain state_dict: loads into the torchvision model it came from

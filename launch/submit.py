@@ -35,8 +35,10 @@ import cloudpickle
 import submitit
 import yaml
 
+from trainer import config, rundir
+from trainer.dist import shutdown
+
 LAUNCH_DIR = Path(__file__).resolve().parent
-PROJECT_ROOT = LAUNCH_DIR.parent
 NOT_STAGES = {
     "submit": "it is this launcher",
     "bench": "it takes no --config; run `python launch/bench.py ...` on a node",
@@ -117,9 +119,6 @@ class StageJob:
         # submitter waits for this run's outcome.
         job.paths.result_pickle.unlink(missing_ok=True)
         os.environ.update(distributed_env(job))
-        if str(PROJECT_ROOT) not in sys.path:  # stages import trainer/ and data/
-            sys.path.insert(0, str(PROJECT_ROOT))
-        from trainer.dist import shutdown
 
         try:
             status = load_script(self.script).main(list(self.argv))
@@ -301,10 +300,10 @@ def base_run_dir(args: argparse.Namespace) -> Path:
     if "run.dir" in args.overrides:
         return Path(args.overrides["run.dir"]).absolute()
     try:
-        config = yaml.safe_load(Path(args.config).read_text()) or {}
+        tree = yaml.safe_load(Path(args.config).read_text()) or {}
     except yaml.YAMLError as error:
         raise UsageError(f"{args.config}: not valid YAML ({str(error).splitlines()[0]})") from None
-    run_dir = (config.get("run") or {}).get("dir") if isinstance(config, dict) else None
+    run_dir = (tree.get("run") or {}).get("dir") if isinstance(tree, dict) else None
     if not run_dir:
         raise UsageError(f"{args.config}: run.dir is not set (set it in the config or pass run.dir=...)")
     return Path(run_dir).absolute()
@@ -398,9 +397,6 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, str]]:
 def check_configs(args: argparse.Namespace, runs: list[dict[str, str]]) -> None:
     """Every run's full config loads here, before anything is queued: a typo in one sweep point must not
     surface hours later in a job. Scripts given by path are not semiscale stages and are not checked."""
-    if str(PROJECT_ROOT) not in sys.path:
-        sys.path.insert(0, str(PROJECT_ROOT))
-    from trainer import config
 
     stage = Path(args.script).stem
     if Path(args.script).parent != LAUNCH_DIR or stage not in config.STAGE_CONFIGS:
@@ -506,9 +502,6 @@ def collect(sweep_dir: str | Path) -> list[dict]:
     manifest_path = Path(sweep_dir) / SWEEP_MANIFEST
     if not manifest_path.is_file():
         raise UsageError(f"{manifest_path} not found: not a sweep made by launch/submit.py")
-    if str(PROJECT_ROOT) not in sys.path:
-        sys.path.insert(0, str(PROJECT_ROOT))
-    from trainer import rundir
 
     rows = []
     for entry in json.loads(manifest_path.read_text()):

@@ -11,14 +11,13 @@ from PIL import Image
 
 from tiny import ROOT, TINY_INFERENCE, fashion, pixels, save_backbone, stage, tiny_classifier
 from data.datasets import read_classes, read_split
-from launch._stages import stage_module
+from launch import active
 from trainer import active_learning, annotations, config, engine
 from trainer.cluster import split_budget
 from trainer.models import build_backbone
 
 ACTIVE = os.path.join(ROOT, "configs", "demo", "active.yaml")
 QUERIES, CLUSTERS = 12, 4
-active = stage_module("active")
 
 
 def rows(path):

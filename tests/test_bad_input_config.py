@@ -46,9 +46,9 @@ def load_stage(stage, *overrides):
     ("pseudolabel", "inference.batch_size=0", "inference.batch_size=0: expected an integer >= 1"),
     ("pipeline", "pipeline.nproc=0", "pipeline.nproc=0: expected an integer >= 1"),
     # pretrain: LARS, Barlow Twins, kNN monitor
-    ("pretrain", "optim.lr_weights=-0.1", "optim.lr_weights=-0.1: expected a finite number >= 0"),
-    ("pretrain", "optim.warmup_epochs=nan", "optim.warmup_epochs=nan: expected a finite number >= 0"),
-    ("pretrain", "optim.weight_decay=-1e-6", "optim.weight_decay=-1e-06: expected a finite number >= 0"),
+    ("pretrain", "lars.lr_weights=-0.1", "lars.lr_weights=-0.1: expected a finite number >= 0"),
+    ("pretrain", "lars.warmup_epochs=nan", "lars.warmup_epochs=nan: expected a finite number >= 0"),
+    ("pretrain", "lars.weight_decay=-1e-6", "lars.weight_decay=-1e-06: expected a finite number >= 0"),
     ("pretrain", "barlow.lambd=.inf", "barlow.lambd=inf: expected a finite number >= 0"),
     ("pretrain", "barlow.projector=[512,0]", "barlow.projector[1]=0: expected an integer >= 1"),
     ("pretrain", "barlow.projector=[]", "barlow.projector=[]: expected a non-empty list of integers >= 1"),
@@ -56,10 +56,10 @@ def load_stage(stage, *overrides):
     ("pretrain", "knn.temperature=0", "knn.temperature=0.0: expected a finite number > 0"),
     ("pretrain", "knn.every_epochs=-1", "knn.every_epochs=-1: expected an integer >= 0"),
     # finetune: SGD
-    ("finetune", "optim.lr_head=nan", "optim.lr_head=nan: expected a finite number >= 0"),
-    ("finetune", "optim.lr_backbone=-inf", "optim.lr_backbone=-inf: expected a finite number >= 0"),
-    ("finetune", "optim.momentum=1", "optim.momentum=1.0: expected a finite number in [0, 1)"),
-    ("finetune", "optim.momentum=-0.5", "optim.momentum=-0.5: expected a finite number in [0, 1)"),
+    ("finetune", "sgd.lr_head=nan", "sgd.lr_head=nan: expected a finite number >= 0"),
+    ("finetune", "sgd.lr_backbone=-inf", "sgd.lr_backbone=-inf: expected a finite number >= 0"),
+    ("finetune", "sgd.momentum=1", "sgd.momentum=1.0: expected a finite number in [0, 1)"),
+    ("finetune", "sgd.momentum=-0.5", "sgd.momentum=-0.5: expected a finite number in [0, 1)"),
     ("finetune", "finetune.eval_every=0", "finetune.eval_every=0: expected an integer >= 1"),
     # fixmatch
     ("fixmatch", "fixmatch.threshold=0", "fixmatch.threshold=0.0: expected a finite number in (0, 1]"),
@@ -95,11 +95,26 @@ def load_stage(stage, *overrides):
     # wrong types and choices
     ("pretrain", "train.epochs=ten", "train.epochs: expected int, got str 'ten'"),
     ("finetune", "train.batch_size=6.4", "train.batch_size: expected int, got float 6.4"),
-    ("finetune", "optim.lr_backbone=fast", "optim.lr_backbone: expected float, got str 'fast'"),
+    ("finetune", "sgd.lr_backbone=fast", "sgd.lr_backbone: expected float, got str 'fast'"),
     ("finetune", "model.width=true", "model.width: expected int, got bool True"),
     ("evaluate", "model.width=8", "model: the backbone's architecture is read from backbone.json next to "
                                   "evaluate.backbone; drop the model section"),
     ("evaluate", "evaluate.scales=[28,big]", "evaluate.scales[1]: expected int, got str 'big'"),
+    # keys users' older configs have: one line naming what replaced them
+    ("pretrain", "optim.lr_weights=0.2", "optim: renamed lars (learning rates per 256 images of global batch)"),
+    ("finetune", "optim.lr_head=0.1", "optim: renamed sgd (learning rates as given, not scaled by batch size)"),
+    ("fixmatch", "optim.nesterov=true", "optim: renamed sgd (learning rates as given, not scaled by batch size)"),
+    ("finetune", "finetune.init=x.pt", "finetune.init: renamed finetune.backbone (a path, or random)"),
+    ("fixmatch", "fixmatch.init=x.pt", "fixmatch.init: renamed fixmatch.model"),
+    ("evaluate", "evaluate.knn=true", "evaluate.knn: kNN scores are computed when evaluate.backbone is given, "
+                                      "TTA scores when evaluate.model is"),
+    # inputs have no demo default: an empty one is named
+    ("finetune", "finetune.backbone=", "finetune.backbone: required: backbone.pt, a model.pt whose backbone "
+                                       "is reused, or random"),
+    ("fixmatch", "fixmatch.model=", "fixmatch.model: required: the model.pt (backbone + head) FixMatch starts from"),
+    ("active", "active.backbone=", "active.backbone: required: the backbone.pt whose embeddings are clustered"),
+    ("pretrain", "data.root=", "data.root: required: a prepared dataset folder (launch/prepare.py)"),
+    ("pipeline", "pipeline.active.config=", "pipeline.active.config: required: the stage's YAML config"),
     ("fixmatch", "train.on_nan=ignore", "train.on_nan: 'ignore' is not one of stop, skip"),
 ])
 def test_bad_values_are_refused_naming_the_key(stage, override, message):
@@ -118,8 +133,8 @@ def test_bad_values_are_refused_naming_the_key(stage, override, message):
     ("active", "run.seed=2147483647", "run.seed", 2147483647),
     ("pseudolabel", "pseudo.fixmatch_p=0", "pseudo.fixmatch_p", 0),
     ("active", "active.budget=12", "active.budget", 12.0),              # >= 1: a number of queries
-    ("finetune", "optim.lr_backbone=0", "optim.lr_backbone", 0.0),      # a frozen backbone
-    ("finetune", "optim.weight_decay=5e-4", "optim.weight_decay", 5e-4),   # YAML 1.1 reads 5e-4 as text
+    ("finetune", "sgd.lr_backbone=0", "sgd.lr_backbone", 0.0),      # a frozen backbone
+    ("finetune", "sgd.weight_decay=5e-4", "sgd.weight_decay", 5e-4),   # YAML 1.1 reads 5e-4 as text
     ("finetune", "train.on_nan=skip", "train.on_nan", "skip"),
 ])
 def test_values_at_the_edges_are_accepted(stage, override, key, value):
@@ -163,8 +178,31 @@ def test_every_number_declares_a_range():
 
 @pytest.mark.parametrize("cls", config_classes(), ids=lambda cls: cls.__name__)
 def test_defaults_satisfy_their_own_ranges(cls):
-    # load checks every field, the defaults of keys it was not given included
-    assert load(cls, None) == cls()
+    # load checks every field, the defaults of keys it was not given included; inputs have no default
+    given = required_keys(cls)
+    if given:
+        with pytest.raises(ConfigError, match=f"^{given[0]}: required: "):
+            load(cls, None)
+    expected = cls()
+    for key in given:
+        *sections, name = key.split(".")
+        node = expected
+        for section in sections:
+            node = getattr(node, section)
+        setattr(node, name, "x")
+    assert load(cls, None, [f"{key}=x" for key in given]) == expected
+
+
+def required_keys(cls, prefix="") -> list[str]:
+    """The dotted keys of `cls` (nested sections included) that have no default, in load order."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys += required_keys(hint, f"{prefix}{f.name}.")
+        elif "required" in f.metadata:
+            keys.append(prefix + f.name)
+    return keys
 
 
 def test_a_default_outside_its_range_is_caught():
@@ -186,7 +224,7 @@ def test_bounds_specs():
 
 @pytest.mark.parametrize("script, override, message", [
     ("pretrain.py", "train.epochs=-1", "train.epochs=-1: expected an integer >= 1"),
-    ("finetune.py", "optim.lr_head=nan", "optim.lr_head=nan: expected a finite number >= 0"),
+    ("finetune.py", "sgd.lr_head=nan", "sgd.lr_head=nan: expected a finite number >= 0"),
     ("fixmatch.py", "fixmatch.threshold=1.5", "fixmatch.threshold=1.5: expected a finite number in (0, 1]"),
     ("evaluate.py", "evaluate.scales=[28,0]", "evaluate.scales[1]=0: expected an integer >= 8"),
 ])

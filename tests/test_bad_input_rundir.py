@@ -37,7 +37,7 @@ def pretrain(data, run_dir, *extra, **kw):
 
 
 def finetune(data, run_dir, *extra, **kw):
-    return stage("finetune", "--config", FINETUNE, f"data.root={data}", f"run.dir={run_dir}", "finetune.init=",
+    return stage("finetune", "--config", FINETUNE, f"data.root={data}", f"run.dir={run_dir}", "finetune.backbone=random",
                  *TINY_FINETUNE, "train.epochs=1", *extra, **kw)
 
 
@@ -155,9 +155,9 @@ def test_stray_temporaries_of_a_killed_write_are_removed(data, finished_pretrain
 
 @pytest.mark.parametrize("script, args", [
     ("pretrain", [f"--config={PRETRAIN}", *TINY_PRETRAIN, "train.batch_size=2000"]),
-    ("finetune", [f"--config={FINETUNE}", *TINY_FINETUNE, "finetune.init=", "train.batch_size=4096"]),
-    ("finetune", [f"--config={FINETUNE}", *TINY_FINETUNE, "finetune.init=/no/such/backbone.pt"]),
-    ("fixmatch", [f"--config={os.path.join(ROOT, 'configs', 'demo', 'fixmatch.yaml')}", "fixmatch.init=/no/model.pt"]),
+    ("finetune", [f"--config={FINETUNE}", *TINY_FINETUNE, "finetune.backbone=random", "train.batch_size=4096"]),
+    ("finetune", [f"--config={FINETUNE}", *TINY_FINETUNE, "finetune.backbone=/no/such/backbone.pt"]),
+    ("fixmatch", [f"--config={os.path.join(ROOT, 'configs', 'demo', 'fixmatch.yaml')}", "fixmatch.model=/no/model.pt"]),
     ("pseudolabel", [f"--config={os.path.join(ROOT, 'configs', 'demo', 'pseudolabel.yaml')}", "pseudo.model=/no/m.pt"]),
     ("active", [f"--config={os.path.join(ROOT, 'configs', 'demo', 'active.yaml')}", "active.model=/no/m.pt"]),
     ("evaluate", [f"--config={os.path.join(ROOT, 'configs', 'demo', 'evaluate.yaml')}", "evaluate.model=/no/m.pt"]),
@@ -312,7 +312,7 @@ def test_a_training_checkpoint_where_a_model_is_expected_is_one_line(data, finis
 # ---- numbers that go bad during training ----
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step(data, tmp_path):
-    last = refused(finetune(data, tmp_path / "run", "optim.lr_backbone=1e30", "optim.lr_head=1e30", "train.epochs=3",
+    last = refused(finetune(data, tmp_path / "run", "sgd.lr_backbone=1e30", "sgd.lr_head=1e30", "train.epochs=3",
                             check=False), "finetune", "the loss is", "train.on_nan=skip")
     step = int(last.split("step ")[1].split(":")[0])
     assert step >= 2 and not (tmp_path / "run" / "model.pt").exists()

@@ -7,14 +7,13 @@ import torch
 
 from tiny import ROOT, TINY_INFERENCE, fashion, pixels, save_backbone, stage, tiny_classifier
 from data.datasets import read_split
-from launch._stages import stage_module
+from launch import evaluate
 from trainer import checkpoint, config, tta
 from trainer.knn import knn_accuracy
 from trainer.models import build_backbone, load_classifier
 
 EVALUATE = os.path.join(ROOT, "configs", "demo", "evaluate.yaml")
 SCALES = [28, 40]
-evaluate = stage_module("evaluate")
 
 
 def top1_top5(probs, labels):
@@ -45,6 +44,31 @@ def test_val_mode_tries_every_subset_fewest_scales_first_and_a_tie_goes_to_the_f
     assert tta.scale_subsets(3, "all") == [(0, 1, 2)]
     assert tta.scale_subsets(3, "val") == [(0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
     assert tta.best_subset({(0,): {"top1": 0.5}, (1,): {"top1": 0.7}, (0, 1): {"top1": 0.7}}) == (1,)
+
+
+def test_candidates_pair_each_subset_with_its_mirrored_twin_fewest_views_first():
+    assert tta.candidates(2, "val", mirror=False) == [((0,), False), ((1,), False), ((0, 1), False)]
+    assert tta.candidates(2, "val", mirror=True) == [((0,), False), ((1,), False), ((0,), True), ((1,), True),
+                                                     ((0, 1), False), ((0, 1), True)]
+    assert tta.candidates(2, "all", mirror=True) == [((0, 1), False), ((0, 1), True)]
+    assert tta.candidate_views(((1,), True), num_scales=3) == [1, 4]
+
+
+def test_mirrored_tta_matches_an_independent_computation(classifier_run, tmp_path):
+    data, model, run = classifier_run
+    evaluate.main(["--config", EVALUATE, f"data.root={data}", f"run.dir={tmp_path}", "evaluate.mirror=true", "evaluate.tta=all",
+                   f"evaluate.model={json.load(open(run / 'eval.json'))['model']}",
+                   f"evaluate.scales={SCALES}", *TINY_INFERENCE])
+    result = json.load(open(tmp_path / "eval.json"))["splits"]
+    for name in ("val", "test"):
+        split = read_split(data, name)
+        with torch.no_grad():
+            views = [pixels(split.paths, s) for s in SCALES]
+            probs = [torch.softmax(model(v), 1).numpy() for v in views + [v.flip(-1) for v in views]]
+        expected = dict(zip(("top1", "top5"), top1_top5(np.mean(probs, axis=0), split.labels)))
+        assert result[name]["tta"] == pytest.approx(expected) and result[name]["tta_mirror"] is True
+    plain = json.load(open(run / "eval.json"))["splits"]
+    assert result["test"]["tta"] != plain["test"]["tta"]   # the mirrors changed the figure: the check above bites
 
 
 def test_a_model_for_another_number_of_classes_is_refused(classifier_run):
@@ -87,7 +111,7 @@ def test_knn_mode_equals_trainer_knn(tmp_path_factory, tmp_path):
     torch.manual_seed(1)
     backbone = build_backbone("small", width=8).eval()
     save_backbone(backbone, str(tmp_path / "backbone.pt"))
-    evaluate.main(["--config", EVALUATE, "--knn", f"data.root={data}", f"run.dir={tmp_path / 'run'}",
+    evaluate.main(["--config", EVALUATE, f"data.root={data}", f"run.dir={tmp_path / 'run'}",
                    f"evaluate.backbone={tmp_path / 'backbone.pt'}", "evaluate.k=5", *TINY_INFERENCE])
     result = json.load(open(tmp_path / "run" / "eval.json"))
     labeled = read_split(data, "labeled")

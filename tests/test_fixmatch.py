@@ -116,7 +116,7 @@ def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fixmatch_init")
     torch.save(build_backbone("small", width=8).state_dict(), folder / "backbone.pt")
     stage("finetune", "--config", os.path.join(ROOT, "configs", "demo", "finetune.yaml"), f"data.root={data}",
-          f"run.dir={folder / 'finetune'}", "model.width=8", f"finetune.init={folder / 'backbone.pt'}",
+          f"run.dir={folder / 'finetune'}", "model.width=8", f"finetune.backbone={folder / 'backbone.pt'}",
           "train.batch_size=8", "train.max_steps=5", "train.precision=fp32", "data.backend=torch",
           "data.workers=0", env=ONE_THREAD)
     return data, str(folder / "finetune" / "model.pt")
@@ -124,7 +124,7 @@ def setup(tmp_path_factory):
 
 def fixmatch_args(setup, run_dir, *extra):
     data, init = setup
-    return ["--config", CONFIG, f"data.root={data}", f"run.dir={run_dir}", f"fixmatch.init={init}", *TINY, *extra]
+    return ["--config", CONFIG, f"data.root={data}", f"run.dir={run_dir}", f"fixmatch.model={init}", *TINY, *extra]
 
 
 def fixmatch(setup, run_dir, *extra, **kw):
@@ -154,7 +154,10 @@ def assert_same_weights(a, b, atol, rtol=0.0):
 
 
 def test_kill_and_resume_matches_uninterrupted(setup, tmp_path):
-    args = ["train.max_steps=10", "run.checkpoint_every=2"]   # the labeled loader (5 steps) cycles twice
+    # FlexMatch with distribution alignment: the variant with the most state (a prediction per unlabeled
+    # image, running class statistics), which must survive the kill like the weights
+    args = ["train.max_steps=10", "run.checkpoint_every=2",   # the labeled loader (5 steps) cycles twice
+            "fixmatch.variant=flexmatch", "fixmatch.distribution_alignment=true"]
     fixmatch(setup, tmp_path / "straight", *args)
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", "fixmatch.py"),
@@ -178,11 +181,16 @@ def test_kill_and_resume_matches_uninterrupted(setup, tmp_path):
     resumed_model, resumed_ema = final_state(killed)
     assert_same_weights(straight_ema, resumed_ema, atol=1e-6)
     assert_same_weights(straight_model, resumed_model, atol=1e-6)
+    straight_labeler, resumed_labeler = (checkpoint.load(str(d / "checkpoint.pt"))["state"]["pseudo_labeler"]
+                                         for d in (tmp_path / "straight", killed))
+    assert torch.equal(straight_labeler["latest"], resumed_labeler["latest"])   # FlexMatch's per-image classes
+    assert (straight_labeler["latest"] >= 0).any()    # some images were confident: the check bites
+    torch.testing.assert_close(straight_labeler["alignment"]["p_model"], resumed_labeler["alignment"]["p_model"])
     assert_same_weights(torch.load(tmp_path / "straight" / "model.pt", weights_only=True)["model"],
                         torch.load(killed / "model.pt", weights_only=True)["model"], atol=1e-6)
     # the epoch's figures (losses, mask rate, pseudo-label accuracy, val) survive the kill too
     straight_events, resumed_events = epoch_events(tmp_path / "straight"), epoch_events(killed)
-    assert list(straight_events) == [1] and 0 < straight_events[1]["mask_rate"] < 1
+    assert list(straight_events) == [1] and straight_events[1]["mask_rate"] > 0   # FlexMatch warm-up: may be all
     assert resumed_events[1] == pytest.approx(straight_events[1], rel=1e-6)
 
 
@@ -233,17 +241,23 @@ def test_bad_pseudo_label_row_is_named(setup, tmp_path):
         f"fixmatch.py: error: {pseudo}:4: images/train/missing.png is not an image of unlabeled.csv")
 
 
-def test_model_is_the_best_by_val_among_start_and_epochs(setup, tmp_path):
-    # a learning rate of 50 wrecks the model: the starting model should win on val and be kept
-    out = fixmatch(setup, tmp_path, "train.max_steps=5", "optim.lr_backbone=50", "optim.lr_head=50")
+@pytest.mark.parametrize("lr", [50, 0.05])
+def test_model_is_the_best_by_val_among_start_ema_and_live(setup, tmp_path, lr):
+    # lr 50 wrecks the model (the starting model should win); at 0.05 the EMA and the live weights compete.
+    # Whichever val ranks first (ties: start, then EMA, then live) is model.pt, and the done event names it.
+    out = fixmatch(setup, tmp_path, "train.max_steps=5", f"sgd.lr_backbone={lr}", f"sgd.lr_head={lr}",
+                   "fixmatch.ema=0.9")
     events = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     start = next(e["val_top1"] for e in events if e.get("step") == 0 and "val_top1" in e)
-    epoch = next(e["val_top1_ema"] for e in events if "val_top1_ema" in e)
-    saved = torch.load(tmp_path / "model.pt", weights_only=True)["model"]
-    if epoch > start:
-        assert_same_weights(saved, final_state(tmp_path)[1], atol=0)
-    else:
-        assert_same_weights(saved, torch.load(setup[1], weights_only=True)["model"], atol=0)
+    epoch = next(e for e in events if "val_top1_ema" in e)
+    live_weights, ema_weights = final_state(tmp_path)
+    candidates = [(start, "start", torch.load(setup[1], weights_only=True)["model"]),
+                  (epoch["val_top1_ema"], "EMA", ema_weights), (epoch["val_top1"], "live", live_weights)]
+    top1, source, weights = max(candidates, key=lambda c: c[0])   # max keeps the first of equals
+    done = events[-1]
+    assert (done["event"], done["val_top1"], done["best_weights"]) == ("done", top1, source)
+    assert_same_weights(torch.load(tmp_path / "model.pt", weights_only=True)["model"], weights, atol=0)
+    if source == "start":
         assert "the starting model (no epoch beat it)" in out.stdout + out.stderr
 
 

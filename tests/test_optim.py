@@ -138,7 +138,7 @@ def test_apex_lars_without_apex_is_one_line_error():
     with pytest.raises(ValueError) as error:
         optim.build_optimizer("apex_lars", tiny_model(), lr_weights=0.1)
     message = str(error.value)
-    assert "\n" not in message and "apex" in message and "optim.impl=native" in message
+    assert "\n" not in message and "apex" in message and "lars.impl=native" in message
 
 
 def expected_factor(step, total, warmup, final=0.001):

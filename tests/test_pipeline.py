@@ -10,6 +10,7 @@ import numpy as np
 import yaml
 
 from tiny import ROOT, TINY_FINETUNE, TINY_PRETRAIN, fashion
+from data.datasets import read_classes, read_split
 
 COMMON = ["data.workers=0", "run.log_every=1"]
 TINY_STAGES = {
@@ -22,6 +23,7 @@ TINY_STAGES = {
     "fixmatch": ["train.batch_size=8", "fixmatch.mu=2", "train.max_steps=3", "train.precision=fp32"],
     "active": ["active.clusters=3", "active.budget=6", "inference.batch_size=64"],
     "evaluate": ["evaluate.scales=[28,32]", "inference.batch_size=64"],
+    "predict": ["inference.batch_size=64"],
 }
 
 
@@ -41,6 +43,21 @@ def command(config):
 
 def steps(run_dir):
     return max(e.get("step", 0) for e in map(json.loads, open(run_dir / "metrics.jsonl")))
+
+
+def assert_unlabeled_pile_labeled(run, data):
+    """The last stage's predictions.csv: one row per unlabeled image, in order, but the unreadable ones
+    (bad_images.txt), each with a class name; made with the TTA views evaluate chose for the final model."""
+    unlabeled = [p[len(data) + 1:] for p in read_split(data, "unlabeled").paths]
+    bad = {line.split("\t")[0] for line in open(run / "predict" / "bad_images.txt")}
+    rows = list(csv.DictReader(open(run / "predict" / "predictions.csv", newline="")))
+    assert [r["path"] for r in rows] == [p for p in unlabeled if p not in bad] and len(rows) > 0
+    names = set(read_classes(data))
+    assert all(r["class"] in names and r["top5_class"] in names for r in rows)
+    summary = json.load(open(run / "predict" / "summary.json"))
+    chosen = json.load(open(run / "evaluate_fixmatch_active" / "eval.json"))["splits"]["val"]
+    assert (summary["scales"], summary["mirror"]) == (chosen["tta_scales"], chosen["tta_mirror"])
+    assert summary["model"] == str(run / "fixmatch_active" / "model.pt")
 
 
 def test_pipeline_runs_resumes_after_kill_and_reports(tmp_path_factory, tmp_path):
@@ -79,8 +96,14 @@ def test_pipeline_runs_resumes_after_kill_and_reports(tmp_path_factory, tmp_path
     for png in report["plots"]:
         assert (run / png).stat().st_size > 1000
     assert "| + multi-scale TTA |" in (run / "report.md").read_text()
+    labels = len(read_split(data, "labeled"))   # the run's own label count, whatever the dataset
+    answered = json.load(open(run / "active" / "answers_summary.json"))["answered"]
+    assert report["accuracy"][0]["name"] == f"Supervised only ({labels} labels, random init)"
+    assert report["accuracy"][5]["name"] == f"+ active learning ({answered} answers), FixMatch again"
     chain = [row for row in report["accuracy"] if row["stage"] != "supervised"]
     assert report["val_drops"] == [b["stage"] for a, b in zip(chain, chain[1:]) if b["val"] < a["val"]]
+
+    assert_unlabeled_pile_labeled(run, data)
 
     again = subprocess.run(command(config), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("done, skipped") == len(report["stage_seconds"])
@@ -108,3 +131,5 @@ def test_pipeline_with_two_ranks_per_stage(tmp_path_factory, tmp_path):
     assert (predictions >= 0).all()
     queries = list(csv.DictReader(open(run / "active" / "queries.csv")))
     assert len(queries) == 6 and len({q["path"] for q in queries}) == 6
+    assert_unlabeled_pile_labeled(run, data)
+    assert json.load(open(run / "predict" / "summary.json"))["ranks"] == 2

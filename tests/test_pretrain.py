@@ -80,15 +80,14 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path_factory, tmp_pat
 
 
 def test_apex_larc_trains_through_the_engine(tmp_path_factory, tmp_path, monkeypatch):
-    """optim.impl=apex: LARC is a wrapper whose zero_grad() takes no arguments (it died on step 1 when the
+    """lars.impl=apex: LARC is a wrapper whose zero_grad() takes no arguments (it died on step 1 when the
     engine called zero_grad(set_to_none=True)); its state goes into the checkpoints."""
     import apex_larc
-    from launch._stages import stage_module
+    from launch.pretrain import main as pretrain_main
     apex_larc.install(monkeypatch)
     data = fashion(tmp_path_factory)
-    pretrain_main = stage_module("pretrain").main
     pretrain_main(["--config", CONFIG, f"data.root={data}", f"run.dir={tmp_path}", *TINY_PRETRAIN,
-                   "optim.impl=apex", "train.max_steps=3", "run.checkpoint_every=1"])
+                   "lars.impl=apex", "train.max_steps=3", "run.checkpoint_every=1"])
     trained = weights(tmp_path)
     moved = [k for k, v in initial_backbone(CONFIG, *TINY_PRETRAIN).items()
              if v.is_floating_point() and not torch.equal(v, trained[k])]

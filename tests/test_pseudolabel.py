@@ -16,7 +16,7 @@ PSEUDO = os.path.join(ROOT, "configs", "demo", "pseudolabel.yaml")
 
 def finetune(data, init, run_dir, *extra, **kw):
     return stage("finetune", "--config", FINETUNE, f"data.root={data}", f"run.dir={run_dir}",
-                 f"finetune.init={init}", *TINY_FINETUNE, *extra, **kw)
+                 f"finetune.backbone={init}", *TINY_FINETUNE, *extra, **kw)
 
 
 def events(run_dir):
@@ -33,7 +33,7 @@ def test_finetune_logs_val_and_resumes_after_kill(tmp_path_factory, tmp_path):
     assert len(val) == 6 and all(0 <= v <= 1 for v in val)
     killed = tmp_path / "killed"
     step = kill_after_checkpoint("finetune", ["--config", FINETUNE, f"data.root={data}", f"run.dir={killed}",
-                                              f"finetune.init={backbone}", *TINY_FINETUNE, *args], killed, 4)
+                                              f"finetune.backbone={backbone}", *TINY_FINETUNE, *args], killed, 4)
     assert step < 6 * 5   # 40 labeled images / batch 8 = 5 steps per epoch
     finetune(data, backbone, killed, *args)
     a = checkpoint.load(str(tmp_path / "straight" / "model.pt"))["model"]
@@ -95,6 +95,37 @@ def test_pseudolabel_iterations(tmp_path_factory, tmp_path):
     assert (run / "model.pt").exists() and np.load(run / "predictions" / "embeddings.npy").shape[0] == len(rows)
 
 
+def test_mean_scorer_ranks_by_the_classifier_and_label_propagation_together(tmp_path_factory, tmp_path):
+    from data.datasets import read_split
+    from trainer import label_propagation
+    data = fashion(tmp_path_factory)
+    finetune(data, pretrained_backbone(tmp_path_factory, data), tmp_path / "ft", "train.epochs=2")
+    run = tmp_path / "pl"
+    stage("pseudolabel", "--config", PSEUDO, f"data.root={data}", f"run.dir={run}", "data.backend=torch",
+          "data.workers=0", f"pseudo.model={tmp_path / 'ft' / 'model.pt'}", "pseudo.top_k=3", "pseudo.scorer=mean",
+          "propagation.k=5", "pseudo.schedule=[5]", "pseudo.fixmatch_p=0", "pseudo.pseudo_epochs=1",
+          "pseudo.labeled_epochs=1", f"pseudo.finetune_config={FINETUNE}", "inference.batch_size=64",
+          f"pseudo.finetune_overrides=[{','.join(TINY_FINETUNE)}]")
+    predictions = run / "iter1" / "predictions"
+    unlabeled = np.load(predictions / "embeddings.npy")
+    labeled = read_split(data, "labeled")
+    embeddings = np.concatenate([unlabeled, np.load(predictions / "labeled" / "embeddings.npy")])
+    assert len(embeddings) == len(unlabeled) + len(labeled)
+    spread = label_propagation.propagate(embeddings, np.arange(len(unlabeled), len(embeddings)), labeled.labels, 10, k=5)
+    classifier = np.zeros((len(unlabeled), 10), np.float32)
+    np.put_along_axis(classifier, np.load(predictions / "topk_class.npy").astype(np.int64),
+                      np.load(predictions / "topk_prob.npy"), axis=1)
+    mean = (spread.probabilities[:len(unlabeled)] + classifier) / 2
+    classes, scores = np.load(predictions / "mean" / "topk_class.npy"), np.load(predictions / "mean" / "topk_prob.npy")
+    np.testing.assert_array_equal(classes[:, 0], mean.argmax(1))
+    np.testing.assert_allclose(scores[:, 0], mean.max(1), atol=1e-6)
+    assert (classes[:, 0] != classifier.argmax(1)).any()   # propagation changed some ranking: the check bites
+    order = [r["path"] for r in csv.DictReader(open(os.path.join(data, "unlabeled.csv")))]
+    for r in csv.DictReader(open(run / "iter1" / "pseudo_labels.csv")):   # chosen by the mean's scores
+        i = order.index(r["path"])
+        assert abs(mean[i, int(r["label"])] - float(r["score"])) < 1e-5
+
+
 def _predict(rank, data, world_dir, on_bad_image="error"):
     from data.datasets import read_split
     from data.loaders import build_loader
@@ -143,13 +174,12 @@ def _finetune_then_read_as_pseudolabel_does(rank, data, init, run_dir):
     right after an in-process fine-tune."""
     import time
 
-    from launch._stages import stage_module
+    from launch import finetune as finetune_stage
     from trainer import engine
     from trainer.models import load_classifier
-    finetune_stage = stage_module("finetune")
     write = finetune_stage.save_classifier
     finetune_stage.save_classifier = lambda *a: (time.sleep(2), write(*a))
-    finetune_stage.main(["--config", FINETUNE, f"data.root={data}", f"run.dir={run_dir}", f"finetune.init={init}",
+    finetune_stage.main(["--config", FINETUNE, f"data.root={data}", f"run.dir={run_dir}", f"finetune.backbone={init}",
                          *TINY_FINETUNE, "train.epochs=1"])
     load_classifier(os.path.join(run_dir, "model.pt"))
     return engine.read_done(run_dir)["val_top1"]

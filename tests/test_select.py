@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from trainer.balanced_selection import TopPerClass, select_balanced_from_npy
+from trainer.balanced_selection import TopPerClass, confidence_adapted, select_balanced_from_npy
 
 NUM_CLASSES = 12
 
@@ -131,3 +131,16 @@ def test_bad_rows_name_the_row(tmp_path):
     np.save(tmp_path / "short.npy", scores[:7])
     with pytest.raises(ValueError, match=r"c\.npy \(10, 4\) and .*short\.npy \(7, 4\) must have the same 2-D shape"):
         select_balanced_from_npy(tmp_path / "c.npy", tmp_path / "short.npy", NUM_CLASSES, 2)
+
+
+def test_confidence_adapted_quota_follows_each_class_mean_score():
+    # class 0: scores 0.9, 0.9, 0.9, 0.9 (mean 0.9) keeps all 4; class 1: 0.9, 0.6, 0.3, 0.0 (mean 0.45)
+    # keeps round(4 x 0.45 / 0.9) = 2, its best two; class 2 has nothing and keeps nothing
+    topk_class = np.array([[0], [0], [0], [0], [1], [1], [1], [1]])
+    topk_prob = np.array([[0.9], [0.9], [0.9], [0.9], [0.3], [0.9], [0.0], [0.6]], np.float32)
+    selection = TopPerClass(3, 4).update(topk_class, topk_prob).result()
+    adapted = confidence_adapted(selection, 3)
+    assert adapted.indices.tolist() == [0, 1, 2, 3, 5, 7]
+    assert adapted.labels.tolist() == [0, 0, 0, 0, 1, 1]
+    assert adapted.class_counts.tolist() == [4, 2, 0]
+    assert adapted.num_dropped == selection.num_dropped + 2

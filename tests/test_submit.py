@@ -333,8 +333,8 @@ def test_every_sweep_point_is_checked_before_anything_is_queued(tmp_path, capsys
     assert submit.main(argv + ["--sweep", "train.epochs=2,-1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "train.epochs=-1: expected an integer >= 1 (sweep point {'train.epochs': '-1'})" in err
-    assert submit.main(argv + ["optim.lr_head=nan"]) == 2
-    assert "optim.lr_head" in capsys.readouterr().err
+    assert submit.main(argv + ["sgd.lr_head=nan"]) == 2
+    assert "sgd.lr_head" in capsys.readouterr().err
     broken = tmp_path / "broken.yaml"
     broken.write_text("train: {epochs: 3\n")
     assert submit.main(["finetune", "--gpus-per-node", "0", "--config", str(broken)]) == 2

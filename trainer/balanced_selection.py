@@ -247,6 +247,25 @@ def select_balanced_from_npy(class_path: PathLike, prob_path: PathLike, num_clas
     return tracker.result()
 
 
+def confidence_adapted(selection: Selection, num_classes: int) -> Selection:
+    """Class-adaptive P: class c keeps its best round(n_c x m_c / max m) images, m_c being the mean score
+    of its n_c selected ones. A fixed P takes as many images from a class the model is unsure of as
+    from one it knows, so the unsure class's pseudo-labels reach deep into wrong ones; its lower mean
+    confidence now buys it fewer. The most confident class keeps all of its own."""
+    means = np.array([selection.scores[selection.labels == c].mean() if (selection.labels == c).any() else 0.0
+                      for c in range(num_classes)])
+    quota = np.round(selection.class_counts * means / max(means.max(), 1e-12)).astype(np.int64)
+    order = np.lexsort((selection.indices, -selection.scores, selection.labels))   # by class, best first
+    rank = np.empty(len(order), np.int64)
+    starts = np.searchsorted(selection.labels[order], np.arange(num_classes))
+    rank[order] = np.arange(len(order)) - starts[selection.labels[order]]
+    keep = rank < quota[selection.labels]
+    labels = selection.labels[keep]
+    return Selection(indices=selection.indices[keep], labels=labels, scores=selection.scores[keep],
+                     class_counts=np.bincount(labels, minlength=num_classes).astype(np.int64),
+                     num_duplicates=selection.num_duplicates, num_dropped=selection.num_dropped + int((~keep).sum()))
+
+
 def selection_precision(selection: Selection, hidden_labels: np.ndarray, num_classes: int) -> dict:
     """Simulations only: the share of pseudo-labels equal to the hidden label, over all of them and per
     class (None where nothing was chosen). The hidden labels measure the selection, never train."""

@@ -57,6 +57,12 @@ def number(default, bounds: str):
     return field(default=default, metadata={"bounds": Bounds.parse(bounds)})
 
 
+def path(help: str, required: bool = True):
+    """A file path; a required one has no default (`""`): a stage names its inputs in its config, so
+    no run reads another's output by accident."""
+    return field(default="", metadata={"required": help} if required else {})
+
+
 def nonempty(default: list, bounds: str | None = None):
     """A list field that needs at least one item; numeric items must lie in `bounds`."""
     metadata = {"nonempty": True} | ({"bounds": Bounds.parse(bounds)} if bounds else {})
@@ -77,7 +83,7 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    root: str = "datasets/fashion-mnist"
+    root: str = path("a prepared dataset folder (launch/prepare.py)")
     backend: str = choice("auto", "auto", "dali", "torch")
     image_size: int = number(28, ">= 8")   # px; three stride-2 stages leave 1 px of an 8 px image
     workers: int = number(2, ">= 0")       # loader processes; 0 = load in the training process
@@ -96,7 +102,8 @@ class TrainConfig:
     epochs: int = number(10, ">= 1")
     batch_size: int = number(256, ">= 1")   # global: each of N ranks takes batch_size / N
     max_steps: int = number(0, ">= 0")      # 0 = no cap; a cap for smoke runs and benchmarks
-    precision: str = choice("fp32", "fp32", "bf16", "fp16")
+    # auto: bf16 on a GPU; on a CPU the faster of fp32 and bf16 for this model and batch, measured at start
+    precision: str = choice("fp32", "fp32", "bf16", "fp16", "auto")
     # What a training stage does when a loss is not finite: stop with one line naming the step, or
     # skip that step's update (counted and logged), so that one bad batch (e.g. an fp16 overflow)
     # need not end a long run.
@@ -121,7 +128,8 @@ class BarlowTwinsConfig:
 @dataclass
 class LarsConfig:
     impl: str = choice("native", "native", "apex")
-    lr_weights: float = number(0.2, ">= 0")       # per 256 images of global batch
+    # learning rates per 256 images: the run uses lr x train.batch_size / 256 (global batch)
+    lr_weights: float = number(0.2, ">= 0")
     lr_biases: float = number(0.0048, ">= 0")
     weight_decay: float = number(1.5e-6, ">= 0")
     warmup_epochs: float = number(10, ">= 0")
@@ -133,14 +141,16 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    optim: LarsConfig = field(default_factory=LarsConfig)
+    lars: LarsConfig = field(default_factory=LarsConfig)
     barlow: BarlowTwinsConfig = field(default_factory=BarlowTwinsConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
+    RETIRED = {"optim": "renamed lars (learning rates per 256 images of global batch)"}
 
 
 @dataclass
 class SgdConfig:
-    lr_backbone: float = number(0.05, ">= 0")     # as given (not scaled by batch size); 0 = frozen
+    # learning rates as given, whatever train.batch_size is (not scaled by batch size); 0 = frozen
+    lr_backbone: float = number(0.05, ">= 0")
     lr_head: float = number(0.05, ">= 0")
     weight_decay: float = number(0.0, ">= 0")     # never applied to biases and norm parameters
     momentum: float = number(0.9, "[0, 1)")       # 1 would never forget a gradient
@@ -150,13 +160,15 @@ class SgdConfig:
 
 @dataclass
 class FinetuneSection:
-    init: str = "runs/demo/pretrain/backbone.pt"   # backbone.pt, a model.pt whose backbone is reused, or "" (random init)
+    # backbone.pt, a model.pt whose backbone is reused, or "random" (random init: the supervised baseline)
+    backbone: str = path("backbone.pt, a model.pt whose backbone is reused, or random")
     labeled: str = "labeled"        # split name, or a CSV file (path,label) whose image paths are relative to data.root
     pseudo_labels: str = ""         # optional CSV (path,label[,score]) of pseudo-labels, added to labeled
     eval_every: int = number(1, ">= 1")   # epochs between val evaluations (model.pt keeps the best by val)
     # training view: "train" = random resized crop + flip (photos), "weak" = flip + small translation
     # (FixMatch's weak view: centred objects whose shape is the class, e.g. Fashion-MNIST)
     augment: str = choice("train", "train", "weak")
+    RETIRED = {"init": "renamed finetune.backbone (a path, or random)"}
 
 
 @dataclass
@@ -165,8 +177,9 @@ class FinetuneConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    optim: SgdConfig = field(default_factory=SgdConfig)
+    sgd: SgdConfig = field(default_factory=SgdConfig)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    RETIRED = {"optim": "renamed sgd (learning rates as given, not scaled by batch size)"}
 
 
 @dataclass
@@ -177,15 +190,29 @@ class InferenceConfig:
 
 @dataclass
 class PseudoSection:
-    model: str = "runs/demo/finetune/model.pt"     # the model that predicts the first iteration
+    model: str = path("the model.pt that predicts the first iteration")
     top_k: int = number(10, ">= 1")   # classes kept per image (at most the classes: checked by the stage)
     schedule: list[int] = nonempty([200, 300, 400, 500], ">= 1")   # P per iteration
-    finetune_config: str = "configs/demo/finetune.yaml"   # recipe of each iteration's two fine-tunes
+    finetune_config: str = path("the fine-tune config of each iteration's two fine-tunes")
     finetune_overrides: list[str] = field(default_factory=list)   # key=value applied to both fine-tunes
     pseudo_epochs: int = number(10, ">= 1")    # fine-tune on pseudo + labeled
     labeled_epochs: int = number(20, ">= 1")   # then on labeled only, head re-initialised
     fixmatch_p: int = number(16, ">= 0")       # also write the (top_k, fixmatch_p) selection for FixMatch; 0 = no
     chunk: int = number(65536, ">= 1")         # rows per streamed chunk in selection
+    # what ranks an image for a class: the model's softmax (classifier), label propagation over the kNN
+    # graph of the model's embeddings from the labeled images (propagation, section propagation), or
+    # the mean of the two distributions (mean)
+    scorer: str = choice("classifier", "classifier", "propagation", "mean")
+    # class-adaptive P: a class keeps P x (its selection's mean score / the most confident class's)
+    class_adaptive: bool = False
+
+
+@dataclass
+class PropagationConfig:
+    k: int = number(20, ">= 1")                    # neighbours per image in the graph
+    alpha: float = number(0.99, "[0, 1)")          # how far labels spread: Z = (I - alpha W)^-1 Y
+    iterations: int = number(20, ">= 1")           # conjugate-gradient steps
+    gamma: float = number(3.0, "> 0")              # edge weight = similarity^gamma
 
 
 @dataclass
@@ -194,21 +221,29 @@ class PseudolabelConfig:
     data: DataConfig = field(default_factory=DataConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     pseudo: PseudoSection = field(default_factory=PseudoSection)
+    propagation: PropagationConfig = field(default_factory=PropagationConfig)
 
 
 @dataclass
 class FixmatchSection:
-    init: str = "runs/demo/pseudolabel/model.pt"   # a model.pt (backbone + head)
+    model: str = path("the model.pt (backbone + head) FixMatch starts from")
     labeled: str = "labeled"        # split name or CSV
     pseudo_labels: str = ""         # CSV of pseudo-labels added to the labeled set (the K=10, P=16 selection)
     mu: int = number(7, ">= 1")                   # unlabeled batch = mu x labeled batch
-    threshold: float = number(0.95, "(0, 1]")     # confidence needed for a pseudo-label to count
+    # which images' pseudo-labels count, and how much: fixmatch (a fixed threshold), flexmatch (class-wise
+    # thresholds from each class's learning status), freematch (self-adaptive global and class thresholds),
+    # softmatch (a truncated-Gaussian weight of the confidence); trainer/fixmatch.py has each formula
+    variant: str = choice("fixmatch", "fixmatch", "flexmatch", "freematch", "softmatch")
+    # weak-view probabilities x (uniform / running mean of the predictions), renormalised, before the variant
+    distribution_alignment: bool = False
+    threshold: float = number(0.95, "(0, 1]")     # fixmatch, flexmatch: confidence needed for a pseudo-label
     lambda_u: float = number(1.0, ">= 0")         # weight of the unlabeled loss
     ema: float = number(0.999, "[0, 1)")          # decay of the weights' average, warmed up as min(ema, (1+t)/(10+t))
     eval_every: int = number(1, ">= 1")           # epochs (passes over the unlabeled set) between val evaluations
     # Before each evaluation, BatchNorm statistics of the EMA weights from this many clean unlabeled
     # batches (0: keep the live model's, gathered over weak and strong views)
     bn_batches: int = number(0, ">= 0")
+    RETIRED = {"init": "renamed fixmatch.model"}
 
 
 @dataclass
@@ -216,19 +251,24 @@ class FixmatchConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)   # batch_size = labeled batch (global)
-    optim: SgdConfig = field(default_factory=lambda: SgdConfig(lr_backbone=0.01, lr_head=0.01,
-                                                               weight_decay=5e-4, nesterov=True))
+    sgd: SgdConfig = field(default_factory=lambda: SgdConfig(lr_backbone=0.01, lr_head=0.01,
+                                                             weight_decay=5e-4, nesterov=True))
     fixmatch: FixmatchSection = field(default_factory=FixmatchSection)
+    RETIRED = {"optim": "renamed sgd (learning rates as given, not scaled by batch size)"}
 
 
 @dataclass
 class EvaluateSection:
-    model: str = "runs/demo/fixmatch/model.pt"
+    # What is scored is what is given (at least one): a model.pt -> top-1/top-5 per scale and with
+    # TTA; a backbone.pt -> kNN top-1 of its embeddings with the labeled images as references.
+    model: str = path("a model.pt", required=False)
     scales: list[int] = nonempty([28, 36], ">= 8")   # px, as data.image_size; TTA averages their probabilities
     tta: str = choice("all", "all", "val")   # TTA over all the scales, or over the subset best on val
+    # also try each TTA candidate with its views' horizontal mirrors added (tta=all: always add them)
+    mirror: bool = False
     splits: list[str] = nonempty(["val", "test"])
-    knn: bool = False               # instead: kNN top-1 of `backbone`'s embeddings (labeled -> each split)
-    backbone: str = "runs/demo/pretrain/backbone.pt"
+    backbone: str = path("a backbone.pt", required=False)
+    RETIRED = {"knn": "kNN scores are computed when evaluate.backbone is given, TTA scores when evaluate.model is"}
     k: int = number(20, ">= 1")                # at most the labeled images: checked by the stage
     temperature: float = number(0.07, "> 0")
 
@@ -245,8 +285,8 @@ class EvaluateConfig:
 
 @dataclass
 class ActiveSection:
-    model: str = "runs/demo/fixmatch/model.pt"     # its margins pick the queries
-    backbone: str = "runs/demo/pretrain/backbone.pt"   # SSL embeddings for the clustering
+    model: str = path("the model.pt whose margins pick the queries")
+    backbone: str = path("the backbone.pt whose embeddings are clustered")
     labeled: str = "labeled"        # the labels so far (split name or CSV): never queried, kept in labeled.csv
     clusters: int = number(200, ">= 1")     # at most the number of queries: the budget is split evenly over them
     budget: float = number(0.0025, "> 0")   # < 1: fraction of the labeled + unlabeled images; >= 1: a number of queries
@@ -268,22 +308,47 @@ class ActiveConfig:
 
 
 @dataclass
+class PredictSection:
+    model: str = path("the model.pt that labels the images (or the run dir that holds it)")
+    # what to label: a split name (labeled, val, test, unlabeled), a CSV with a path column (paths
+    # relative to data.root) or a folder (every image in its tree)
+    input: str = "unlabeled"
+    # TTA sizes (px): the mean softmax over the image's views at these sizes; [] = tta_from's, or else
+    # the size the model was trained at (data.image_size of the config.yaml beside model.pt)
+    scales: list[int] = field(default_factory=list, metadata={"bounds": Bounds.parse(">= 8")})
+    tta_from: str = ""     # an evaluate run dir or its eval.json: the scales (and mirrors) it chose on val
+    mirror: bool = False   # each view's horizontal mirror too (with tta_from, eval.json's tta_mirror decides)
+    chunk_size: int = number(16384, ">= 1")   # rows per resumable chunk
+    top_k: int = number(5, ">= 1")            # classes written per image (at most the classes)
+
+
+@dataclass
+class PredictConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    # skip: unreadable images are listed in bad_images.txt; error: stop at the first chunk holding one
+    data: DataConfig = field(default_factory=lambda: DataConfig(on_bad_image="skip"))
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    predict: PredictSection = field(default_factory=PredictSection)
+
+
+@dataclass
 class StageSpec:
-    config: str = ""                # the stage's YAML
+    config: str = path("the stage's YAML config")
     overrides: list[str] = field(default_factory=list)   # key=value, applied after the pipeline's own
 
 
 @dataclass
 class PipelineSection:
     nproc: int = number(1, ">= 1")   # processes per stage: 1 runs inline, more under torchrun
-    supervised: StageSpec = field(default_factory=lambda: StageSpec("configs/demo/supervised.yaml"))
-    pretrain: StageSpec = field(default_factory=lambda: StageSpec("configs/demo/pretrain.yaml"))
-    finetune: StageSpec = field(default_factory=lambda: StageSpec("configs/demo/finetune.yaml"))
-    pseudolabel: StageSpec = field(default_factory=lambda: StageSpec("configs/demo/pseudolabel.yaml"))
-    fixmatch: StageSpec = field(default_factory=lambda: StageSpec("configs/demo/fixmatch.yaml"))
-    active: StageSpec = field(default_factory=lambda: StageSpec("configs/demo/active.yaml"))
+    supervised: StageSpec = field(default_factory=StageSpec)
+    pretrain: StageSpec = field(default_factory=StageSpec)
+    finetune: StageSpec = field(default_factory=StageSpec)
+    pseudolabel: StageSpec = field(default_factory=StageSpec)
+    fixmatch: StageSpec = field(default_factory=StageSpec)
+    active: StageSpec = field(default_factory=StageSpec)
     fixmatch_active_overrides: list[str] = field(default_factory=list)   # after fixmatch's, see below
-    evaluate: StageSpec = field(default_factory=lambda: StageSpec("configs/demo/evaluate.yaml"))
+    evaluate: StageSpec = field(default_factory=StageSpec)
+    predict: StageSpec = field(default_factory=StageSpec)   # labels the unlabeled pile with the final model
 
     @property
     def fixmatch_active(self) -> StageSpec:
@@ -293,7 +358,7 @@ class PipelineSection:
 
 @dataclass
 class PipelineConfig:
-    run: RunConfig = field(default_factory=lambda: RunConfig(dir="runs/demo"))
+    run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pipeline: PipelineSection = field(default_factory=PipelineSection)
 
@@ -301,7 +366,7 @@ class PipelineConfig:
 # the config each launch/ stage script reads
 STAGE_CONFIGS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "pseudolabel": PseudolabelConfig,
                  "fixmatch": FixmatchConfig, "active": ActiveConfig, "evaluate": EvaluateConfig,
-                 "pipeline": PipelineConfig}
+                 "predict": PredictConfig, "pipeline": PipelineConfig}
 
 
 # ---- loading ----
@@ -366,6 +431,8 @@ def _build(cls, tree, prefix: str, base=None):
         if allowed and value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
         _check_range(key, hint, value, f.metadata)
+        if value == "" and "required" in f.metadata:
+            raise ConfigError(f"{key}: required: {f.metadata['required']}")
         values[name] = value
     return dataclasses.replace(base, **values)
 

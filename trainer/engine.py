@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -176,6 +177,38 @@ def read_done(run_dir: str) -> dict:
 
 
 # ---- precision ----
+
+def resolve_precision(precision: str, model: torch.nn.Module, batch: tuple[int, ...], rt: Runtime
+                      ) -> tuple[str, dict[str, float]]:
+    """train.precision=auto -> (a concrete precision, the seconds per step measured, if any). On a GPU:
+    bf16 (fp16 where bf16 is unsupported). On a CPU: whichever of fp32 and bf16 autocast runs a training
+    step of `model` (a copy: its weights and BatchNorm statistics stay untouched) on a random batch of
+    this rank's `batch` shape faster, best of 3 after a warm-up; CPUs differ by 2x either way. Every rank
+    measures (a synchronised BatchNorm's collectives stay in step) and takes rank 0's answer."""
+    if precision != "auto":
+        return precision, {}
+    if rt.device.type == "cuda":
+        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16"), {}
+    trial, x = copy.deepcopy(model).train(), torch.randn(batch, device=rt.device)
+    seconds = {}
+    for candidate in ("fp32", "bf16"):
+        times = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            with autocast(candidate, rt.device):
+                trial(x).float().square().mean().backward()
+            times.append(time.perf_counter() - t0)
+        seconds[candidate] = min(times[1:])
+    seconds = dist.broadcast_object(seconds)
+    return min(seconds, key=seconds.get), seconds
+
+
+def describe_precision(precision: str, measured: dict[str, float]) -> str:
+    """For the stage's opening line: the precision, and what auto measured to choose it."""
+    if not measured:
+        return f"precision {precision}"
+    return f"precision auto -> {precision} (" + ", ".join(f"{p} {1e3 * s:.0f} ms/step" for p, s in measured.items()) + ")"
+
 
 def autocast(precision: str, device: torch.device):
     if precision == "fp32":

@@ -25,22 +25,24 @@ class Stateful(Protocol):
 
 
 class BestModel:
-    """The weights of the best evaluation so far ("the starting model" competes when offered first)."""
+    """The weights of the best evaluation so far ("the starting model" competes when offered first; a tie
+    keeps the earlier offer). `source` says which of several candidates of one epoch won (e.g. EMA, live)."""
 
     def __init__(self):
-        self.top1, self.epoch, self.weights = -1.0, -1, None
+        self.top1, self.epoch, self.source, self.weights = -1.0, -1, "", None
 
-    def offer(self, top1: float, epoch: int, model: torch.nn.Module) -> bool:
+    def offer(self, top1: float, epoch: int, model: torch.nn.Module, source: str = "") -> bool:
         if top1 <= self.top1:
             return False
-        self.top1, self.epoch, self.weights = top1, epoch, copy.deepcopy(model.state_dict())
+        self.top1, self.epoch, self.source, self.weights = top1, epoch, source, copy.deepcopy(model.state_dict())
         return True
 
     def state_dict(self) -> dict:
-        return {"top1": self.top1, "epoch": self.epoch, "weights": self.weights}
+        return {"top1": self.top1, "epoch": self.epoch, "source": self.source, "weights": self.weights}
 
     def load_state_dict(self, state: dict):
-        self.top1, self.epoch, self.weights = state["top1"], state["epoch"], state["weights"]
+        self.top1, self.epoch, self.source, self.weights = (state["top1"], state["epoch"], state["source"],
+                                                            state["weights"])
 
 
 class EpochSums:

@@ -95,7 +95,7 @@ def build_optimizer(name: str, model: nn.Module, *, lr_weights: float, lr_biases
             from apex.parallel.LARC import LARC
         except ImportError:  # the unrelated PyPI package "apex" has no apex.parallel
             raise InputError("optimizer apex_lars: NVIDIA apex (apex.parallel.LARC) is not installed; "
-                             "use optim.impl=native") from None
+                             "use lars.impl=native") from None
         return LARC(torch.optim.SGD(groups, lr=lr_weights, momentum=momentum), trust_coefficient=eta,
                     clip=False)
     raise InputError(f"optimizer {name!r}: expected one of {', '.join(OPTIMIZERS)}")
@@ -106,7 +106,7 @@ def classifier_sgd(model: nn.Module, lr_backbone: float, lr_head: float, weight_
     """SGD over a Classifier with its own learning rate for the backbone and for the head;
     weight decay only on weights (biases and norm parameters excluded)."""
     if nesterov and momentum <= 0:
-        raise InputError(f"optim.nesterov=true needs optim.momentum > 0 (got {momentum})")
+        raise InputError(f"sgd.nesterov=true needs sgd.momentum > 0 (got {momentum})")
     groups = (lars_param_groups(model.backbone, lr_backbone, lr_backbone, weight_decay)
               + lars_param_groups(model.head, lr_head, lr_head, weight_decay))
     return torch.optim.SGD([g for g in groups if g["params"]], lr=lr_head, momentum=momentum,

@@ -17,14 +17,14 @@ from data.transforms import evaluate as eval_transform  # noqa: E402
 from trainer import rundir  # noqa: E402
 from trainer.models import build_backbone, load_backbone_weights, load_classifier, residual_stages  # noqa: E402
 
-# the stages that produce a classifier, in recipe order, with their row in the ablation table
-MODEL_STAGES = ["supervised", "finetune", "pseudolabel", "fixmatch", "fixmatch_active"]
-ROWS = {"supervised": "Supervised only (300 labels, random init)",
-        "knn": "Barlow Twins features, kNN on the labels",
+# each stage's row in the ablation table ({labels}: the labeled images the run started with;
+# {queries}: the answers active learning added)
+ROWS = {"supervised": "Supervised only ({labels} labels, random init)",
+        "knn": "Barlow Twins features, kNN on the {labels} labels",
         "finetune": "+ fine-tune (backbone + linear head)",
         "pseudolabel": "+ balanced pseudo-label iterations",
         "fixmatch": "+ FixMatch",
-        "fixmatch_active": "+ active learning, FixMatch again",
+        "fixmatch_active": "+ active learning ({queries} answers), FixMatch again",
         "tta": "+ multi-scale TTA"}
 
 
@@ -40,24 +40,31 @@ def _events(run_dir):
     return rundir.read_lines(path) if os.path.exists(path) else []
 
 
-def accuracy_table(run_dir: str) -> list[dict]:
+def _row_names(run_dir: str) -> dict:
+    labels = len(read_split(_data_root(run_dir), "labeled"))
+    answers = _json(os.path.join(run_dir, "active", "answers_summary.json"))
+    queries = answers["answered"] if answers else "–"
+    return {stage: name.format(labels=labels, queries=queries) for stage, name in ROWS.items()}
+
+
+def accuracy_table(run_dir: str, model_stages: list[str]) -> list[dict]:
     """Table 2: val/test top-1 after each stage (single scale), then the final model with TTA."""
-    rows = []
+    rows, names = [], _row_names(run_dir)
     knn = _json(os.path.join(run_dir, "evaluate_knn", "eval.json"))
     final = None
-    for stage in MODEL_STAGES:
+    for stage in model_stages:
         result = _json(os.path.join(run_dir, f"evaluate_{stage}", "eval.json"))
         if stage == "finetune" and knn:
-            rows.append({"stage": "knn", "name": ROWS["knn"], **{s: knn["knn"][s] for s in ("val", "test")}})
+            rows.append({"stage": "knn", "name": names["knn"], **{s: knn["knn"][s] for s in ("val", "test")}})
         if result:
             splits = result["splits"]
             first = next(iter(splits["val"]["scales"]))   # the first of evaluate.scales: the training size
-            rows.append({"stage": stage, "name": ROWS[stage],
+            rows.append({"stage": stage, "name": names[stage],
                          **{s: splits[s]["scales"][first]["top1"] for s in ("val", "test") if s in splits}})
             if stage != "supervised":
                 final = splits
     if final:
-        rows.append({"stage": "tta", "name": ROWS["tta"], **{s: final[s]["tta"]["top1"] for s in ("val", "test")}})
+        rows.append({"stage": "tta", "name": names["tta"], **{s: final[s]["tta"]["top1"] for s in ("val", "test")}})
     return rows
 
 
@@ -79,10 +86,12 @@ def _fmt(x, pct=True):
     return f"{100 * x:.2f}" if pct else f"{x}"
 
 
-def write(run_dir: str, stage_seconds: dict):
-    accuracy, iterations = accuracy_table(run_dir), iteration_table(run_dir)
+def write(run_dir: str, stage_seconds: dict, model_stages: list[str]):
+    """report.md/.json and plots of a pipeline run; `model_stages`: the stages that produce a classifier,
+    in recipe order (each scored in evaluate_<stage>)."""
+    accuracy, iterations = accuracy_table(run_dir, model_stages), iteration_table(run_dir)
     plots = [p for p in (plot_ablation(run_dir, accuracy), plot_curves(run_dir), plot_precision(run_dir),
-                         plot_top_images(run_dir), plot_feature_maps(run_dir)) if p]
+                         plot_top_images(run_dir), plot_feature_maps(run_dir, model_stages)) if p]
     lines = ["# semiscale run report", "", f"Run dir: `{os.path.abspath(run_dir)}`", "",
              "## Accuracy after each stage (top-1 %)", "", "| stage | val | test |", "|---|---|---|"]
     lines += [f"| {r['name']} | {_fmt(r.get('val'))} | {_fmt(r.get('test'))} |" for r in accuracy]
@@ -213,7 +222,7 @@ def plot_top_images(run_dir, per_class: int = 8, classes_shown: int = 3):
 
 
 @torch.no_grad()
-def plot_feature_maps(run_dir):
+def plot_feature_maps(run_dir, model_stages):
     """Fig. 1 style: one test image's mean activation at every residual stage, for every stage's model."""
     backbones = []
     pretrain = os.path.join(run_dir, "pretrain", "backbone.pt")
@@ -224,7 +233,7 @@ def plot_feature_maps(run_dir):
         backbone = build_backbone(m["backbone"], m["small_stem"], m["width"])
         load_backbone_weights(backbone, pretrain)
         backbones.append(("pretrain", backbone))
-    for stage in MODEL_STAGES:
+    for stage in model_stages:
         path = os.path.join(run_dir, stage, "model.pt")
         if os.path.exists(path):
             backbones.append((stage, load_classifier(path)[0].backbone))

@@ -1,0 +1,165 @@
+"""Export a classifier (a model.pt) as a model that runs without semiscale: a TorchScript file and an ONNX
+file that take decoded images and return class probabilities, with the evaluation preprocessing and the
+multi-scale TTA inside the graph.
+
+    python launch/export.py --model RUN/model.pt --data-root ROOT --out DIR --scales 28 32 [--mirror] \
+        [--image-size H [W]]
+    python launch/export.py --model RUN/model.pt --data-root ROOT --out DIR --scales-from EVAL_RUN/eval.json
+
+Writes DIR/model.ts (TorchScript), DIR/model.onnx (ONNX, opset 17), DIR/classes.txt (ROOT's class names,
+one a line, in index order), DIR/README (the contract below, and how to run both files) and, last,
+DIR/export.json (what was exported, and the parity check): a folder without export.json holds an
+unfinished export. Each file is written to a temporary name and renamed. DIR must be new, empty or a
+previous export.
+
+The exported model's input `images`: float32 N x 3 x H x W, RGB in [0, 1] (the 8-bit values / 255, as
+torchvision's to_tensor gives them); N is free, H x W is fixed at export (--image-size; default: the size
+of ROOT's first val image). Values are rounded to the nearest 1/255 inside. Decode images as semiscale
+does (data.datasets.load_image): EXIF rotation applied, grey replicated to RGB, 16-bit grey >> 8,
+transparent pixels composited on black. Output `probabilities`: float32 N x classes.
+Inside the graph, for each TTA scale, data.transforms.evaluate(scale) is reproduced to the bit (Pillow's
+bilinear resize of the shorter side to the scale, in Pillow's 8-bit fixed-point arithmetic and pass
+order, read off the installed Pillow at export; the centre crop; / 255; ImageNet mean/std), then the
+network and its softmax; with --mirror, each scale's view mirrored left-right (x.flip(-1)) as a view of
+its own, after the scales' views; the output is the mean over the views (trainer.tta). --scales-from takes
+the scales, and whether their mirrors, that evaluate.py chose on val (eval.json's tta_scales, tta_mirror;
+an eval.json without tta_mirror: no mirrors). The data.backend=dali views resize differently and are not
+what the export reproduces.
+The preprocessing module is data.pillow_resize; the exported module, its files and the check, trainer.export.
+Before export.json is written the export checks itself: both files, run on ROOT's val images of the input
+size (up to 32) and on random images, against semiscale's own probabilities for the same images (the
+model, data.transforms.evaluate, trainer.tta's softmax and mean); a difference above 1e-4 stops it.
+Bad input ends with one line `export.py: error: ...` and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import List
+
+import numpy as np
+from PIL import Image
+
+from data.datasets import read_classes
+from data.pillow_resize import build_views
+from trainer import engine
+from trainer.export import (ExportedClassifier, as_input, check_images, check_parity, clear_previous, describe,
+                            readme, to_torchscript, write_onnx, write_text, write_torchscript)
+from trainer.models import load_classifier
+
+OUTPUTS = ("model.ts", "model.onnx", "classes.txt", "README", "export.json")
+CHECK_RANDOM_IMAGES = 4     # random-noise images for the self-check, which stress the resize's rounding
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="export.py", description="Export a model.pt as TorchScript + ONNX with its evaluation "
+        "preprocessing and multi-scale TTA inside: probabilities from images, without semiscale")
+    parser.add_argument("--model", required=True, help="the model.pt (finetune, fixmatch, pipeline)")
+    parser.add_argument("--data-root", required=True, help="its dataset: classes.txt, val images for the check")
+    parser.add_argument("--out", required=True, help="the folder to write (new, empty, or a previous export)")
+    scales = parser.add_mutually_exclusive_group(required=True)
+    scales.add_argument("--scales", type=int, nargs="+", metavar="PX", help="TTA scales (shorter side, px)")
+    scales.add_argument("--scales-from", metavar="EVAL_JSON",
+                        help="evaluate.py's eval.json: the TTA scales (and mirrors or not) it chose on val")
+    parser.add_argument("--mirror", action="store_true",
+                        help="with --scales: also each scale's view mirrored left-right, as in evaluate.mirror")
+    parser.add_argument("--image-size", type=int, nargs="+", metavar="PX",
+                        help="the input's H [W] (default: the size of the dataset's first val image)")
+    return parser.parse_args(argv)
+
+
+def scales_from(path: str, model: str) -> tuple[List[int], bool]:
+    """eval.json's tta_scales and tta_mirror (val's: evaluate scores every split with val's choice; an
+    eval.json written before evaluate.mirror has no tta_mirror: no mirrors)."""
+    try:
+        result = engine.read_json(path)
+    except OSError as e:
+        raise engine.StageError(f"--scales-from {path}: cannot read ({e.strerror})") from None
+    except ValueError as e:
+        raise engine.StageError(f"--scales-from {path}: not JSON ({e})") from None
+    splits = result.get("splits") if isinstance(result, dict) else None
+    split = (splits.get("val") or next(iter(splits.values()), None)) if isinstance(splits, dict) else None
+    scales = split.get("tta_scales") if isinstance(split, dict) else None
+    if not isinstance(scales, list) or not scales or not all(isinstance(s, int) for s in scales):
+        raise engine.StageError(f"--scales-from {path}: expected the eval.json of a classifier evaluation "
+                                "(splits.val.tta_scales), e.g. runs/demo/evaluate/eval.json")
+    mirror = split.get("tta_mirror", False)
+    if not isinstance(mirror, bool):
+        raise engine.StageError(f"--scales-from {path}: tta_mirror: expected true or false, got {mirror!r}")
+    scored = result.get("model")
+    if isinstance(scored, str) and not _same_file(scored, model):
+        print(f"export.py: warning: {path} scored {scored}, not {model}: its scales were chosen for that model",
+              file=sys.stderr)
+    return scales, mirror
+
+
+def _same_file(one: str, two: str) -> bool:
+    try:
+        return os.path.samefile(one, two)
+    except OSError:
+        return os.path.abspath(one) == os.path.abspath(two)
+
+
+def check_out(out: str):
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise engine.StageError(f"--out {out}: not a folder")
+    if os.path.isdir(out):
+        other = sorted(n for n in os.listdir(out) if n not in OUTPUTS and not n.endswith(".tmp"))
+        if other:
+            raise engine.StageError(f"--out {out}: holds {', '.join(other[:3])}{', ...' if len(other) > 3 else ''}, "
+                                    "which no export writes: expected a new or empty folder or a previous export")
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    start = time.time()
+    classes = read_classes(args.data_root)
+    if args.mirror and args.scales_from:
+        raise engine.StageError("--mirror: only with --scales (--scales-from takes eval.json's tta_mirror)")
+    scales, mirror = (args.scales, args.mirror) if args.scales else scales_from(args.scales_from, args.model)
+    bad = [s for s in scales if s < 1]
+    if bad:
+        raise engine.StageError(f"--scales {' '.join(map(str, scales))}: expected sizes >= 1 px, got {bad[0]}")
+    size = None
+    if args.image_size is not None:
+        if len(args.image_size) > 2 or min(args.image_size) < 1:
+            raise engine.StageError(f"--image-size {' '.join(map(str, args.image_size))}: expected H [W], >= 1 px")
+        size = (args.image_size[0], args.image_size[-1])
+    model, arch = load_classifier(args.model, num_classes=len(classes))
+    model.eval()
+    check_out(args.out)
+    (height, width), val_images = check_images(args.data_root, size)
+
+    rng = np.random.default_rng(0)
+    noise = [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+             for _ in range(CHECK_RANDOM_IMAGES)]
+    images = noise + val_images
+    views, exact = build_views(scales, height, width, images)
+    exported = ExportedClassifier(model, views, height, width, mirror).eval()
+    for p in exported.parameters():
+        p.requires_grad_(False)
+    scripted = to_torchscript(exported)
+
+    clear_previous(args.out)   # from here on, the folder holds no complete export
+    path = {name: os.path.join(args.out, name) for name in OUTPUTS}
+    write_torchscript(scripted, path["model.ts"])
+    write_onnx(exported, as_input(noise[:2]), path["model.onnx"])
+    write_text(path["classes.txt"], "".join(f"{name}\n" for name in classes))
+    gaps = check_parity(path["model.ts"], path["model.onnx"], model, images, scales, mirror)
+    info = describe(exported, exact, args.model, arch, classes, args.data_root, check={
+        "images": len(images), "val_images": len(val_images), "random_images": len(noise),
+        "torchscript_max_abs_diff": gaps["torchscript"], "onnx_max_abs_diff": gaps["onnx"]})
+    write_text(path["README"], readme(info))
+    write_text(path["export.json"], json.dumps(info, indent=2) + "\n")
+    print(f"[export] {args.out}: model.ts, model.onnx for {height}x{width} RGB input, TTA over {list(scales)} px"
+          f"{' and their mirrors' if mirror else ''} ({time.time() - start:.1f} s); max |difference| from "
+          f"semiscale's probabilities on {len(images)} images: TorchScript {gaps['torchscript']:.1e}, "
+          f"ONNX {gaps['onnx']:.1e}")
+
+
+if __name__ == "__main__":
+    engine.cli(main)
