@@ -51,9 +51,8 @@ from PIL import Image
 
 from data.datasets import BadImageError, Split, check_on_bad_image, load_image
 from data.sampler import split_sampler
-from data.transforms import (BARLOW_TWINS_PAIR, CUTOUT_AREA, IMAGENET_MEAN, IMAGENET_STD,
-                             RAND_AUGMENT_MAX_MAGNITUDE, RAND_AUGMENT_OPS, TRAIN_MIN_SCALE, barlow_twins_min_scale,
-                             blur_kernel, translate_padding)
+from data.transforms import (BARLOW_TWINS_PAIR, IMAGENET_MEAN, IMAGENET_STD, RAND_AUGMENT_MAX_MAGNITUDE, Augment,
+                             barlow_twins_min_scale, blur_kernel, cutout_area, translate_padding)
 from data.views import View, empty_batch, views_of
 from data.errors import InputError
 
@@ -81,9 +80,9 @@ def _uniform(low, high):
     return fn.random.uniform(range=[low, high])
 
 
-def _normalise(images, evaluate=False):
-    """uint8 HWC -> float32 CHW normalised, randomly flipped unless evaluating."""
-    mirror = 0 if evaluate else fn.random.coin_flip()
+def _normalise(images, flip):
+    """uint8 HWC -> float32 CHW normalised, flipped horizontally with p=0.5 when `flip`."""
+    mirror = fn.random.coin_flip() if flip else 0
     return fn.crop_mirror_normalize(images, mirror=mirror, mean=MEAN_255, std=STD_255, dtype=types.FLOAT,
                                     output_layout="CHW")
 
@@ -153,7 +152,7 @@ class _Decoded:
         return self._fitted[size]
 
 
-def _barlow_twins_view(decoded, size, blur_p, solarize_p):
+def _barlow_twins_view(decoded, size, augment, blur_p, solarize_p):
     # Crop first: every later op then works on size x size pixels, not on the decoded image.
     images = fn.random_resized_crop(decoded.images, size=[size, size],
                                     random_area=[barlow_twins_min_scale(size), 1.0],
@@ -165,19 +164,21 @@ def _barlow_twins_view(decoded, size, blur_p, solarize_p):
     if solarize_p > 0:
         if _coin(solarize_p):
             images = auto_aug_ops.solarize.op(images, 128)
-    return _normalise(images)
+    return _normalise(images, augment.flip)
 
 
-def _train_view(decoded, size):
-    images = fn.random_resized_crop(decoded.images, size=[size, size], random_area=[TRAIN_MIN_SCALE, 1.0],
+def _train_view(decoded, size, augment):
+    images = fn.random_resized_crop(decoded.images, size=[size, size], random_area=[augment.crop_min_scale, 1.0],
                                     random_aspect_ratio=[3 / 4, 4 / 3], interp_type=types.INTERP_LINEAR,
                                     antialias=True)
-    return _normalise(images)
+    return _normalise(images, augment.flip)
 
 
-def _reflect_translate(images, size):
-    """Reflect-pad by 12.5% of the side and take a random size x size window (FixMatch's translation)."""
-    pad = translate_padding(size)
+def _reflect_translate(images, size, translate):
+    """Reflect-pad by `translate` of the side (FixMatch's 12.5%) and take a random size x size window."""
+    pad = translate_padding(size, translate)
+    if pad == 0:
+        return images
     # DALI has no reflect padding: assemble it from mirrored border strips (edge not repeated).
     images = fn.cat(fn.flip(images[:, 1:pad + 1], horizontal=1), images,
                     fn.flip(images[:, size - 1 - pad:size - 1], horizontal=1), axis=1)
@@ -188,41 +189,49 @@ def _reflect_translate(images, size):
                    crop_pos_y=fn.random.uniform(values=offsets))
 
 
-def _rand_augment(images, size):
-    """RandAugment (torchvision's 14 ops and ranges), 2 ops per sample, magnitude ~ U{1..10} per sample."""
+def _rand_augment(images, size, ops, max_magnitude):
+    """RandAugment (torchvision's 14 ops and ranges), `ops` ops per sample, magnitude ~ U{1..max_magnitude}
+    per sample on torchvision's scale (RAND_AUGMENT_MAX_MAGNITUDE = each op's full range)."""
+    if ops == 0:
+        return images
     suite = get_rand_augment_suite(use_shape=True, max_translate_rel=150 / 331)
-    op_index = fn.random.uniform(values=list(range(len(suite))), shape=(RAND_AUGMENT_OPS,), dtype=types.INT32)
-    magnitude = fn.random.uniform(values=list(range(1, RAND_AUGMENT_MAX_MAGNITUDE + 1)), dtype=types.INT32)
+    op_index = fn.random.uniform(values=list(range(len(suite))), shape=(ops,), dtype=types.INT32)
+    magnitude = fn.random.uniform(values=list(range(1, max_magnitude + 1)), dtype=types.INT32)
     # One magnitude for all ops of a sample (as torchvision's RandAugment), a random sign per op.
-    magnitude = signed_bin(fn.stack(*[magnitude] * RAND_AUGMENT_OPS), shape=(RAND_AUGMENT_OPS,))
-    for level in range(RAND_AUGMENT_OPS):
+    magnitude = signed_bin(fn.stack(*[magnitude] * ops), shape=(ops,))
+    for level in range(ops):
         images = select(suite, op_index[level], data=images, magnitude_bin=magnitude[level],
                         num_magnitude_bins=RAND_AUGMENT_MAX_MAGNITUDE + 1, shape=[size, size], fill_value=0)
     return images
 
 
-def _cutout(normalised, size):
-    """One square of CUTOUT_AREA of the image, anywhere inside it, set to 0 (the mean colour)."""
-    side = fn.cast(dmath.sqrt(_uniform(*CUTOUT_AREA)) * size, dtype=types.INT32)
+def _cutout(normalised, size, cutout):
+    """One square of cutout_area(cutout) of the image, anywhere inside it, set to 0 (the mean colour)."""
+    if cutout == 0:
+        return normalised
+    side = fn.cast(dmath.sqrt(_uniform(*cutout_area(cutout))) * size, dtype=types.INT32)
     free = fn.cast(size - side, dtype=types.FLOAT)
     anchor = fn.stack(_uniform(0, 1) * free, _uniform(0, 1) * free)
     shape = fn.cast(fn.stack(side, side), dtype=types.FLOAT)
     return fn.erase(normalised, anchor=anchor, shape=shape, axis_names="HW", fill_value=0.0)
 
 
-def _weak_view(decoded, size):
-    return _normalise(_reflect_translate(decoded.fit(size), size))
+def _weak_view(decoded, size, augment):
+    return _normalise(_reflect_translate(decoded.fit(size), size, augment.translate), augment.flip)
 
 
-def _strong_view(decoded, size):
-    return _cutout(_normalise(_rand_augment(_reflect_translate(decoded.fit(size), size), size)), size)
+def _strong_view(decoded, size, augment):
+    images = _reflect_translate(decoded.fit(size), size, augment.translate)
+    images = _rand_augment(images, size, augment.rand_augment_ops, augment.rand_augment_magnitude)
+    return _cutout(_normalise(images, augment.flip), size, augment.cutout)
 
 
-def _evaluate_view(decoded, size):
-    return _normalise(decoded.fit(size), evaluate=True)
+def _evaluate_view(decoded, size, augment):
+    return _normalise(decoded.fit(size), flip=False)
 
 
-# data.views' augmentation names -> graphs (_Decoded, size -> view): data.transforms.AUGMENTATIONS' twins.
+# data.views' augmentation names -> graphs (_Decoded, size, Augment -> view): data.transforms.AUGMENTATIONS'
+# twins.
 _AUGMENTATIONS = {
     **{name: partial(_barlow_twins_view, **probabilities) for name, probabilities in BARLOW_TWINS_PAIR.items()},
     "train": _train_view,
@@ -233,18 +242,18 @@ _AUGMENTATIONS = {
 
 
 @pipeline_def(enable_conditionals=True)
-def _pipeline(file_list, views, gpu):
+def _pipeline(file_list, views, gpu, augment):
     encoded, row = fn.readers.file(file_list=file_list, random_shuffle=False, pad_last_batch=True, name="reader")
     decoded = _Decoded(encoded, gpu)
-    return (*(_AUGMENTATIONS[view.augmentation](decoded, view.size) for view in views), row)
+    return (*(_AUGMENTATIONS[view.augmentation](decoded, view.size, augment) for view in views), row)
 
 
 _graph_lock = threading.Lock()
-_graphs: dict[tuple, bytes] = {}   # (views, gpu) -> serialized graph, traced once per process
+_graphs: dict[tuple, bytes] = {}   # (views, gpu, augment) -> serialized graph, traced once per process
 _file_list_dir: list[str] = []
 
 
-def _build_pipeline(rows_and_files, views: tuple[View, ...], gpu, seed, **params):
+def _build_pipeline(rows_and_files, views: tuple[View, ...], gpu, seed, augment: Augment = Augment(), **params):
     """A built pipeline reading `rows_and_files` in order.
 
     Tracing a graph takes seconds (longest with RandAugment's branches), so each graph is traced once per
@@ -258,9 +267,9 @@ def _build_pipeline(rows_and_files, views: tuple[View, ...], gpu, seed, **params
         file_list = os.path.join(_file_list_dir[0], "files.txt")
         with open(file_list, "w", encoding="utf-8") as f:   # "path label", the label being the row
             f.writelines(f"{path} {row}\n" for row, path in rows_and_files)
-        key = (views, gpu)
+        key = (views, gpu, augment)
         if key not in _graphs:
-            _graphs[key] = _pipeline(file_list=file_list, views=views, gpu=gpu, **params).serialize()
+            _graphs[key] = _pipeline(file_list=file_list, views=views, gpu=gpu, augment=augment, **params).serialize()
         pipe = Pipeline.deserialize(serialized_pipeline=_graphs[key], seed=seed, **params)
         pipe.build()
     return pipe
@@ -400,10 +409,11 @@ class DaliLoader:
     def __init__(self, split: Split, kind: str, *, image_size: int, global_batch: int, rank: int = 0,
                  world: int = 1, seed: int = 0, shuffle: bool = True, drop_last: bool = True, workers: int = 2,
                  on_bad_image: str = "error", scales: list[int] | None = None,
-                 device: torch.device | str = "cpu", scanned: dict | None = None):
+                 device: torch.device | str = "cpu", scanned: dict | None = None, augment: Augment = Augment()):
         """`device`: the torch device the training runs on. `scanned`: scan_files(split.paths) computed
-        elsewhere (rank 0, broadcast); None scans here."""
+        elsewhere (rank 0, broadcast); None scans here. `augment`: what the training views do."""
         self.views = tuple(views_of(kind, image_size, scales))
+        self.augment = augment
         check_on_bad_image(on_bad_image)
         self.sampler = split_sampler(split, global_batch, rank=rank, world=world, seed=seed, shuffle=shuffle,
                                      drop_last=drop_last)
@@ -484,7 +494,7 @@ class DaliLoader:
     def _iterator(self, steps, outputs, seed):
         """A DALI iterator over the rows of `steps`, bad rows read as their stand-ins (it reads a batch ahead)."""
         rows = self.stand_in[np.concatenate(steps)]
-        pipe = _build_pipeline(((r, self.files[r]) for r in rows), self.views, self.gpu, seed,
+        pipe = _build_pipeline(((r, self.files[r]) for r in rows), self.views, self.gpu, seed, self.augment,
                                batch_size=self.sampler.global_batch // self.sampler.world,
                                num_threads=self.threads, device_id=self.device_id, prefetch_queue_depth=2)
         return DALIGenericIterator([pipe], output_map=[*outputs, "row"], reader_name="reader",

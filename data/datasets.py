@@ -46,12 +46,16 @@ class Split:
 
 
 def read_classes(root) -> list[str]:
-    path = os.path.join(root, "classes.txt")
+    return read_class_list(os.path.join(root, "classes.txt"))
+
+
+def read_class_list(path: str) -> list[str]:
+    """One class name per line (classes.txt, prepare's --classes), each once, none empty."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
-    except OSError as e:
-        raise InputError(f"{path}: cannot read the class list ({e.strerror})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read the class list ({getattr(e, 'strerror', None) or e})") from None
     seen = {}
     for lineno, name in enumerate(lines, start=1):
         if not name.strip():

@@ -16,6 +16,7 @@ import torch
 from data import transforms
 from data.datasets import ImageDataset, Split
 from data.sampler import ShardedSampler, split_sampler
+from data.transforms import Augment
 from data.views import View, empty_batch, views_of
 from data.errors import InputError
 
@@ -93,23 +94,25 @@ def resolve_backend(name: str) -> str:
 def build_loader(split: Split, kind: str, *, image_size: int, global_batch: int, rank: int = 0, world: int = 1,
                  seed: int = 0, shuffle: bool = True, drop_last: bool = True, workers: int = 2,
                  backend: str = "torch", on_bad_image: str = "error", scales: list[int] | None = None,
-                 device: torch.device | str = "cpu", scanned: dict | None = None) -> BatchLoader:
+                 device: torch.device | str = "cpu", scanned: dict | None = None,
+                 augment: Augment = Augment()) -> BatchLoader:
     """A Loader (torch backend) or DaliLoader (dali backend) over `split`.
 
     `kind`: a key of data.views.KINDS; `scales`: the sizes of its per-scale views (eval), default
     [image_size]. `device`: the torch device the training runs on, chosen by the caller: a CUDA device
     pins batches (torch) or runs GPU pipelines on it (DALI). `scanned`: DALI only,
     data.dali.scan_files(split.paths) computed elsewhere (e.g. on rank 0 and broadcast), so this loader
-    does not scan the split itself.
+    does not scan the split itself. `augment`: what the training views' augmentations do (data.augment),
+    the same on either backend.
     """
     device = torch.device(device)
     if resolve_backend(backend) == "dali":
         from data.dali import DaliLoader   # DALI is optional: imported only when it is the backend
         return DaliLoader(split, kind, image_size=image_size, global_batch=global_batch, rank=rank, world=world,
                           seed=seed, shuffle=shuffle, drop_last=drop_last, workers=workers,
-                          on_bad_image=on_bad_image, scales=scales, device=device, scanned=scanned)
+                          on_bad_image=on_bad_image, scales=scales, device=device, scanned=scanned, augment=augment)
     views = views_of(kind, image_size, scales)
     sampler = split_sampler(split, global_batch, rank=rank, world=world, seed=seed, shuffle=shuffle,
                             drop_last=drop_last)
-    dataset = ImageDataset(split, transforms.multi_view(views), seed=seed, on_bad_image=on_bad_image)
+    dataset = ImageDataset(split, transforms.multi_view(views, augment), seed=seed, on_bad_image=on_bad_image)
     return Loader(dataset, sampler, views, workers, pin_memory=device.type == "cuda")

@@ -8,6 +8,7 @@ tensors.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -16,10 +17,29 @@ from torchvision.transforms import v2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# augmentation parameters, shared with the DALI pipelines (data/dali.py)
-TRAIN_MIN_SCALE = 0.25              # labels are scarce: keep most of the object
-RAND_AUGMENT_OPS, RAND_AUGMENT_MAX_MAGNITUDE = 2, 10
-CUTOUT_AREA = (0.02, 0.25)          # one square of up to half the side
+# RandAugment's magnitude scale, shared with the DALI pipelines (data/dali.py): magnitude m is m / 10
+# of each op's full range (torchvision's, bins 0..10).
+RAND_AUGMENT_MAX_MAGNITUDE = 10
+# A cutout square's area is drawn from this fraction of the largest square's area up to all of it:
+# with Augment.cutout = 0.5, 2% to 25% of the image.
+CUTOUT_MIN_AREA = 0.08
+
+
+@dataclass(frozen=True)
+class Augment:
+    """What the training views' augmentations do: the config's data.augment (trainer.config.AugmentConfig
+    declares the ranges), shared with the DALI pipelines (data/dali.py). The defaults are the recipe's."""
+    flip: bool = True                   # horizontal flip, p=0.5, in every training view (all but evaluate)
+    translate: float = 0.125            # weak and strong views: shift by up to this fraction of the side; 0 = none
+    crop_min_scale: float = 0.25        # train view: the random resized crop keeps >= this fraction of the area
+    rand_augment_ops: int = 2           # strong view: RandAugment ops per image; 0 = none
+    rand_augment_magnitude: int = 10    # strong view: magnitude ~ U{1..this} per image (of RAND_AUGMENT_MAX_MAGNITUDE)
+    cutout: float = 0.5                 # strong view: a square of side up to this fraction of the image; 0 = none
+
+
+def cutout_area(cutout):
+    """RandomErasing's `scale`: the range of a cutout square's area, as a fraction of the image's."""
+    return (CUTOUT_MIN_AREA * cutout * cutout, cutout * cutout)
 
 
 def barlow_twins_min_scale(size):
@@ -32,9 +52,9 @@ def blur_kernel(size):
     return max(3, int(0.1 * size) // 2 * 2 + 1)
 
 
-def translate_padding(size):
-    # Up to 12.5% translation, as FixMatch's weak augmentation.
-    return max(1, round(0.125 * size))
+def translate_padding(size, translate=Augment.translate):
+    # Up to 12.5% translation by default, as FixMatch's weak augmentation; at least 1 px unless 0.
+    return max(1, round(translate * size)) if translate > 0 else 0
 
 
 class MultiView:
@@ -66,11 +86,15 @@ BARLOW_TWINS_PAIR = {"barlow_twins_blurred": {"blur_p": 1.0, "solarize_p": 0.0},
                      "barlow_twins_solarized": {"blur_p": 0.1, "solarize_p": 0.2}}
 
 
-def _barlow_twins_view(size, blur_p, solarize_p):
+def _flip(augment):
+    return [v2.RandomHorizontalFlip()] if augment.flip else []
+
+
+def _barlow_twins_view(size, augment, blur_p, solarize_p):
     kernel = blur_kernel(size)
     return _pipeline(
         [v2.RandomResizedCrop(size, scale=(barlow_twins_min_scale(size), 1.0), interpolation=v2.InterpolationMode.BICUBIC),
-         v2.RandomHorizontalFlip(),
+         *_flip(augment),
          v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
          v2.RandomGrayscale(p=0.2)],
         [*_with_probability(v2.GaussianBlur(kernel, sigma=(0.1, 2.0)), blur_p),
@@ -78,38 +102,44 @@ def _barlow_twins_view(size, blur_p, solarize_p):
     )
 
 
-def train(size):
+def train(size, augment=Augment()):
     """Labeled fine-tuning: a mild random resized crop (labels are scarce; keep most of the object) + flip."""
-    return _pipeline([v2.RandomResizedCrop(size, scale=(TRAIN_MIN_SCALE, 1.0)), v2.RandomHorizontalFlip()])
+    return _pipeline([v2.RandomResizedCrop(size, scale=(augment.crop_min_scale, 1.0)), *_flip(augment)])
 
 
-def _flip_translate(size):
-    return [*_fit(size), v2.RandomHorizontalFlip(),
-            v2.RandomCrop(size, padding=translate_padding(size), padding_mode="reflect")]
+def _flip_translate(size, augment):
+    pad = translate_padding(size, augment.translate)
+    return [*_fit(size), *_flip(augment),
+            *([v2.RandomCrop(size, padding=pad, padding_mode="reflect")] if pad else [])]
 
 
-def weak(size):
+def weak(size, augment=Augment()):
     """FixMatch weak view: flip + small translation."""
-    return _pipeline(_flip_translate(size))
+    return _pipeline(_flip_translate(size, augment))
 
 
-def strong(size, num_ops=RAND_AUGMENT_OPS, max_magnitude=RAND_AUGMENT_MAX_MAGNITUDE):
+def strong(size, augment=Augment()):
     """FixMatch strong view: flip + translation, RandAugment at a random magnitude per sample, cutout."""
-    # torchvision's RandAugment has one fixed magnitude; choosing among one instance per magnitude
-    # (bins 0..max_magnitude span each op's full range) draws the magnitude per sample.
-    rand_augment = v2.RandomChoice([v2.RandAugment(num_ops, magnitude, num_magnitude_bins=max_magnitude + 1)
-                                    for magnitude in range(1, max_magnitude + 1)])
+    pil_steps = _flip_translate(size, augment)
+    if augment.rand_augment_ops > 0:
+        # torchvision's RandAugment has one fixed magnitude; choosing among one instance per magnitude
+        # (bins 0..RAND_AUGMENT_MAX_MAGNITUDE span each op's full range) draws the magnitude per sample.
+        pil_steps.append(v2.RandomChoice([
+            v2.RandAugment(augment.rand_augment_ops, magnitude, num_magnitude_bins=RAND_AUGMENT_MAX_MAGNITUDE + 1)
+            for magnitude in range(1, augment.rand_augment_magnitude + 1)]))
     # Cutout filled with the mean colour (0 after normalising).
-    cutout = v2.RandomErasing(p=1.0, scale=CUTOUT_AREA, ratio=(1.0, 1.0), value=0)
-    return _pipeline([*_flip_translate(size), rand_augment], after_normalise=[cutout])
+    cutout = [v2.RandomErasing(p=1.0, scale=cutout_area(augment.cutout), ratio=(1.0, 1.0), value=0)
+              ] if augment.cutout > 0 else []
+    return _pipeline(pil_steps, after_normalise=cutout)
 
 
-def evaluate(size):
-    """Deterministic evaluation view: shorter side resized to `size`, longer side centre-trimmed."""
+def evaluate(size, augment=None):
+    """Deterministic evaluation view: shorter side resized to `size`, longer side centre-trimmed (`augment`
+    is not used)."""
     return _pipeline(_fit(size))
 
 
-# data.views' augmentation names -> pipeline builders (size -> pipeline); data.dali holds their DALI twins.
+# data.views' augmentation names -> pipeline builders (size, Augment -> pipeline); data.dali holds their DALI twins.
 AUGMENTATIONS = {
     **{name: partial(_barlow_twins_view, **probabilities) for name, probabilities in BARLOW_TWINS_PAIR.items()},
     "train": train,
@@ -119,6 +149,6 @@ AUGMENTATIONS = {
 }
 
 
-def multi_view(views) -> MultiView:
+def multi_view(views, augment: Augment = Augment()) -> MultiView:
     """The pipelines of data.views.View `views` (augmentation, size), in order, over one image."""
-    return MultiView(*(AUGMENTATIONS[view.augmentation](view.size) for view in views))
+    return MultiView(*(AUGMENTATIONS[view.augmentation](view.size, augment) for view in views))

@@ -6,8 +6,9 @@ clusters of their self-supervised embeddings.
 
 run: embeds every unlabeled image that active.labeled does not already label with active.backbone
 (L2-normalised, streamed to run.dir/embeddings.npy) and classifies it with active.model (top2.npy,
-guess.npy); clusters the embeddings with spherical k-means (active.clusters); takes from each cluster the images with the
-smallest margin p1 - p2 of the model's softmax, the budget split evenly over the clusters. Writes
+guess.npy); clusters the embeddings with spherical k-means (active.clusters, or as many clusters as queries when
+the budget buys fewer: said in one line); takes from each cluster the images with the smallest margin p1 - p2 of
+the model's softmax, the budget split evenly over the clusters. Writes
 run.dir/queries.csv (path,cluster,margin,guess; most uncertain first; query number = data row),
 assignment.npy (every candidate's cluster) and contact sheets for the annotator: queries.png
 (queries 1-100), queries-2.png (101-200), ... With active.oracle=true the hidden labels of
@@ -50,25 +51,35 @@ def parse(argv):
 
 
 def check(cfg) -> tuple:
-    """(candidate pool, query count) once the checks that need the data but no model have passed; the
-    pipeline runs them too before it deletes or runs anything."""
+    """(candidate pool, query count, cluster count) once the checks that need the data but no model have
+    passed; the pipeline runs them too before it deletes or runs anything. A budget that buys fewer queries
+    than active.clusters gets one cluster per query (each cluster gives at least one)."""
     pool, _, pool_size = active_learning.candidates(cfg.data.root, cfg.active.labeled)
+    if cfg.active.oracle and not cfg.active.answers and pool.hidden_labels is None:
+        raise config.ConfigError(f"active.oracle=true: {cfg.data.root}/unlabeled.csv has no hidden labels to answer "
+                                 "the queries with (your own images): active.oracle=false writes the queries for "
+                                 "you to label")
     count = active_learning.query_count(cfg.active.budget, pool_size)
-    active_learning.check_counts(cfg.active.clusters, count, len(pool))
-    return pool, count
+    clusters = min(cfg.active.clusters, count)
+    active_learning.check_counts(clusters, count, len(pool))
+    return pool, count, clusters
 
 
 def query_inputs(cfg, rt, classes):
-    """(candidate pool, query count, classifier, SSL backbone, loader), every check done, nothing written."""
-    pool, count = check(cfg)
+    """(candidate pool, query count, cluster count, classifier, SSL backbone, loader), every check done,
+    nothing written."""
+    pool, count, clusters = check(cfg)
     model, _ = load_classifier(cfg.active.model, num_classes=len(classes))
     ssl = load_backbone(cfg.active.backbone)
-    return pool, count, model, ssl, eval_loader(pool, cfg, rt, cfg.inference.batch_size)
+    return pool, count, clusters, model, ssl, eval_loader(pool, cfg, rt, cfg.inference.batch_size)
 
 
 def make_queries(cfg, rt, run, classes, inputs) -> dict:
-    pool, count, model, ssl, loader = inputs
-    run.say(f"{len(pool)} candidate images, {count} queries over {cfg.active.clusters} clusters")
+    pool, count, clusters, model, ssl, loader = inputs
+    if clusters < cfg.active.clusters:
+        run.say(f"active.clusters={cfg.active.clusters} is more than the {count} queries that active.budget="
+                f"{cfg.active.budget:g} buys: {clusters} clusters instead, one query each")
+    run.say(f"{len(pool)} candidate images, {count} queries over {clusters} clusters")
     t0 = time.time()
     covered = active_learning.embed_and_classify(rt.place(ssl), rt.place(model), loader, rt, run.dir, len(pool),
                                                  cfg.inference.precision)
@@ -77,7 +88,7 @@ def make_queries(cfg, rt, run, classes, inputs) -> dict:
         embeddings = np.load(run.path("embeddings.npy"), mmap_mode="r")
         top2, guess = np.load(run.path("top2.npy")), np.load(run.path("guess.npy"))[:, 0]
         chosen, margin, assignment, timing["kmeans_seconds"] = active_learning.select_queries(
-            embeddings, top2, covered, count, cfg.active.clusters, niter=cfg.active.niter, seed=cfg.run.seed,
+            embeddings, top2, covered, count, clusters, niter=cfg.active.niter, seed=cfg.run.seed,
             max_points_per_centroid=cfg.active.max_points_per_centroid or None, gpu=knn.faiss_gpu(rt.device))
         np.save(run.path("assignment.npy"), assignment)
         annotations.write_queries(run.path("queries.csv"), pool, chosen, margin, assignment, guess, classes)
@@ -87,7 +98,7 @@ def make_queries(cfg, rt, run, classes, inputs) -> dict:
         timing["sheet_seconds"] = time.time() - t1
         run.say(f"{len(chosen)} queries in {run.path('queries.csv')}, contact sheets {', '.join(sheets)}; "
                 f"k-means {timing['kmeans_seconds']:.1f} s")
-        run.log(candidates=len(pool), uncovered=int((~covered).sum()), queries=len(chosen),
+        run.log(candidates=len(pool), uncovered=int((~covered).sum()), queries=len(chosen), clusters=clusters,
                 mean_margin=float(margin.mean()), **{k: round(v, 3) for k, v in timing.items()})
     dist.barrier()
     return {"queries": count, **timing}

@@ -79,8 +79,8 @@ def evaluate_knn(cfg, network, splits, rt, run) -> dict:
             "knn": results}
 
 
-def main(argv=None):
-    cfg = engine.parse(EvaluateConfig, argv, "Top-1/top-5 per scale and with multi-scale TTA, and/or kNN top-1")
+def check(cfg) -> dict:
+    """What can be checked before the inputs exist (the pipeline runs it before every stage); the splits."""
     if cfg.evaluate.tta == "val" and "val" not in cfg.evaluate.splits:
         raise config.ConfigError(f"evaluate.tta=val chooses the TTA scales on val: evaluate.splits="
                                  f"{cfg.evaluate.splits} must include val")
@@ -91,6 +91,12 @@ def main(argv=None):
     labeled = len(read_split(cfg.data.root, "labeled"))
     if cfg.evaluate.backbone and not 1 <= cfg.evaluate.k <= labeled:
         raise config.ConfigError(f"evaluate.k={cfg.evaluate.k}: expected 1..{labeled} (the labeled images)")
+    return splits
+
+
+def main(argv=None):
+    cfg = engine.parse(EvaluateConfig, argv, "Top-1/top-5 per scale and with multi-scale TTA, and/or kNN top-1")
+    splits = check(cfg)
     rt = dist.init(cfg.run.device)
     engine.check_dataset(cfg, rt)
     model = classifier(cfg) if cfg.evaluate.model else None

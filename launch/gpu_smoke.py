@@ -519,11 +519,8 @@ def s9_slurm(smoke: Smoke) -> str:
         check(needed in text, f"the sbatch script lacks {needed}")
     check("wckey" not in text, "the sbatch script sets a wckey")
     mapping = subprocess.run(
-        [sys.executable, "-c", "import importlib.util, json, sys, submitit\n"
-         "spec = importlib.util.spec_from_file_location('submit', sys.argv[1])\n"
-         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-         "print(json.dumps(m.distributed_env(submitit.JobEnvironment())))",
-         os.path.join(PROJECT, "launch", "submit.py")],
+        [sys.executable, "-c", "import json, submitit\nfrom trainer.slurm import distributed_env\n"
+         "print(json.dumps(distributed_env(submitit.JobEnvironment())))"],
         capture_output=True, text=True, timeout=120,
         env={**env, "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_NTASKS": "16",
              "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[07-08]",

@@ -6,50 +6,85 @@ labels for the unlabeled pile (run.dir/predict/predictions.csv, with the TTA vie
 
 Each stage runs its own launch script in run.dir/<stage>; a stage whose output exists is skipped,
 and a stage that was killed resumes from its checkpoint, so rerunning the command continues.
+
+Active learning's queries are answered by unlabeled.csv's hidden labels with pipeline.oracle=true (the
+demo's simulation). With pipeline.oracle=false (your own images) the run stops once
+run.dir/active/queries.csv is written, with one line saying what to label and the command that goes on:
+the same one with pipeline.answers=ANSWERS.csv (path,label), which imports them and runs the rest.
+pipeline.active_learning=false leaves active learning out: FixMatch's model is then the final one.
 """
 import argparse
+import dataclasses
 import importlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import time
 
+import yaml
+
+from data.datasets import read_split
 from trainer import config, engine, report, rundir
-from trainer.config import STAGE_CONFIGS, PipelineConfig
+from trainer.config import STAGE_CONFIGS, AugmentConfig, PipelineConfig, PipelineSection
 
 # the stages that produce a classifier, in recipe order: each is scored by evaluate_<stage>
 MODEL_STAGES = ["supervised", "finetune", "pseudolabel", "fixmatch", "fixmatch_active"]
+# the stages that pipeline.active_learning=false leaves out
+ACTIVE_LEARNING = ("active", "fixmatch_active", "evaluate_fixmatch_active")
+
+
+def final_model(p: PipelineSection) -> str:
+    """The stage whose model is the pipeline's result: FixMatch after active learning, or FixMatch without it."""
+    return "fixmatch_active" if p.active_learning else "fixmatch"
+
+
+def answers_from(p: PipelineSection) -> list[str]:
+    """Who answers active learning's queries: the hidden labels (oracle), your CSV, or no one yet (queries only)."""
+    if p.oracle:
+        return ["active.oracle=true"]
+    return ["active.oracle=false", f"active.answers={os.path.abspath(p.answers) if p.answers else ''}"]
+
+
 # (stage, script, which pipeline.<spec> configures it, the file that marks it finished,
-#  how it is wired to the stages before it: dir(stage) -> overrides)
+#  how it is wired to the stages before it: (dir(stage), pipeline section) -> overrides)
 STAGES = [
-    ("supervised", "finetune", "supervised", "model.pt", lambda d: []),
-    ("pretrain", "pretrain", "pretrain", "backbone.pt", lambda d: []),
-    ("finetune", "finetune", "finetune", "model.pt", lambda d: [f"finetune.backbone={d('pretrain')}/backbone.pt"]),
+    ("supervised", "finetune", "supervised", "model.pt", lambda d, p: []),
+    ("pretrain", "pretrain", "pretrain", "backbone.pt", lambda d, p: []),
+    ("finetune", "finetune", "finetune", "model.pt",
+     lambda d, p: [f"finetune.backbone={d('pretrain')}/backbone.pt"]),
     ("pseudolabel", "pseudolabel", "pseudolabel", "selection.json",
-     lambda d: [f"pseudo.model={d('finetune')}/model.pt"]),
+     lambda d, p: [f"pseudo.model={d('finetune')}/model.pt"]),
     ("fixmatch", "fixmatch", "fixmatch", "model.pt",
-     lambda d: [f"fixmatch.model={d('pseudolabel')}/model.pt",
-                f"fixmatch.pseudo_labels={d('pseudolabel')}/pseudo_labels.csv"]),
+     lambda d, p: [f"fixmatch.model={d('pseudolabel')}/model.pt",
+                   f"fixmatch.pseudo_labels={d('pseudolabel')}/pseudo_labels.csv"]),
+    # labeled.csv is written once the queries are answered: without an oracle or answers, the stage writes
+    # queries.csv and the pipeline stops after it
     ("active", "active", "active", "labeled.csv",
-     lambda d: [f"active.model={d('fixmatch')}/model.pt", f"active.backbone={d('pretrain')}/backbone.pt",
-                "active.oracle=true"]),
+     lambda d, p: [f"active.model={d('fixmatch')}/model.pt", f"active.backbone={d('pretrain')}/backbone.pt",
+                   *answers_from(p)]),
     ("fixmatch_active", "fixmatch", "fixmatch_active", "model.pt",
-     lambda d: [f"fixmatch.model={d('fixmatch')}/model.pt", f"fixmatch.labeled={d('active')}/labeled.csv",
-                f"fixmatch.pseudo_labels={d('pseudolabel')}/pseudo_labels.csv"]),
+     lambda d, p: [f"fixmatch.model={d('fixmatch')}/model.pt", f"fixmatch.labeled={d('active')}/labeled.csv",
+                   f"fixmatch.pseudo_labels={d('pseudolabel')}/pseudo_labels.csv"]),
     ("evaluate_knn", "evaluate", "evaluate", "eval.json",
-     lambda d: ["evaluate.model=", f"evaluate.backbone={d('pretrain')}/backbone.pt"]),
+     lambda d, p: ["evaluate.model=", f"evaluate.backbone={d('pretrain')}/backbone.pt"]),
 ] + [
     (f"evaluate_{model}", "evaluate", "evaluate", "eval.json",
-     lambda d, model=model: [f"evaluate.model={d(model)}/model.pt", "evaluate.backbone="])
+     lambda d, p, model=model: [f"evaluate.model={d(model)}/model.pt", "evaluate.backbone="])
     for model in MODEL_STAGES
 ] + [
     # the final model labels predict.input (the demo and paper configs: the unlabeled pile) with the TTA
     # scales and mirrors its evaluation chose on val; summary.json is written after predictions.csv
     ("predict", "predict", "predict", "summary.json",
-     lambda d: [f"predict.model={d('fixmatch_active')}/model.pt",
-                f"predict.tta_from={d('evaluate_fixmatch_active')}"]),
+     lambda d, p: [f"predict.model={d(final_model(p))}/model.pt",
+                   f"predict.tta_from={d('evaluate_' + final_model(p))}"]),
 ]
+
+
+def stages_of(p: PipelineSection) -> list[tuple]:
+    """STAGES, less those of active learning when pipeline.active_learning=false."""
+    return [s for s in STAGES if p.active_learning or s[0] not in ACTIVE_LEARNING]
 
 
 def run_stage(script: str, argv: list[str], nproc: int):
@@ -75,6 +110,56 @@ def check_stages(todo: list[tuple[str, str, list[str]]]):
             raise config.ConfigError(f"stage {name}: {e}") from None
 
 
+def queries_waiting(folder: str, argv: list[str]) -> bool:
+    """The active stage's folder holds finished queries, not yet answered, made with the config it would run
+    with now: rerunning it would only compute them again."""
+    metrics = os.path.join(folder, rundir.METRICS)
+    if not os.path.exists(os.path.join(folder, "queries.csv")) or not os.path.exists(metrics):
+        return False
+    if not any(e.get("event") == "done" for e in rundir.read_lines(metrics)):
+        return False
+    with open(os.path.join(folder, rundir.CONFIG), encoding="utf-8") as f:
+        previous = yaml.safe_load(f)
+    current = config.to_dict(engine.parse(STAGE_CONFIGS["active"], argv, "active"))
+    return not rundir.config_differences(previous, current)
+
+
+def check_answers(cfg, active_dir: str, active_argv: list[str] | None, forced: bool):
+    """Active learning's answers can come from where the config says, before anything runs: hidden labels for
+    the oracle, queries waiting for pipeline.answers. `active_argv`: None when the stage will not run;
+    `forced`: its folder is deleted first (--force)."""
+    p = cfg.pipeline
+    if active_argv is None:
+        return
+    if p.oracle and p.answers:
+        raise config.ConfigError(f"pipeline.answers={p.answers}: with pipeline.oracle=true the hidden labels answer "
+                                 "the queries; pass pipeline.oracle=false to use your answers")
+    if p.oracle and read_split(cfg.data.root, "unlabeled").hidden_labels is None:
+        raise config.ConfigError(f"pipeline.oracle=true: {cfg.data.root}/unlabeled.csv has no hidden labels to answer "
+                                 "active learning's queries (your own images): pass pipeline.oracle=false to label "
+                                 "the queries yourself, or pipeline.active_learning=false to leave active learning out")
+    if p.answers and (forced or not queries_waiting(active_dir, active_argv)):
+        raise config.ConfigError(f"pipeline.answers={p.answers}: no queries to answer in {active_dir}/queries.csv yet: "
+                                 "run without pipeline.answers first; it stops once they are written")
+
+
+def pause_line(args, cfg, active_dir: str) -> str:
+    """What to label, where to write it, and the command that goes on from there."""
+    queries = os.path.join(active_dir, "queries.csv")
+    with open(queries, encoding="utf-8") as f:
+        count = sum(1 for _ in f) - 1
+    sheets = sorted((n for n in os.listdir(active_dir) if n.startswith("queries") and n.endswith(".png")),
+                    key=lambda n: (len(n), n))
+    answers = os.path.join(cfg.run.dir, "answers.csv")
+    command = ["python", os.path.relpath(os.path.abspath(__file__)), "--config", args.config,
+               *(o for o in args.overrides if not o.startswith("pipeline.answers=")), f"pipeline.answers={answers}"]
+    return (f"[pipeline] paused for your labels: label the {count} images of {queries} (pictures: "
+            f"{', '.join(sheets)}) in {answers}, columns path,label (e.g. queries.csv with its column guess "
+            f"renamed label and the wrong guesses corrected; a label is a class name of "
+            f"{os.path.join(cfg.data.root, 'classes.txt')}, empty when unsure), then continue with: "
+            f"{shlex.join(command)}")
+
+
 def claim(run_dir: str) -> rundir.Lock:
     """The pipeline's own run dir: a pipeline's (or new), one live pipeline at a time. Its config may change
     between runs: each stage's run dir refuses a changed config for itself."""
@@ -98,24 +183,33 @@ def main(argv=None):
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     cfg = config.load(PipelineConfig, args.config, args.overrides)
-    names = [s[0] for s in STAGES]
+    stages = stages_of(cfg.pipeline)
+    names = [s[0] for s in stages]
     unknown = [f for f in args.force if f not in names + ["all"]]
     if unknown:
-        raise config.ConfigError(f"--force {unknown[0]}: expected 'all' or one of {', '.join(names)}")
+        off = " (pipeline.active_learning=false leaves it out)" if unknown[0] in ACTIVE_LEARNING else ""
+        raise config.ConfigError(f"--force {unknown[0]}: expected 'all' or one of {', '.join(names)}{off}")
 
     def stage_dir(name):
         return os.path.join(cfg.run.dir, name)
 
+    # the pipeline's data.augment keys that differ from the defaults apply to every stage (its own
+    # overrides still come last); the others leave each stage config's own
+    augment = [f"data.augment.{key}={value}" for key, value in dataclasses.asdict(cfg.data.augment).items()
+               if value != getattr(AugmentConfig(), key)]
+
     def stage_argv(spec_name, wiring, name):
         spec = getattr(cfg.pipeline, spec_name)
         return ["--config", spec.config, f"run.dir={stage_dir(name)}", f"data.root={cfg.data.root}",
-                f"data.backend={cfg.data.backend}", f"run.device={cfg.run.device}", *wiring(stage_dir),
-                *spec.overrides]
+                f"data.backend={cfg.data.backend}", f"run.device={cfg.run.device}", f"run.seed={cfg.run.seed}",
+                *augment, *wiring(stage_dir, cfg.pipeline), *spec.overrides]
 
     forced = len(names) if not args.force else min(
         0 if "all" in args.force else names.index(f) for f in args.force)
     todo = [(name, script, stage_argv(spec_name, wiring, name)) for i, (name, script, spec_name, output, wiring)
-            in enumerate(STAGES) if i >= forced or not os.path.exists(os.path.join(stage_dir(name), output))]
+            in enumerate(stages) if i >= forced or not os.path.exists(os.path.join(stage_dir(name), output))]
+    check_answers(cfg, stage_dir("active"), next((argv for name, _, argv in todo if name == "active"), None),
+                  "active" in names and names.index("active") >= forced)
     check_stages(todo)
     lock = claim(cfg.run.dir)   # every check has passed: the first write
     if not os.path.exists(os.path.join(cfg.run.dir, rundir.RUN_RECORD)):
@@ -123,7 +217,7 @@ def main(argv=None):
     engine.write_text(os.path.join(cfg.run.dir, rundir.CONFIG), config.dumps(cfg))
     times_path = os.path.join(cfg.run.dir, "stage_times.json")
     times = engine.read_json(times_path) if os.path.exists(times_path) else {}
-    for i, (name, script, spec_name, output, wiring) in enumerate(STAGES):
+    for i, (name, script, spec_name, output, wiring) in enumerate(stages):
         folder = stage_dir(name)
         if i >= forced and os.path.exists(folder):
             shutil.rmtree(folder)
@@ -131,14 +225,22 @@ def main(argv=None):
             print(f"[pipeline] {name}: done, skipped ({folder}/{output} exists)", flush=True)
             continue
         argv = stage_argv(spec_name, wiring, name)
-        print(f"[pipeline] {name}: {script}.py {' '.join(argv)}", flush=True)
-        t0 = time.time()
-        run_stage(script, argv, cfg.pipeline.nproc)
-        times[name] = times.get(name, 0.0) + time.time() - t0
-        engine.write_json(times_path, times)
-    report.write(cfg.run.dir, times, MODEL_STAGES)
+        if name == "active" and not cfg.pipeline.oracle and not cfg.pipeline.answers and queries_waiting(folder, argv):
+            print(f"[pipeline] {name}: queries written before, not answered yet ({folder}/queries.csv)", flush=True)
+        else:
+            print(f"[pipeline] {name}: {script}.py {' '.join(argv)}", flush=True)
+            t0 = time.time()
+            run_stage(script, argv, cfg.pipeline.nproc)
+            times[name] = times.get(name, 0.0) + time.time() - t0
+            engine.write_json(times_path, times)
+        if name == "active" and not os.path.exists(os.path.join(folder, output)):   # the queries wait for you
+            lock.release()
+            print(pause_line(args, cfg, folder), flush=True)
+            return
+    report.write(cfg.run.dir, times, [s for s in MODEL_STAGES if s in names])
     lock.release()
-    print(f"[pipeline] labels: {os.path.join(stage_dir('predict'), 'predictions.csv')}", flush=True)
+    print(f"[pipeline] labels: {os.path.join(stage_dir('predict'), 'predictions.csv')} (model: "
+          f"{os.path.join(stage_dir(final_model(cfg.pipeline)), 'model.pt')})", flush=True)
     print(f"[pipeline] report: {os.path.join(cfg.run.dir, 'report.md')}", flush=True)
 
 

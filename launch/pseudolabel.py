@@ -1,16 +1,16 @@
 """Balanced pseudo-label iterations: predict -> top-P per class -> fine-tune on pseudo + labeled,
-then on labeled only (head re-initialised); P grows each iteration; the best model by val wins.
+then on labeled only (head re-initialised); P grows each iteration; the best model by val wins. A P
+below 1 is a fraction of the unlabeled images per class (balanced_selection.resolve_p), so one config suits any dataset size.
 
     python launch/pseudolabel.py --config configs/demo/pseudolabel.yaml [key=value ...]
 
 Writes in run.dir: iter<i>/ (predictions, pseudo_labels.csv, selection.json, the two fine-tune runs),
 model.pt (the best by val), predictions/ of that model, pseudo_labels.csv (its top_k x fixmatch_p
-selection, for FixMatch) and selection.json (every iteration's figures).
+selection, for FixMatch) and selection.json (every iteration's figures; p is the P used, p_given the
+configured value it was resolved from).
 """
 import os
 import shutil
-
-import numpy as np
 
 from data.datasets import read_classes, read_split
 from launch import finetune as finetune_stage
@@ -35,31 +35,12 @@ def predict(model_path, unlabeled, labeled, cfg, rt, out_dir):
                               cfg.pseudo.top_k, cfg.inference.precision)
     scored = os.path.join(out_dir, cfg.pseudo.scorer)
     if cfg.pseudo.scorer != "classifier" and rt.is_main and not os.path.exists(os.path.join(scored, "topk_prob.npy")):
-        write_scores(out_dir, labeled, cfg, rt, scored)
+        p = cfg.propagation
+        label_propagation.write_scores(out_dir, labeled.labels, len(read_classes(cfg.data.root)), cfg.pseudo.scorer,
+                                       cfg.pseudo.top_k, p.k, p.alpha, p.iterations, p.gamma, faiss_gpu(rt.device),
+                                       scored)
     dist.barrier()
     return scored if cfg.pseudo.scorer != "classifier" else out_dir
-
-
-def write_scores(pred_dir, labeled, cfg, rt, out_dir):
-    """Label propagation from the labeled images over the kNN graph of both sets' embeddings; scorer "mean"
-    averages its distribution with the classifier's (its top-K, zero elsewhere)."""
-    unlabeled_emb = np.load(os.path.join(pred_dir, "embeddings.npy"))
-    embeddings = np.concatenate([unlabeled_emb, np.load(os.path.join(pred_dir, "labeled", "embeddings.npy"))])
-    num_classes = len(read_classes(cfg.data.root))
-    p = cfg.propagation
-    result = label_propagation.propagate(embeddings, np.arange(len(unlabeled_emb), len(embeddings)), labeled.labels,
-                                         num_classes, p.k, p.alpha, p.iterations, p.gamma, gpu=faiss_gpu(rt.device))
-    probs = result.probabilities[:len(unlabeled_emb)]
-    if cfg.pseudo.scorer == "mean":
-        classifier = np.zeros_like(probs)
-        np.put_along_axis(classifier, np.load(os.path.join(pred_dir, "topk_class.npy")).astype(np.int64),
-                          np.load(os.path.join(pred_dir, "topk_prob.npy")), axis=1)
-        probs = (probs + classifier) / 2
-    classes, scores = label_propagation.top_k(probs, cfg.pseudo.top_k, result.reached[:len(unlabeled_emb)])
-    os.makedirs(out_dir, exist_ok=True)
-    for name, array in (("topk_class.npy", classes.astype(np.int32)), ("topk_prob.npy", scores)):
-        np.save(os.path.join(out_dir, name + ".tmp.npy"), array)
-        os.replace(os.path.join(out_dir, name + ".tmp.npy"), os.path.join(out_dir, name))
 
 
 def val_top1(model_path, cfg, rt) -> float:
@@ -68,14 +49,16 @@ def val_top1(model_path, cfg, rt) -> float:
                     cfg.inference.precision)["top1"]
 
 
-def select_pseudo_labels(pred_dir, unlabeled, num_classes, p, cfg, out_csv, out_json) -> dict:
-    """Top-p images per class from the predictions; writes the CSV (path,label,score) and a summary."""
+def select_pseudo_labels(pred_dir, unlabeled, num_classes, p, cfg, out_csv, out_json, p_given=None) -> dict:
+    """Top-p images per class from the predictions; writes the CSV (path,label,score) and a summary
+    (p: the images per class used, p_given: the configured value it was resolved from)."""
     chosen = balanced_selection.select_balanced_from_npy(os.path.join(pred_dir, "topk_class.npy"),
                                                          os.path.join(pred_dir, "topk_prob.npy"), num_classes, p,
                                                          chunk=cfg.pseudo.chunk)
     if cfg.pseudo.class_adaptive:
         chosen = balanced_selection.confidence_adapted(chosen, num_classes)
-    summary = {"p": p, "top_k": cfg.pseudo.top_k, **chosen.summary()}
+    summary = {"p": p, "p_given": balanced_selection.as_given(p if p_given is None else p_given), "top_k": cfg.pseudo.top_k,
+               **chosen.summary()}
     if unlabeled.hidden_labels is not None:
         summary.update(balanced_selection.selection_precision(chosen, unlabeled.hidden_labels, num_classes))
     balanced_selection.write_pseudo_labels(out_csv, chosen, unlabeled)
@@ -93,11 +76,17 @@ def finetune(cfg, run_dir, init, epochs, pseudo_labels=""):
     return engine.read_done(run_dir)["val_top1"]
 
 
-def main(argv=None):
-    cfg = engine.parse(PseudolabelConfig, argv, "Balanced pseudo-label iterations")
+def check(cfg):
+    """What can be checked before the inputs exist (the pipeline runs it before every stage)."""
     num_classes = len(read_classes(cfg.data.root))
     if cfg.pseudo.top_k > num_classes:
         raise config.ConfigError(f"pseudo.top_k={cfg.pseudo.top_k}: expected 1..{num_classes} (the number of classes)")
+
+
+def main(argv=None):
+    cfg = engine.parse(PseudolabelConfig, argv, "Balanced pseudo-label iterations")
+    check(cfg)
+    num_classes = len(read_classes(cfg.data.root))
     rt = dist.init(cfg.run.device)
     engine.check_dataset(cfg, rt)
     unlabeled, labeled = read_split(cfg.data.root, "unlabeled"), read_split(cfg.data.root, "labeled")
@@ -105,6 +94,11 @@ def main(argv=None):
         raise config.ConfigError(f"propagation.k={cfg.propagation.k}: expected fewer than the "
                                  f"{len(unlabeled) + len(labeled)} labeled + unlabeled images")
     load_classifier(cfg.pseudo.model, num_classes=num_classes)   # a model for this dataset's classes
+    # P as images per class: fractions of the unlabeled images per class resolved against this dataset
+    schedule = [balanced_selection.resolve_p(given, len(unlabeled), num_classes, f"pseudo.schedule[{i}]")
+                for i, given in enumerate(cfg.pseudo.schedule)]
+    fixmatch_p = balanced_selection.resolve_p(cfg.pseudo.fixmatch_p, len(unlabeled), num_classes, "pseudo.fixmatch_p") \
+        if cfg.pseudo.fixmatch_p else 0
     # the iterations' fine-tune recipe is checked now, not after the first predictions
     config.load(FinetuneConfig, cfg.pseudo.finetune_config,
                 [*cfg.pseudo.finetune_overrides, f"finetune.backbone={cfg.pseudo.model}"])
@@ -114,22 +108,23 @@ def main(argv=None):
     iterations = [{"iteration": 0, "model": cfg.pseudo.model, "val_top1": start_val}]
     run.log(iteration=0, val_top1=start_val)
     current = cfg.pseudo.model
-    for it, p in enumerate(cfg.pseudo.schedule, start=1):
+    for it, (p, given) in enumerate(zip(schedule, cfg.pseudo.schedule), start=1):
         folder = run.path(f"iter{it}")
         pred_dir, csv_path = os.path.join(folder, "predictions"), os.path.join(folder, "pseudo_labels.csv")
         scores = predict(current, unlabeled, labeled, cfg, rt, pred_dir)
         if rt.is_main and not os.path.exists(csv_path):
             select_pseudo_labels(scores, unlabeled, num_classes, p, cfg, csv_path,
-                                 os.path.join(folder, "selection.json"))
+                                 os.path.join(folder, "selection.json"), given)
         dist.barrier()
         summary = engine.read_json(os.path.join(folder, "selection.json"))
-        run.say(f"iteration {it}: P={p}, {summary['selected']} pseudo-labels, {summary['duplicates']} images "
+        run.say(f"iteration {it}: {balanced_selection.describe_p(p, given, f'pseudo.schedule[{it - 1}]', len(unlabeled), num_classes)}, "
+                f"{summary['selected']} pseudo-labels, {summary['duplicates']} images "
                 f"chosen for >1 class, precision {summary.get('precision')}")
         finetune(cfg, os.path.join(folder, "pseudo"), current, cfg.pseudo.pseudo_epochs, csv_path)
         val = finetune(cfg, os.path.join(folder, "labeled"),
                        os.path.join(folder, "pseudo", "model.pt"), cfg.pseudo.labeled_epochs)
         current = os.path.join(folder, "labeled", "model.pt")
-        iterations.append({"iteration": it, "p": p, "selected": summary["selected"],
+        iterations.append({"iteration": it, "p": p, "p_given": balanced_selection.as_given(given), "selected": summary["selected"],
                            "duplicates": summary["duplicates"], "precision": summary.get("precision"),
                            "model": current, "val_top1": val})
         run.log(**{k: v for k, v in iterations[-1].items() if k != "model"})
@@ -142,9 +137,11 @@ def main(argv=None):
     dist.barrier()
     scores = predict(run.path("model.pt"), unlabeled, labeled, cfg, rt, run.path("predictions"))
     fixmatch = None
-    if rt.is_main and cfg.pseudo.fixmatch_p:
-        fixmatch = select_pseudo_labels(scores, unlabeled, num_classes, cfg.pseudo.fixmatch_p, cfg,
-                                        run.path("pseudo_labels.csv"), run.path("fixmatch_selection.json"))
+    if rt.is_main and fixmatch_p:
+        run.say("FixMatch selection: " + balanced_selection.describe_p(fixmatch_p, cfg.pseudo.fixmatch_p, "pseudo.fixmatch_p",
+                                                   len(unlabeled), num_classes))
+        fixmatch = select_pseudo_labels(scores, unlabeled, num_classes, fixmatch_p, cfg, run.path("pseudo_labels.csv"),
+                                        run.path("fixmatch_selection.json"), cfg.pseudo.fixmatch_p)
     if rt.is_main:
         engine.write_json(run.path("selection.json"), {"iterations": iterations, "best_iteration": best["iteration"],
                                                        "fixmatch_selection": fixmatch})

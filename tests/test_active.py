@@ -175,3 +175,17 @@ def test_contact_sheets_are_paged(oracle_run, tmp_path):
     assert [os.path.basename(p) for p in written] == ["queries.png", "queries-2.png"]
     first, last = Image.open(written[0]), Image.open(written[1])
     assert last.height < first.height and last.width == first.width   # 2 rows of 10 thumbnails, then 1
+
+
+def test_a_budget_below_the_clusters_gets_one_cluster_per_query(oracle_run, tmp_path, capsys):
+    """active.clusters=4 with a budget of 3 queries: 3 clusters, one query each, said in one line (not a
+    refusal after every earlier stage of a pipeline ran)."""
+    _, _, _, _, args = oracle_run
+    active.main([*args, "active.budget=3", "active.clusters=4", f"run.dir={tmp_path}"])
+    said = [line for line in capsys.readouterr().out.splitlines() if "active.clusters=4" in line]
+    assert said == ["[active] active.clusters=4 is more than the 3 queries that active.budget=3 buys: "
+                    "3 clusters instead, one query each"]
+    queries = rows(tmp_path / "queries.csv")
+    assert len(queries) == 3 and sorted(int(q["cluster"]) for q in queries) == [0, 1, 2]
+    assert set(np.load(tmp_path / "assignment.npy")) == {0, 1, 2}
+    assert [e["clusters"] for e in map(json.loads, open(tmp_path / "metrics.jsonl")) if "clusters" in e] == [3]

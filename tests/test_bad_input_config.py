@@ -42,6 +42,29 @@ def load_stage(stage, *overrides):
     ("active", "run.seed=4294967296", "run.seed=4294967296: expected an integer in [0, 2147483647]"),
     ("finetune", "data.image_size=4", "data.image_size=4: expected an integer >= 8"),
     ("pretrain", "data.workers=-1", "data.workers=-1: expected an integer >= 0"),
+    # data.augment: the training views' augmentations
+    ("finetune", "data.augment.translate=0.6", "data.augment.translate=0.6: expected a finite number in [0, 0.5]"),
+    ("fixmatch", "data.augment.translate=-0.1", "data.augment.translate=-0.1: expected a finite number in [0, 0.5]"),
+    ("finetune", "data.augment.crop_min_scale=0",
+     "data.augment.crop_min_scale=0.0: expected a finite number in (0, 1]"),
+    ("finetune", "data.augment.crop_min_scale=1.5",
+     "data.augment.crop_min_scale=1.5: expected a finite number in (0, 1]"),
+    ("fixmatch", "data.augment.rand_augment_ops=-1",
+     "data.augment.rand_augment_ops=-1: expected an integer in [0, 14]"),
+    ("fixmatch", "data.augment.rand_augment_ops=15",
+     "data.augment.rand_augment_ops=15: expected an integer in [0, 14]"),
+    ("fixmatch", "data.augment.rand_augment_magnitude=0",
+     "data.augment.rand_augment_magnitude=0: expected an integer in [1, 10]"),
+    ("fixmatch", "data.augment.rand_augment_magnitude=11",
+     "data.augment.rand_augment_magnitude=11: expected an integer in [1, 10]"),
+    ("fixmatch", "data.augment.cutout=0.95", "data.augment.cutout=0.95: expected a finite number in [0, 0.9]"),
+    ("fixmatch", "data.augment.cutout=-0.5", "data.augment.cutout=-0.5: expected a finite number in [0, 0.9]"),
+    ("fixmatch", "data.augment.cutout=nan", "data.augment.cutout=nan: expected a finite number in [0, 0.9]"),
+    ("pretrain", "data.augment.flip=sometimes", "data.augment.flip: expected bool, got str 'sometimes'"),
+    ("pretrain", "data.augment.rotate=10", "unknown key data.augment.rotate; allowed keys in data.augment: flip, "
+                                           "translate, crop_min_scale, rand_augment_ops, rand_augment_magnitude, "
+                                           "cutout"),
+    ("pretrain", "data.augment=false", "data.augment: expected a section (mapping), got False"),
     ("finetune", "model.width=0", "model.width=0: expected an integer >= 1"),
     ("pseudolabel", "inference.batch_size=0", "inference.batch_size=0: expected an integer >= 1"),
     ("pipeline", "pipeline.nproc=0", "pipeline.nproc=0: expected an integer >= 1"),
@@ -72,9 +95,16 @@ def load_stage(stage, *overrides):
     ("fixmatch", "fixmatch.bn_batches=-1", "fixmatch.bn_batches=-1: expected an integer >= 0"),
     # pseudolabel
     ("pseudolabel", "pseudo.top_k=0", "pseudo.top_k=0: expected an integer >= 1"),
-    ("pseudolabel", "pseudo.schedule=[]", "pseudo.schedule=[]: expected a non-empty list of integers >= 1"),
-    ("pseudolabel", "pseudo.schedule=[1700,-1]", "pseudo.schedule[1]=-1: expected an integer >= 1"),
-    ("pseudolabel", "pseudo.fixmatch_p=-1", "pseudo.fixmatch_p=-1: expected an integer >= 0"),
+    ("pseudolabel", "pseudo.schedule=[]", "pseudo.schedule=[]: expected a non-empty list of finite numbers > 0"),
+    ("pseudolabel", "pseudo.schedule=[1700,-1]", "pseudo.schedule[1]=-1.0: expected a finite number > 0"),
+    ("pseudolabel", "pseudo.schedule=[0.3,0]", "pseudo.schedule[1]=0.0: expected a finite number > 0"),
+    ("pseudolabel", "pseudo.schedule=[0.3,.nan]", "pseudo.schedule[1]=nan: expected a finite number > 0"),
+    # P >= 1 is a number of images: whole
+    ("pseudolabel", "pseudo.schedule=[0.3,2.5]",
+     "pseudo.schedule[1]=2.5: expected a fraction < 1 or a whole number of images"),
+    ("pseudolabel", "pseudo.fixmatch_p=16.5", "pseudo.fixmatch_p=16.5: expected a fraction < 1 or a whole number of images"),
+    ("pseudolabel", "pseudo.fixmatch_p=-1", "pseudo.fixmatch_p=-1.0: expected a finite number >= 0"),
+    ("pseudolabel", "pseudo.schedule=[ten]", "pseudo.schedule[0]: expected float, got str 'ten'"),
     ("pseudolabel", "pseudo.pseudo_epochs=0", "pseudo.pseudo_epochs=0: expected an integer >= 1"),
     ("pseudolabel", "pseudo.labeled_epochs=-2", "pseudo.labeled_epochs=-2: expected an integer >= 1"),
     ("pseudolabel", "pseudo.chunk=0", "pseudo.chunk=0: expected an integer >= 1"),
@@ -132,6 +162,8 @@ def test_bad_values_are_refused_naming_the_key(stage, override, message):
     ("pretrain", "data.image_size=8", "data.image_size", 8),
     ("active", "run.seed=2147483647", "run.seed", 2147483647),
     ("pseudolabel", "pseudo.fixmatch_p=0", "pseudo.fixmatch_p", 0),
+    ("pseudolabel", "pseudo.fixmatch_p=0.0256", "pseudo.fixmatch_p", 0.0256),   # < 1: a fraction per class
+    ("pseudolabel", "pseudo.schedule=[0.999,1,1700]", "pseudo.schedule", [0.999, 1.0, 1700.0]),
     ("active", "active.budget=12", "active.budget", 12.0),              # >= 1: a number of queries
     ("finetune", "sgd.lr_backbone=0", "sgd.lr_backbone", 0.0),      # a frozen backbone
     ("finetune", "sgd.weight_decay=5e-4", "sgd.weight_decay", 5e-4),   # YAML 1.1 reads 5e-4 as text
@@ -141,6 +173,20 @@ def test_values_at_the_edges_are_accepted(stage, override, key, value):
     cfg = load_stage(stage, override)
     section, name = key.split(".")
     assert getattr(getattr(cfg, section), name) == value
+
+
+@pytest.mark.parametrize("stage, override, key, value", [
+    ("finetune", "data.augment.translate=0", "translate", 0.0),              # no translation
+    ("finetune", "data.augment.translate=0.5", "translate", 0.5),
+    ("finetune", "data.augment.crop_min_scale=1", "crop_min_scale", 1.0),
+    ("fixmatch", "data.augment.rand_augment_ops=0", "rand_augment_ops", 0),   # no RandAugment
+    ("fixmatch", "data.augment.rand_augment_magnitude=1", "rand_augment_magnitude", 1),
+    ("fixmatch", "data.augment.cutout=0", "cutout", 0.0),                    # no cutout
+    ("fixmatch", "data.augment.cutout=0.9", "cutout", 0.9),
+    ("pretrain", "data.augment.flip=false", "flip", False),
+])
+def test_augment_values_at_the_edges_are_accepted(stage, override, key, value):
+    assert getattr(load_stage(stage, override).data.augment, key) == value
 
 
 def test_nan_in_a_yaml_file_is_refused_naming_its_key(tmp_path):
@@ -227,6 +273,9 @@ def test_bounds_specs():
     ("finetune.py", "sgd.lr_head=nan", "sgd.lr_head=nan: expected a finite number >= 0"),
     ("fixmatch.py", "fixmatch.threshold=1.5", "fixmatch.threshold=1.5: expected a finite number in (0, 1]"),
     ("evaluate.py", "evaluate.scales=[28,0]", "evaluate.scales[1]=0: expected an integer >= 8"),
+    ("fixmatch.py", "data.augment.cutout=1", "data.augment.cutout=1.0: expected a finite number in [0, 0.9]"),
+    ("pseudolabel.py", "pseudo.schedule=[0.3,2.5]",
+     "pseudo.schedule[1]=2.5: expected a fraction < 1 or a whole number of images"),
 ])
 def test_cli_refuses_before_creating_the_run_dir(tmp_path, script, override, message):
     stage = script[:-3]

@@ -4,7 +4,6 @@ check_dataset's split checks, and images that go bad while a DALI loader runs.
 Every case asserts the outcome (exit status 2 / the error or warning), that the message is one line
 naming the file and what was expected, and that every file the user had is intact afterwards."""
 import hashlib
-import importlib.util
 import logging
 import os
 import subprocess
@@ -19,22 +18,10 @@ from PIL import Image
 from data.datasets import BadImageError, check_dataset, read_split
 from data.loaders import build_loader
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from data.dataset_folder import MANIFEST, OUTPUTS
+from launch import prepare
 
 PROJECT = Path(__file__).resolve().parents[1]
-
-
-def load_prepare():
-    """launch/prepare.py as module 'prepare': its pool workers' functions are pickled by that name, so
-    one copy must be sys.modules['prepare'] when it runs (test_prepare.py installs its own)."""
-    if "prepare" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("prepare", PROJECT / "launch" / "prepare.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["prepare"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["prepare"]
-
-
-prepare = load_prepare()
 
 
 def snapshot(*roots) -> dict:
@@ -68,7 +55,7 @@ def make_source(src, classes=("cat", "dog"), per_class=4):
 
 
 def run_prepare(capsys, *args) -> tuple[int, str, str]:
-    status = load_prepare().main([str(a) for a in args])
+    status = prepare.main([str(a) for a in args])
     captured = capsys.readouterr()
     return status, captured.out, captured.err
 
@@ -145,7 +132,7 @@ def test_force_removes_only_prepares_own_outputs(prepared, capsys):
     before = snapshot(src, root)
     assert run_prepare(capsys, *folder_args(src, root, "--seed", "1", "--force"))[0] == 0
     after = snapshot(src, root)
-    outputs = [str(root / name) for name in prepare.OUTPUTS]
+    outputs = [str(root / name) for name in OUTPUTS]
     mine = {path: digest for path, digest in before.items()
             if not any(path == out or path.startswith(out + os.sep) for out in outputs)}
     assert str(root / "labeled.csv.bak") in mine
@@ -157,14 +144,14 @@ def test_output_that_is_a_file_and_an_unreadable_manifest_are_one_line_errors(tm
     src = make_source(tmp_path / "src")
     (tmp_path / "file").write_text("not a folder")
     (tmp_path / "root").mkdir()
-    (tmp_path / "root" / prepare.MANIFEST).write_text("{ not json")
+    (tmp_path / "root" / MANIFEST).write_text("{ not json")
     before = snapshot(tmp_path)
     status, _, err = run_prepare(capsys, *folder_args(src, tmp_path / "file"))
     assert status == 2
     assert_one_line_error(err, f"--out {tmp_path / 'file'} is a file", "expected a new or empty folder")
     status, _, err = run_prepare(capsys, *folder_args(src, tmp_path / "root"))
     assert status == 2
-    assert_one_line_error(err, f"{tmp_path / 'root' / prepare.MANIFEST}: cannot read the parameters", "--force")
+    assert_one_line_error(err, f"{tmp_path / 'root' / MANIFEST}: cannot read the parameters", "--force")
     assert snapshot(tmp_path) == before
 
 

@@ -101,6 +101,23 @@ def test_the_same_config_reruns_and_result_neutral_keys_may_change(data, finishe
         torch.load(finished_pretrain / "backbone.pt", weights_only=True).keys()
 
 
+def test_a_key_added_since_the_run_compares_as_its_default(data, finished_pretrain, tmp_path):
+    # a run made before data.augment.cutout existed did what its default does: it reruns; another value
+    # is a change; a key the run had and the config no longer has is one too
+    run_dir = copy_of(finished_pretrain, tmp_path)
+    recorded = yaml.safe_load(open(run_dir / "config.yaml"))
+    del recorded["data"]["augment"]["cutout"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
+    before = tree(run_dir)
+    refused(pretrain(data, run_dir, "data.augment.cutout=0.25", check=False), "pretrain",
+            "another config (data.augment.cutout: '(absent)' -> 0.25)")
+    assert tree(run_dir) == before
+    pretrain(data, run_dir)
+    recorded["data"]["retired_key"] = 1
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
+    refused(pretrain(data, run_dir, check=False), "pretrain", "another config (data.retired_key: 1 -> '(absent)')")
+
+
 def test_restart_moves_the_previous_run_aside(data, finished_pretrain, tmp_path):
     run_dir = copy_of(finished_pretrain, tmp_path)
     before = tree(run_dir)
@@ -232,6 +249,19 @@ def fill(disk, leave_pages: int):
     return filler
 
 
+def test_a_metrics_line_that_does_not_fit_leaves_the_log_as_it_was(tmp_path):
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        log = disk / "metrics.jsonl"
+        rundir.append_line(str(log), '{"step": 1}')
+        fill(disk, 1)   # one page left: a 10 KiB line does not fit
+        with pytest.raises(rundir.RunDirError, match=r"cannot append \(No space left on device\); the log is "
+                                                     r"left as it was$"):
+            rundir.append_line(str(log), '{"note": "' + "x" * 10240 + '"}')
+        assert log.read_text() == '{"step": 1}\n'
+        rundir.append_line(str(log), '{"step": 2}')   # a line that fits still goes in
+        assert rundir.read_lines(str(log)) == [{"step": 1}, {"step": 2}]
+
+
 def test_a_full_disk_leaves_whole_files_and_one_line(data, tmp_path):
     with tmpfs(tmp_path / "disk", "4m") as disk:
         run_dir = disk / "run"
@@ -249,7 +279,11 @@ def test_a_full_disk_leaves_whole_files_and_one_line(data, tmp_path):
         filler.unlink()
         filler = fill(disk, 3)
         last = refused(stage("pretrain", *args, check=False), "pretrain")
-        assert last.endswith(": cannot write (No space left on device); the previous file is kept") and str(run_dir) in last
+        # whichever write finds the disk full first: a checkpoint or config (replaced atomically) or a
+        # metrics line (appended, the torn part undone)
+        assert last.endswith((": cannot write (No space left on device); the previous file is kept",
+                              ": cannot append (No space left on device); the log is left as it was")), last
+        assert str(run_dir) in last
         assert checkpoint.load_checked(str(run_dir / "checkpoint.pt"))["step"] >= killed_at   # whole, checksum ok
         rundir.read_lines(str(run_dir / "metrics.jsonl"))   # whole lines only
         assert not [n for n in os.listdir(run_dir) if n.endswith(".tmp")]
@@ -352,7 +386,7 @@ def test_pipeline_force_with_a_bad_override_deletes_nothing(data, tmp_path):
     (run / "supervised").mkdir(parents=True)
     (run / "supervised" / "model.pt").write_bytes(b"a finished stage")
     for bad, message in ((dict(supervised=["train.epochs=-3"]), "stage supervised: train.epochs=-3: expected an integer >= 1"),
-                         (dict(active=["active.clusters=50"]), "stage active: active.clusters=50")):
+                         (dict(active=["active.budget=100000"]), "stage active: active.clusters=3, active.budget -> 100000 queries")):
         config = pipeline_config(tmp_path, data, **bad)
         before = tree(run)
         proc = subprocess.run([*test_pipeline.command(config), "--force", "supervised"], capture_output=True,

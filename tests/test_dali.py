@@ -15,7 +15,9 @@ from data import dali, transforms  # noqa: E402
 from data.datasets import BadImageError, read_split  # noqa: E402
 from data.loaders import BatchLoader, build_loader  # noqa: E402
 from data.sampler import ShardedSampler  # noqa: E402
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, Augment  # noqa: E402
+from test_augment import (RAMP_SHAPES, TRAINING_KINDS, crop_areas, cutout_sides, epochs_of_views, grid,  # noqa: E402
+                          mirrored_fraction, ramp, translations, write_images)
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -331,3 +333,89 @@ def test_the_caller_chooses_the_device(dataset, monkeypatch):
         with pytest.raises(ValueError, match=fr"^DALI loader on device {device}: cannot build a GPU pipeline, "
                                              fr"{visible} CUDA device\(s\) visible$"):
             dali.DaliLoader(split, "train", image_size=32, global_batch=4, device=device)
+
+
+# ---- data.augment: each key does on DALI what it does on torchvision ----
+
+@pytest.fixture(scope="module")
+def ramps(tmp_path_factory):
+    return write_images(tmp_path_factory.mktemp("ramps"), [ramp(*shape) for shape in RAMP_SHAPES])
+
+
+@pytest.fixture(scope="module")
+def grids(tmp_path_factory):
+    return write_images(tmp_path_factory.mktemp("grids"), [grid()] * 16)
+
+
+@pytest.mark.parametrize("kind", TRAINING_KINDS)
+def test_flip_false_never_mirrors_a_training_view_as_torchvision(ramps, kind):
+    # RandAugment off in the strong view: its solarize may darken the bright side (no flip of its own)
+    assert mirrored_fraction(ramps, "dali", kind, Augment(flip=False, rand_augment_ops=0)) == 0
+    flipped = {backend: mirrored_fraction(ramps, backend, kind, Augment(rand_augment_ops=0))
+               for backend in ("torch", "dali")}
+    assert all(0.25 < fraction < 0.75 for fraction in flipped.values()), flipped
+
+
+def test_flip_false_without_translation_the_weak_view_is_the_eval_view(ramps):
+    clean = list(_loader(ramps, "dali", global_batch=8).epoch(0))[0]["views"][0]
+    loader = _loader(ramps, "dali", "weak", global_batch=8, shuffle=False, augment=Augment(flip=False, translate=0))
+    for epoch in range(4):
+        assert torch.equal(next(loader.epoch(epoch))["views"][0], clean)
+
+
+def test_translate_shifts_as_torchvision(grids):
+    for translate, pad in ((0.125, 4), (0.25, 8), (0.0, 0)):
+        mean_shift = {}
+        for backend in ("torch", "dali"):
+            dx, dy = translations(epochs_of_views(grids, backend, "weak", Augment(flip=False, translate=translate))[0])
+            shifts = torch.cat([dx, dy]).abs()
+            assert shifts.max() == pad, (backend, translate)
+            mean_shift[backend] = shifts.mean().item()
+        assert abs(mean_shift["dali"] - mean_shift["torch"]) <= 0.2 * pad, (translate, mean_shift)
+
+
+def test_crop_min_scale_bounds_the_train_crop_as_torchvision(grids):
+    """160 crops each: DALI's mean area runs ~0.015 above torchvision's (crops that do not fit are redrawn
+    differently), seed to seed within 0.025."""
+    means = {}
+    for scale in (0.25, 0.7):
+        for backend in ("torch", "dali"):
+            views = epochs_of_views(grids, backend, "train", Augment(flip=False, crop_min_scale=scale), epochs=10)
+            areas = crop_areas(views[0])
+            assert areas.min() > scale - 0.05 and areas.max() < 1.05, (backend, scale)
+            means[backend, scale] = areas.mean().item()
+        assert abs(means["dali", scale] - means["torch", scale]) < 0.05, means
+    assert means["dali", 0.7] > means["dali", 0.25] + 0.15, means
+
+
+def test_rand_augment_strength_as_torchvision(dataset):
+    """The mean change RandAugment makes to a view (nothing else random) grows with ops and magnitude alike.
+    150 views each: DALI's over torchvision's is 0.84-1.08 across seeds (one op: ~0.9)."""
+    change = {}
+    for ops, magnitude in ((0, 10), (1, 10), (2, 3), (2, 10)):
+        augment = Augment(flip=False, translate=0, cutout=0, rand_augment_ops=ops, rand_augment_magnitude=magnitude)
+        for backend in ("torch", "dali"):
+            weak, strong = epochs_of_views(dataset, backend, "weak_strong", augment, epochs=6)
+            change[backend, ops, magnitude] = (strong - weak).abs().mean().item()
+    for backend in ("torch", "dali"):
+        assert change[backend, 0, 10] == 0
+        assert change[backend, 2, 3] < change[backend, 2, 10] - 0.15 and change[backend, 1, 10] < change[backend, 2, 10]
+    for ops, magnitude in ((1, 10), (2, 3), (2, 10)):
+        torch.testing.assert_close(change["dali", ops, magnitude], change["torch", ops, magnitude], atol=0, rtol=0.25)
+
+
+def test_cutout_square_as_torchvision(grids):
+    """128 squares each: the mean areas agree within ~12% across seeds."""
+    no_rand_augment = dict(flip=False, translate=0, rand_augment_ops=0)
+    for cutout in (0.25, 0.5):
+        areas = {}
+        for backend in ("torch", "dali"):
+            weak, strong = epochs_of_views(grids, backend, "weak_strong", Augment(cutout=cutout, **no_rand_augment),
+                                           epochs=8)
+            sides = cutout_sides(strong)
+            assert sides.max() <= round(cutout * 32) and sides.min() >= round(0.08 ** 0.5 * cutout * 32) - 1, backend
+            assert torch.equal(torch.where(strong == 0, 0, weak), strong), backend   # only the square changed
+            areas[backend] = (sides ** 2).mean().item()
+        torch.testing.assert_close(areas["dali"], areas["torch"], atol=0, rtol=0.2)
+    weak, strong = epochs_of_views(grids, "dali", "weak_strong", Augment(cutout=0, **no_rand_augment))
+    assert torch.equal(weak, strong)

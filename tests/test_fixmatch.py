@@ -14,7 +14,7 @@ from torch import nn
 
 from data.datasets import read_split
 from data.loaders import build_loader
-from tiny import ROOT, assert_trained_alike, fashion, stage
+from tiny import ROOT, assert_same_weights, assert_trained_alike, fashion, stage
 from trainer import checkpoint
 from trainer.ema import EMA
 from trainer.fixmatch import fixmatch_loss
@@ -145,12 +145,6 @@ def epoch_events(run_dir):
             events[event["epoch"]] = {k: v for k, v in event.items()
                                       if isinstance(v, (int, float)) and k not in ("time", "img_s")}
     return events
-
-
-def assert_same_weights(a, b, atol, rtol=0.0):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k].double(), b[k].double(), rtol=rtol, atol=atol, msg=k)
 
 
 def test_kill_and_resume_matches_uninterrupted(setup, tmp_path):

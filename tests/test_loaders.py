@@ -393,12 +393,13 @@ def test_dali_backend_delegates_to_dali_loader(root, monkeypatch):
     monkeypatch.setattr(loaders, "resolve_backend", lambda name: "dali")
     split = read_split(root, "labeled")
     scanned = {split.paths[0]: {"bad": "empty file"}}
+    augment = transforms.Augment(flip=False, cutout=0.25)
     loader = build_loader(split, "train", image_size=16, global_batch=4, backend="dali", world=2, rank=1,
-                          device="cuda:1", scanned=scanned)
+                          device="cuda:1", scanned=scanned, augment=augment)
     assert loader == "dali loader"
     assert calls == [(split, "train", dict(image_size=16, global_batch=4, rank=1, world=2, seed=0, shuffle=True,
                                            drop_last=True, workers=2, on_bad_image="error", scales=None,
-                                           device=torch.device("cuda", 1), scanned=scanned))]
+                                           device=torch.device("cuda", 1), scanned=scanned, augment=augment))]
 
 
 def test_split_is_the_contract_dataclass():

@@ -115,8 +115,9 @@ def test_pipeline_with_two_ranks_per_stage(tmp_path_factory, tmp_path):
     data = fashion(tmp_path_factory)
     config = write_config(tmp_path, data)
     run = tmp_path / "run"
-    out = subprocess.run(command(config) + ["pipeline.nproc=2"], capture_output=True, text=True, timeout=1200,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # a pipeline-wide data.augment key (not a default) reaches every stage
+    out = subprocess.run(command(config) + ["pipeline.nproc=2", "data.augment.flip=false"], capture_output=True,
+                         text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 rank(s)" in out.stdout   # the stages say how many ranks they run on
     report = json.load(open(run / "report.json"))
@@ -133,3 +134,6 @@ def test_pipeline_with_two_ranks_per_stage(tmp_path_factory, tmp_path):
     assert len(queries) == 6 and len({q["path"] for q in queries}) == 6
     assert_unlabeled_pile_labeled(run, data)
     assert json.load(open(run / "predict" / "summary.json"))["ranks"] == 2
+    for stage in ("supervised", "pretrain", "finetune", "pseudolabel", "fixmatch", "fixmatch_active", "predict"):
+        recorded = yaml.safe_load(open(run / stage / "config.yaml"))["data"]["augment"]
+        assert recorded["flip"] is False and recorded["cutout"] == 0.5, stage

@@ -1,7 +1,6 @@
 """launch/prepare.py: Fashion-MNIST from the Debian package and an ImageFolder tree with bad files."""
 import csv
 import gzip
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,13 +12,11 @@ import pytest
 from PIL import Image
 
 from data.datasets import load_image, read_split
+from data.dataset_folder import INCOMPLETE
+from launch import prepare
 
 PROJECT = Path(__file__).resolve().parents[1]
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-spec = importlib.util.spec_from_file_location("prepare", PROJECT / "launch" / "prepare.py")
-prepare = importlib.util.module_from_spec(spec)
-sys.modules["prepare"] = prepare        # its pool workers' functions are pickled by module name
-spec.loader.exec_module(prepare)
 
 
 def rows(root, name):
@@ -171,9 +168,9 @@ def test_an_interrupted_run_is_redone_not_trusted(tmp_path):
     (out / "images" / "old").mkdir(parents=True)
     (out / "images" / "old" / "stale.png").write_bytes(b"")
     (out / "labeled.csv").write_text("path,label\nimages/old/stale.png,0\n")
-    (out / prepare.INCOMPLETE).write_text("")
+    (out / INCOMPLETE).write_text("")
     assert prepare_folder(src, out) == 0
-    assert not (out / "images" / "old").exists() and not (out / prepare.INCOMPLETE).exists()
+    assert not (out / "images" / "old").exists() and not (out / INCOMPLETE).exists()
     assert len(rows(out, "labeled")) == 6 and (out / "prepare.json").exists()
 
 

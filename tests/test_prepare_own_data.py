@@ -1,9 +1,7 @@
 """launch/prepare.py own: a user's own unlabeled folders, labeled ImageFolder or CSV, and val/test splits
 given as they are or drawn from the labeled images; its errors; and the stages reading the result."""
 import csv
-import importlib.util
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -12,22 +10,12 @@ import pytest
 from PIL import Image
 
 from data.datasets import check_dataset, read_split
+from launch import prepare
+from test_prepare import expect_error
 from tiny import ROOT, TINY_FINETUNE, stage
 
 PROJECT = Path(__file__).resolve().parents[1]
 CLASSES = ("cat", "dog", "fish")
-
-
-def load_prepare():
-    """launch/prepare.py as module 'prepare': its pool workers' functions are pickled by that name, so
-    the copy in sys.modules['prepare'] runs (test_prepare.py installs its own): looked up at each call."""
-    if "prepare" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("prepare", PROJECT / "launch" / "prepare.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["prepare"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["prepare"]
-
 
 
 def save(path, seed):
@@ -81,7 +69,7 @@ def own(base, out, *extra, val=("--val", "lists/val.csv"), test=("--test-per-cla
 
     def split(option, value):   # (--val, a path) or (--val-per-class, N)
         return [option, given(value) if option in ("--val", "--test") else value]
-    return load_prepare().main(["own", "--out", str(out), "--unlabeled", *map(given, unlabeled),
+    return prepare.main(["own", "--out", str(out), "--unlabeled", *map(given, unlabeled),
                          "--labeled", given(labeled), *split(*val), *split(*test), *extra])
 
 
@@ -200,14 +188,6 @@ def test_labeled_csv_with_class_ids_val_drawn_and_test_folder(tmp_path):
     for r in rows(out, "labeled") + rows(out, "val"):
         assert r["path"].startswith("images/labeled/labeled/") and r["path"].split("/")[3] == CLASSES[int(r["label"])]
     assert check_dataset(out) == []
-
-
-def expect_error(capsys, status, *words):
-    assert status == 2
-    error = capsys.readouterr().err
-    assert error.startswith("prepare: error: ") and error.count("\n") == 1, error
-    for word in words:
-        assert word in error, error
 
 
 def test_bad_input_is_one_line_naming_the_file_or_class(tmp_path, capsys):

@@ -6,7 +6,8 @@ import shutil
 import torch
 import torchvision
 
-from tiny import ROOT, TINY_PRETRAIN, assert_trained_alike, fashion, initial_backbone, kill_after_checkpoint, stage
+from tiny import (ROOT, TINY_PRETRAIN, assert_same_weights, assert_trained_alike, fashion, initial_backbone,
+                  kill_after_checkpoint, stage)
 
 CONFIG = os.path.join(ROOT, "configs", "demo", "pretrain.yaml")
 
@@ -18,12 +19,6 @@ def pretrain(data, run_dir, *extra, **kw):
 
 def weights(run_dir):
     return torch.load(os.path.join(run_dir, "backbone.pt"), weights_only=True)
-
-
-def assert_same_weights(a, b, atol):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=0, atol=atol, msg=k)
 
 
 def test_two_ranks_equal_one_rank(tmp_path_factory, tmp_path):

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from cluster import slurm
+from trainer import slurm as slurm_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_STAGE = str(ROOT / "tests" / "cluster" / "toy_stage.py")
@@ -85,7 +86,7 @@ def test_two_tasks_form_one_gloo_group(slurm_cluster, tmp_path):
     first_host = slurm_cluster.run("scontrol", "show", "hostnames", node).split()[0]
     host, port = ranks[0]["master"].split(":")
     assert ranks[1]["master"] == ranks[0]["master"] and host == first_host
-    assert submit.PORT_BASE <= int(port) < submit.PORT_BASE + submit.PORT_SPAN
+    assert slurm_jobs.PORT_BASE <= int(port) < slurm_jobs.PORT_BASE + slurm_jobs.PORT_SPAN
     assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
     assert (run_dir / "submitit" / f"{job.job_id}_0_log.out").exists()
 
@@ -239,14 +240,14 @@ def test_gpu_job_falls_back_to_fixed_shares_without_sinfo(
     argv = [TOY_STAGE, "--config", str(toy_config(tmp_path)), "--gpus-per-node", "2", "--partition", "gpu"]
     printed = dry_run(argv, capsys)
 
-    per_gpu = f"{submit.FALLBACK_CPUS_PER_GPU} CPUs and {submit.FALLBACK_MEM_GB_PER_GPU} GB per GPU"
-    assert {f"cpus-per-task={submit.FALLBACK_CPUS_PER_GPU}", f"mem={2 * submit.FALLBACK_MEM_GB_PER_GPU}GB"} <= (
-        sbatch_options(printed.out)
-    )
+    per_gpu = f"{slurm_jobs.FALLBACK_CPUS_PER_GPU} CPUs and {slurm_jobs.FALLBACK_MEM_GB_PER_GPU} GB per GPU"
+    assert {
+        f"cpus-per-task={slurm_jobs.FALLBACK_CPUS_PER_GPU}", f"mem={2 * slurm_jobs.FALLBACK_MEM_GB_PER_GPU}GB"
+    } <= sbatch_options(printed.out)
     note, chosen = printed.err.splitlines()
     assert note.startswith("launch/submit.py: no node sizes from sinfo (") and reason in note
     assert note.endswith(f"using the fallback of {per_gpu}")
-    assert chosen.startswith(f"launch/submit.py: --cpus-per-task {submit.FALLBACK_CPUS_PER_GPU} --mem-gb")
+    assert chosen.startswith(f"launch/submit.py: --cpus-per-task {slurm_jobs.FALLBACK_CPUS_PER_GPU} --mem-gb")
 
 
 def test_gres_and_slurm_params_reach_the_sbatch_script(slurm_cluster, tmp_path, capsys):
@@ -349,7 +350,7 @@ def test_every_sweep_point_is_checked_before_anything_is_queued(tmp_path, capsys
      ("gpu:a100", None), ("(null)", None)],
 )
 def test_gres_gpu_count(gres, gpus):
-    assert submit.gres_gpu_count(gres) == gpus
+    assert slurm_jobs.gres_gpu_count(gres) == gpus
 
 
 # A stage that joins a one-rank gloo group and never destroys it; "fail" makes it raise as well.
@@ -372,12 +373,12 @@ def test_stage_job_destroys_the_process_group_the_stage_left(tmp_path, monkeypat
         global_rank=0, local_rank=0, num_tasks=1, num_nodes=1, hostnames=["127.0.0.1"], raw_job_id="7",
         paths=SimpleNamespace(result_pickle=tmp_path / "result.pkl"),
     )
-    monkeypatch.setattr(submit.submitit, "JobEnvironment", lambda: job)
-    for name in submit.distributed_env(job):  # restored after the test: StageJob exports them
+    monkeypatch.setattr(slurm_jobs.submitit, "JobEnvironment", lambda: job)
+    for name in slurm_jobs.distributed_env(job):  # restored after the test: StageJob exports them
         monkeypatch.setenv(name, "")
     script = tmp_path / "leaking_stage.py"
     script.write_text(LEAKING_STAGE)
-    stage_job = submit.StageJob(str(script), [str(tmp_path / "store"), outcome])
+    stage_job = slurm_jobs.StageJob(str(script), [str(tmp_path / "store"), outcome])
 
     if outcome == "fail":
         with pytest.raises(RuntimeError, match="the stage failed inside its group"):

@@ -84,6 +84,14 @@ def initial_backbone(config_path: str, *overrides) -> dict:
     return build_backbone(cfg.model.backbone, cfg.model.small_stem, cfg.model.width).state_dict()
 
 
+def assert_same_weights(a: dict, b: dict, atol: float, rtol: float = 0.0):
+    """Two state_dicts with the same keys whose tensors agree within atol (+ rtol), compared in float64."""
+    import torch
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k].double(), b[k].double(), rtol=rtol, atol=atol, msg=k)
+
+
 def assert_trained_alike(one: dict, two: dict, init: dict, atol: float = 1e-3, share: float = 0.05):
     """Two runs' weights agree per tensor within min(atol, `share` of how far training moved it),
     so tensors that training barely moves are still compared meaningfully. The default `share` sits

@@ -24,6 +24,7 @@ from typing import Iterator
 
 import numpy as np
 from data.errors import InputError
+from trainer.config import ConfigError
 
 PathLike = str | os.PathLike
 
@@ -264,6 +265,25 @@ def confidence_adapted(selection: Selection, num_classes: int) -> Selection:
     return Selection(indices=selection.indices[keep], labels=labels, scores=selection.scores[keep],
                      class_counts=np.bincount(labels, minlength=num_classes).astype(np.int64),
                      num_duplicates=selection.num_duplicates, num_dropped=selection.num_dropped + int((~keep).sum()))
+
+
+def resolve_p(given: float, unlabeled: int, num_classes: int, key: str = "pseudo.schedule") -> int:
+    """Images per class for a configured P (`key` names it in errors): < 1 is that fraction of the
+    unlabeled images per class, round(given x unlabeled / num_classes) and at least 1, so that one config
+    suits datasets of any size; >= 1 is a whole number of images, as given."""
+    if not (0 < given < 1 or (given >= 1 and float(given).is_integer())):
+        raise ConfigError(f"{key}={given}: expected a fraction < 1 or a whole number of images")
+    return int(given) if given >= 1 else max(1, round(given * unlabeled / num_classes))
+
+
+def as_given(given: float):
+    """A configured P as selection.json records it: a count as an int, a fraction as it was written."""
+    return int(given) if given >= 1 else given
+
+
+def describe_p(p: int, given: float, key: str, unlabeled: int, num_classes: int) -> str:
+    """P=1700 (pseudo.schedule[0]=0.3108 of 5470 unlabeled images per class), or P=200 for a count."""
+    return f"P={p}" + (f" ({key}={given} of {unlabeled / num_classes:g} unlabeled images per class)" if given < 1 else "")
 
 
 def selection_precision(selection: Selection, hidden_labels: np.ndarray, num_classes: int) -> dict:

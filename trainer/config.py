@@ -82,12 +82,29 @@ class RunConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """data.augment: what the training views' augmentations do, the same on the torchvision and DALI
+    backends (data.transforms.Augment, whose defaults these are: the recipe's)."""
+    flip: bool = True   # horizontal flip, p=0.5, in every training view; false for digits, text, documents
+    # weak and strong views: shift by up to this fraction of the side (reflect padding); 0 = none
+    translate: float = number(0.125, "[0, 0.5]")
+    crop_min_scale: float = number(0.25, "(0, 1]")   # train view: the random resized crop keeps >= this of the area
+    rand_augment_ops: int = number(2, "[0, 14]")     # strong view: RandAugment ops per image; 0 = none
+    # strong view: RandAugment magnitude ~ U{1..this} per image; 10 = each op's full range
+    rand_augment_magnitude: int = number(10, "[1, 10]")
+    # strong view: one square of side up to this fraction of the image (its area 8%-100% of the largest
+    # square's), filled with the mean colour; 0 = none
+    cutout: float = number(0.5, "[0, 0.9]")
+
+
+@dataclass
 class DataConfig:
     root: str = path("a prepared dataset folder (launch/prepare.py)")
     backend: str = choice("auto", "auto", "dali", "torch")
     image_size: int = number(28, ">= 8")   # px; three stride-2 stages leave 1 px of an 8 px image
     workers: int = number(2, ">= 0")       # loader processes; 0 = load in the training process
     on_bad_image: str = choice("error", "error", "skip")
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -192,12 +209,15 @@ class InferenceConfig:
 class PseudoSection:
     model: str = path("the model.pt that predicts the first iteration")
     top_k: int = number(10, ">= 1")   # classes kept per image (at most the classes: checked by the stage)
-    schedule: list[int] = nonempty([200, 300, 400, 500], ">= 1")   # P per iteration
+    # P per iteration, images per class: < 1 is a fraction of the unlabeled images per class (rounded, at
+    # least 1), so that a config carries over to a dataset of another size; >= 1 is a whole number of images
+    schedule: list[float] = nonempty([200, 300, 400, 500], "> 0")
     finetune_config: str = path("the fine-tune config of each iteration's two fine-tunes")
     finetune_overrides: list[str] = field(default_factory=list)   # key=value applied to both fine-tunes
     pseudo_epochs: int = number(10, ">= 1")    # fine-tune on pseudo + labeled
     labeled_epochs: int = number(20, ">= 1")   # then on labeled only, head re-initialised
-    fixmatch_p: int = number(16, ">= 0")       # also write the (top_k, fixmatch_p) selection for FixMatch; 0 = no
+    # also write the (top_k, fixmatch_p) selection for FixMatch; 0 = no; P as in schedule (< 1: a fraction)
+    fixmatch_p: float = number(16, ">= 0")
     chunk: int = number(65536, ">= 1")         # rows per streamed chunk in selection
     # what ranks an image for a class: the model's softmax (classifier), label propagation over the kNN
     # graph of the model's embeddings from the labeled images (propagation, section propagation), or
@@ -205,6 +225,13 @@ class PseudoSection:
     scorer: str = choice("classifier", "classifier", "propagation", "mean")
     # class-adaptive P: a class keeps P x (its selection's mean score / the most confident class's)
     class_adaptive: bool = False
+
+    def __post_init__(self):
+        """A P of 1 or more is a number of images: whole (2.5 is neither a fraction nor a count)."""
+        for key, p in [*((f"pseudo.schedule[{i}]", p) for i, p in enumerate(self.schedule)),
+                       ("pseudo.fixmatch_p", self.fixmatch_p)]:
+            if isinstance(p, (int, float)) and math.isfinite(p) and p >= 1 and p != int(p):
+                raise ConfigError(f"{key}={p}: expected a fraction < 1 or a whole number of images")
 
 
 @dataclass
@@ -288,7 +315,8 @@ class ActiveSection:
     model: str = path("the model.pt whose margins pick the queries")
     backbone: str = path("the backbone.pt whose embeddings are clustered")
     labeled: str = "labeled"        # the labels so far (split name or CSV): never queried, kept in labeled.csv
-    clusters: int = number(200, ">= 1")     # at most the number of queries: the budget is split evenly over them
+    # the budget is split evenly over them; a budget of fewer queries gets that many clusters (said in one line)
+    clusters: int = number(200, ">= 1")
     budget: float = number(0.0025, "> 0")   # < 1: fraction of the labeled + unlabeled images; >= 1: a number of queries
     niter: int = number(20, ">= 1")         # k-means iterations
     # faiss trains k-means on at most clusters x this many points; 0 = all
@@ -349,6 +377,13 @@ class PipelineSection:
     fixmatch_active_overrides: list[str] = field(default_factory=list)   # after fixmatch's, see below
     evaluate: StageSpec = field(default_factory=StageSpec)
     predict: StageSpec = field(default_factory=StageSpec)   # labels the unlabeled pile with the final model
+    # false: no active learning (stages active, fixmatch_active and its evaluation); FixMatch's model is final
+    active_learning: bool = True
+    # who answers active learning's queries: true = unlabeled.csv's hidden labels (simulations: the demo);
+    # false = you: the pipeline stops once run.dir/active/queries.csv is written, and continues when rerun
+    # with `answers`
+    oracle: bool = True
+    answers: str = ""   # your labels for run.dir/active/queries.csv: a CSV path,label (label: a class name or id)
 
     @property
     def fixmatch_active(self) -> StageSpec:

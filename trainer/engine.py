@@ -83,7 +83,8 @@ class Run:
 
     def _claim(self):
         resolved = config.to_dict(self.cfg)
-        replace = rundir.check(self.dir, self.stage, resolved, self.cfg.run.restart)
+        replace = rundir.check(self.dir, self.stage, resolved, self.cfg.run.restart,
+                               config.to_dict(type(self.cfg)()))
         try:
             os.makedirs(self.dir, exist_ok=True)
             self._lock = rundir.Lock(self.dir)

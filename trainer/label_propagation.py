@@ -18,6 +18,7 @@ solution to ~1e-6 even at alpha = 0.999, and at C = 1000 classes float64 would b
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -155,3 +156,26 @@ def top_k(probabilities, k: int, reached=None) -> tuple[np.ndarray, np.ndarray]:
     if reached is not None:
         scores[~np.asarray(as_numpy(reached), bool)] = 0
     return classes.astype(np.int64), scores
+
+
+def write_scores(pred_dir: str, labels, num_classes: int, scorer: str, top_k_classes: int, k: int, alpha: float,
+                 iterations: int, gamma: float, gpu: int | None, out_dir: str):
+    """A pseudo-label scorer's top-K files (trainer.predict's layout) in out_dir, from a prediction folder:
+    its embeddings.npy (the unlabeled images) and labeled/embeddings.npy (the labeled ones, whose
+    `labels` propagate). scorer "propagation": the propagated distribution; "mean": its mean with the
+    classifier's (its top-K from topk_class/topk_prob.npy, zero elsewhere)."""
+    unlabeled = np.load(os.path.join(pred_dir, "embeddings.npy"))
+    embeddings = np.concatenate([unlabeled, np.load(os.path.join(pred_dir, "labeled", "embeddings.npy"))])
+    result = propagate(embeddings, np.arange(len(unlabeled), len(embeddings)), labels, num_classes, k, alpha,
+                       iterations, gamma, gpu=gpu)
+    probs = result.probabilities[:len(unlabeled)]
+    if scorer == "mean":
+        classifier = np.zeros_like(probs)
+        np.put_along_axis(classifier, np.load(os.path.join(pred_dir, "topk_class.npy")).astype(np.int64),
+                          np.load(os.path.join(pred_dir, "topk_prob.npy")), axis=1)
+        probs = (probs + classifier) / 2
+    classes, scores = top_k(probs, top_k_classes, result.reached[:len(unlabeled)])
+    os.makedirs(out_dir, exist_ok=True)
+    for name, array in (("topk_class.npy", classes.astype(np.int32)), ("topk_prob.npy", scores)):
+        np.save(os.path.join(out_dir, name + ".tmp.npy"), array)
+        os.replace(os.path.join(out_dir, name + ".tmp.npy"), os.path.join(out_dir, name))

@@ -6,10 +6,12 @@ filesystem eight ranks per node scanning 512k files would cost minutes at every 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from data.datasets import Split
 from data.loaders import build_loader, resolve_backend
+from data.transforms import Augment
 from trainer import dist
 from trainer.dist import Runtime
 
@@ -23,6 +25,11 @@ def scan_for_dali(split: Split, workers: int, rt: Runtime) -> dict:
     return found
 
 
+def augment_of(cfg) -> Augment:
+    """data.augment (trainer.config.AugmentConfig) as the loaders take it."""
+    return Augment(**dataclasses.asdict(cfg.data.augment))
+
+
 def loader(split: Split, kind: str, cfg, rt: Runtime, *, global_batch: int, seed: int | None = None,
            shuffle: bool = True, drop_last: bool = True, scales: list[int] | None = None):
     """This rank's loader of `split` for augmentation `kind`; eval loaders pass shuffle/drop_last False."""
@@ -31,7 +38,8 @@ def loader(split: Split, kind: str, cfg, rt: Runtime, *, global_batch: int, seed
     return build_loader(split, kind, image_size=cfg.data.image_size, global_batch=global_batch, rank=rt.rank,
                         world=rt.world, seed=cfg.run.seed if seed is None else seed, shuffle=shuffle,
                         drop_last=drop_last, workers=cfg.data.workers, backend=backend,
-                        on_bad_image=cfg.data.on_bad_image, scales=scales, device=rt.device, scanned=scanned)
+                        on_bad_image=cfg.data.on_bad_image, scales=scales, device=rt.device, scanned=scanned,
+                        augment=augment_of(cfg))
 
 
 def eval_loader(split: Split, cfg, rt: Runtime, global_batch: int, scales: list[int] | None = None):

@@ -1,4 +1,4 @@
-"""Losses: Barlow Twins' redundancy reduction (FixMatch's lives with its stage)."""
+"""Losses: Barlow Twins' redundancy reduction (the FixMatch loss and its variants: trainer/fixmatch.py)."""
 from __future__ import annotations
 
 import torch

@@ -14,6 +14,7 @@ aside into RUN_DIR/replaced/<time>/ instead of deleting them.
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import json
 import logging
@@ -47,11 +48,14 @@ def _flatten(tree, prefix: str = "") -> dict:
     return flat
 
 
-def config_differences(previous: dict, current: dict) -> list[str]:
-    """`key: old -> new` for every result-changing key on which two resolved configs differ."""
-    old, new = _flatten(previous), _flatten(current)
+def config_differences(previous: dict, current: dict, defaults: dict | None = None) -> list[str]:
+    """`key: old -> new` for every result-changing key on which two resolved configs differ. A key the
+    previous config lacks (a run made before the key existed) is unchanged if the current value is its
+    default in `defaults` (a resolved config of defaults): the key's default is what that run did."""
+    old, new, default = _flatten(previous), _flatten(current), _flatten(defaults or {})
     keys = sorted((old.keys() | new.keys()) - RESULT_NEUTRAL)
-    return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in keys if old.get(k) != new.get(k)]
+    return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in keys
+            if old.get(k) != new.get(k) and not (k not in old and k in default and new.get(k) == default[k])]
 
 
 def recorded_stage(run_dir: str) -> str | None:
@@ -65,9 +69,10 @@ def recorded_stage(run_dir: str) -> str | None:
         raise RunDirError(f"{path}: unreadable run record; is {run_dir} a semiscale run dir?") from None
 
 
-def check(run_dir: str, stage: str, resolved: dict, restart: bool) -> bool:
+def check(run_dir: str, stage: str, resolved: dict, restart: bool, defaults: dict | None = None) -> bool:
     """Raise RunDirError when `stage` must not write to `run_dir`; True when it holds a previous run
-    that `restart` will move aside. Reads only."""
+    that `restart` will move aside. Reads only. `defaults`: the stage's config of defaults, resolved
+    (keys added since a previous run compare as their defaults)."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise RunDirError(f"run.dir={run_dir}: exists and is not a folder")
     if not os.path.isdir(run_dir):
@@ -89,7 +94,7 @@ def check(run_dir: str, stage: str, resolved: dict, restart: bool) -> bool:
     if restart:
         return started or previous is not None
     if started and previous is not None:
-        changed = config_differences(previous, resolved)
+        changed = config_differences(previous, resolved, defaults)
         if changed:
             more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
             raise RunDirError(f"run.dir={run_dir}: holds a {stage} run made with another config ({changed[0]}"
@@ -156,7 +161,7 @@ def remove_stray_temporaries(run_dir: str) -> int:
 def append_line(path: str, line: str):
     """Append one line so that the file only ever holds whole lines: a torn tail left by a crash is cut
     first, and a failed write (a full disk) is undone before the error surfaces."""
-    with open(path, "ab+") as f:
+    with open(path, "ab+", buffering=0) as f:   # unbuffered: a failed write leaves nothing pending to flush
         size = f.seek(0, os.SEEK_END)
         if size:
             f.seek(size - 1)
@@ -166,9 +171,10 @@ def append_line(path: str, line: str):
                 log.warning("%s: cut a torn last line (%d bytes) left by an interrupted write", path, size - whole)
                 f.truncate(whole)
                 size = whole
+        data = line.encode() + b"\n"
         try:
-            f.write(line.encode() + b"\n")
-            f.flush()
+            if f.write(data) != len(data):   # a short write: the disk filled up mid-line
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         except OSError as e:
             f.truncate(size)
             raise RunDirError(f"{path}: cannot append ({e.strerror}); the log is left as it was") from None
