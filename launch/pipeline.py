@@ -55,7 +55,7 @@ STAGES = [
     ("finetune", "finetune", "finetune", "model.pt",
      lambda d, p: [f"finetune.backbone={d('pretrain')}/backbone.pt"]),
     ("pseudolabel", "pseudolabel", "pseudolabel", "selection.json",
-     lambda d, p: [f"pseudo.model={d('finetune')}/model.pt"]),
+     lambda d, p: [f"pseudo.model={d('finetune')}/model.pt", f"pseudo.backbone={d('pretrain')}/backbone.pt"]),
     ("fixmatch", "fixmatch", "fixmatch", "model.pt",
      lambda d, p: [f"fixmatch.model={d('pseudolabel')}/model.pt",
                    f"fixmatch.pseudo_labels={d('pseudolabel')}/pseudo_labels.csv"]),

@@ -1,5 +1,7 @@
 """Balanced pseudo-label iterations: predict -> top-P per class -> fine-tune on pseudo + labeled,
-then on labeled only (head re-initialised); P grows each iteration; the best model by val wins. A P
+then on labeled only (head re-initialised); P grows each iteration; the best model by val wins.
+With pseudo.reinitialise=true each iteration's first fine-tune starts from the pretrained pseudo.backbone
+instead of the model before it. A P
 below 1 is a fraction of the unlabeled images per class (balanced_selection.resolve_p), so one config suits any dataset size.
 
     python launch/pseudolabel.py --config configs/demo/pseudolabel.yaml [key=value ...]
@@ -81,6 +83,9 @@ def check(cfg):
     num_classes = len(read_classes(cfg.data.root))
     if cfg.pseudo.top_k > num_classes:
         raise config.ConfigError(f"pseudo.top_k={cfg.pseudo.top_k}: expected 1..{num_classes} (the number of classes)")
+    if cfg.pseudo.reinitialise and not cfg.pseudo.backbone:
+        raise config.ConfigError("pseudo.backbone: required with pseudo.reinitialise=true: "
+                                 "the pretrained backbone.pt each iteration starts from")
 
 
 def main(argv=None):
@@ -120,7 +125,8 @@ def main(argv=None):
         run.say(f"iteration {it}: {balanced_selection.describe_p(p, given, f'pseudo.schedule[{it - 1}]', len(unlabeled), num_classes)}, "
                 f"{summary['selected']} pseudo-labels, {summary['duplicates']} images "
                 f"chosen for >1 class, precision {summary.get('precision')}")
-        finetune(cfg, os.path.join(folder, "pseudo"), current, cfg.pseudo.pseudo_epochs, csv_path)
+        start = cfg.pseudo.backbone if cfg.pseudo.reinitialise else current
+        finetune(cfg, os.path.join(folder, "pseudo"), start, cfg.pseudo.pseudo_epochs, csv_path)
         val = finetune(cfg, os.path.join(folder, "labeled"),
                        os.path.join(folder, "pseudo", "model.pt"), cfg.pseudo.labeled_epochs)
         current = os.path.join(folder, "labeled", "model.pt")

@@ -139,6 +139,30 @@ def test_pseudolabel_iterations(tmp_path_factory, tmp_path):
     assert (run / "model.pt").exists() and np.load(run / "predictions" / "embeddings.npy").shape[0] == len(rows)
 
 
+def test_reinitialise_starts_each_iteration_from_the_pretrained_backbone(tmp_path_factory, tmp_path):
+    import yaml
+    data = fashion(tmp_path_factory)
+    backbone = pretrained_backbone(tmp_path_factory, data)
+    finetune(data, backbone, tmp_path / "ft", "train.epochs=1")
+    common = ["--config", PSEUDO, f"data.root={data}", "data.backend=torch", "data.workers=0",
+              f"pseudo.model={tmp_path / 'ft' / 'model.pt'}", "pseudo.top_k=3", "pseudo.schedule=[5,10]",
+              "pseudo.scorer=classifier", "pseudo.fixmatch_p=0", "pseudo.pseudo_epochs=1", "pseudo.labeled_epochs=1",
+              f"pseudo.finetune_config={FINETUNE}", "inference.batch_size=64",
+              f"pseudo.finetune_overrides=[{','.join(TINY_FINETUNE)}]"]
+    refused = stage("pseudolabel", *common, f"run.dir={tmp_path / 'refused'}", "pseudo.reinitialise=true", check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines() == ["pseudolabel.py: error: pseudo.backbone: required with pseudo.reinitialise=true: "
+                                                   "the pretrained backbone.pt each iteration starts from"]
+    assert not (tmp_path / "refused").exists()
+
+    def starts(run):
+        return [yaml.safe_load(open(run / f"iter{it}" / "pseudo" / "config.yaml"))["finetune"]["backbone"] for it in (1, 2)]
+    stage("pseudolabel", *common, f"run.dir={tmp_path / 'again'}", "pseudo.reinitialise=true", f"pseudo.backbone={backbone}")
+    assert starts(tmp_path / "again") == [str(backbone)] * 2
+    stage("pseudolabel", *common, f"run.dir={tmp_path / 'on'}", f"pseudo.backbone={backbone}")   # given, not used
+    assert starts(tmp_path / "on") == [str(tmp_path / "ft" / "model.pt"), str(tmp_path / "on" / "iter1" / "labeled" / "model.pt")]
+
+
 def test_mean_scorer_ranks_by_the_classifier_and_label_propagation_together(tmp_path_factory, tmp_path):
     from data.datasets import read_split
     from trainer import label_propagation

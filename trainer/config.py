@@ -215,6 +215,12 @@ class PseudoSection:
     finetune_config: str = path("the fine-tune config of each iteration's two fine-tunes")
     finetune_overrides: list[str] = field(default_factory=list)   # key=value applied to both fine-tunes
     pseudo_epochs: int = number(10, ">= 1")    # fine-tune on pseudo + labeled
+    # true: each iteration's fine-tune on pseudo + labeled starts from pseudo.backbone with a fresh head
+    # (Curriculum Labeling's re-initialisation: a model's errors are not carried into the next round);
+    # false: from the model before it
+    reinitialise: bool = False
+    backbone: str = path("the pretrained backbone.pt that pseudo.reinitialise=true starts each iteration from",
+                         required=False)
     labeled_epochs: int = number(20, ">= 1")   # then on labeled only, head re-initialised
     # also write the (top_k, fixmatch_p) selection for FixMatch; 0 = no; P as in schedule (< 1: a fraction)
     fixmatch_p: float = number(16, ">= 0")
