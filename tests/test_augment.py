@@ -2,7 +2,6 @@
 backend; tests/test_dali.py holds the DALI twins' parity. The defaults are the recipe's to the bit: checked
 against a copy of the builders as they were before the keys existed."""
 import dataclasses
-import os
 
 import numpy as np
 import pytest
@@ -21,51 +20,6 @@ from trainer.loading import augment_of
 torch.set_num_threads(1)
 
 TRAINING_KINDS = [kind for kind, spec in KINDS.items() if spec.augmentations != ("evaluate",)]
-
-
-# ---- datasets whose geometry can be read back from a view ----
-
-def write_images(root, images):
-    """A dataset of lossless PNGs, `images` [(H, W, 3) uint8], every split listing all of them."""
-    os.makedirs(os.path.join(root, "images"), exist_ok=True)
-    with open(os.path.join(root, "classes.txt"), "w") as f:
-        f.write("a\nb\n")
-    rows = []
-    for i, pixels in enumerate(images):
-        Image.fromarray(pixels).save(os.path.join(root, "images", f"{i:02d}.png"))
-        rows.append(f"images/{i:02d}.png,{i % 2}\n")
-    for name in ("labeled", "val", "test", "unlabeled"):
-        with open(os.path.join(root, f"{name}.csv"), "w") as f:
-            f.write("path,label\n" + "".join(rows))
-    return str(root)
-
-
-# (height, width) of the ramps: square and not, smaller and larger than the views
-RAMP_SHAPES = [(32, 32), (40, 28), (28, 48), (36, 36), (24, 40), (50, 30), (32, 44), (30, 30)]
-
-
-def ramp(height, width):
-    """Grey, brightening left to right from 0 to 60: a mirrored view darkens left to right. Grey, so hue,
-    saturation and greyscale leave it as it is; dark, so brightness and contrast jitter never take it to
-    solarize's threshold (128)."""
-    row = np.round(np.linspace(0, 60, width)).astype(np.uint8)
-    return np.repeat(np.repeat(row[None, :, None], height, axis=0), 3, axis=2)
-
-
-def grid(size=32):
-    """Red = 8 x column, green = 8 x row: a view's pixel says where in the image it was taken from."""
-    y, x = np.mgrid[0:size, 0:size]
-    return np.dstack([8 * x, 8 * y, np.full_like(x, 128)]).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def ramps(tmp_path_factory):
-    return write_images(tmp_path_factory.mktemp("ramps"), [ramp(*shape) for shape in RAMP_SHAPES])
-
-
-@pytest.fixture(scope="module")
-def grids(tmp_path_factory):
-    return write_images(tmp_path_factory.mktemp("grids"), [grid()] * 16)
 
 
 def epochs_of_views(root, backend, kind, augment, epochs=4, image_size=32, seed=3):

@@ -16,8 +16,8 @@ from data.datasets import BadImageError, read_split  # noqa: E402
 from data.loaders import BatchLoader, build_loader  # noqa: E402
 from data.sampler import ShardedSampler  # noqa: E402
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, Augment  # noqa: E402
-from test_augment import (RAMP_SHAPES, TRAINING_KINDS, crop_areas, cutout_sides, epochs_of_views, grid,  # noqa: E402
-                          mirrored_fraction, ramp, translations, write_images)
+from test_augment import (TRAINING_KINDS, crop_areas, cutout_sides, epochs_of_views,  # noqa: E402
+                          mirrored_fraction, translations)
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -336,16 +336,6 @@ def test_the_caller_chooses_the_device(dataset, monkeypatch):
 
 
 # ---- data.augment: each key does on DALI what it does on torchvision ----
-
-@pytest.fixture(scope="module")
-def ramps(tmp_path_factory):
-    return write_images(tmp_path_factory.mktemp("ramps"), [ramp(*shape) for shape in RAMP_SHAPES])
-
-
-@pytest.fixture(scope="module")
-def grids(tmp_path_factory):
-    return write_images(tmp_path_factory.mktemp("grids"), [grid()] * 16)
-
 
 @pytest.mark.parametrize("kind", TRAINING_KINDS)
 def test_flip_false_never_mirrors_a_training_view_as_torchvision(ramps, kind):
