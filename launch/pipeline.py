@@ -17,16 +17,12 @@ import argparse
 import dataclasses
 import importlib
 import os
-import shlex
 import shutil
 import subprocess
 import sys
 import time
 
-import yaml
-
-from data.datasets import read_split
-from trainer import config, engine, report, rundir
+from trainer import config, engine, pipeline_answers, report, rundir
 from trainer.config import STAGE_CONFIGS, AugmentConfig, PipelineConfig, PipelineSection
 
 # the stages that produce a classifier, in recipe order: each is scored by evaluate_<stage>
@@ -38,13 +34,6 @@ ACTIVE_LEARNING = ("active", "fixmatch_active", "evaluate_fixmatch_active")
 def final_model(p: PipelineSection) -> str:
     """The stage whose model is the pipeline's result: FixMatch after active learning, or FixMatch without it."""
     return "fixmatch_active" if p.active_learning else "fixmatch"
-
-
-def answers_from(p: PipelineSection) -> list[str]:
-    """Who answers active learning's queries: the hidden labels (oracle), your CSV, or no one yet (queries only)."""
-    if p.oracle:
-        return ["active.oracle=true"]
-    return ["active.oracle=false", f"active.answers={os.path.abspath(p.answers) if p.answers else ''}"]
 
 
 # (stage, script, which pipeline.<spec> configures it, the file that marks it finished,
@@ -63,7 +52,7 @@ STAGES = [
     # queries.csv and the pipeline stops after it
     ("active", "active", "active", "labeled.csv",
      lambda d, p: [f"active.model={d('fixmatch')}/model.pt", f"active.backbone={d('pretrain')}/backbone.pt",
-                   *answers_from(p)]),
+                   *pipeline_answers.answers_from(p)]),
     ("fixmatch_active", "fixmatch", "fixmatch_active", "model.pt",
      lambda d, p: [f"fixmatch.model={d('fixmatch')}/model.pt", f"fixmatch.labeled={d('active')}/labeled.csv",
                    f"fixmatch.pseudo_labels={d('pseudolabel')}/pseudo_labels.csv"]),
@@ -108,56 +97,6 @@ def check_stages(todo: list[tuple[str, str, list[str]]]):
                 check(stage_cfg)
         except (config.ConfigError, ValueError) as e:
             raise config.ConfigError(f"stage {name}: {e}") from None
-
-
-def queries_waiting(folder: str, argv: list[str]) -> bool:
-    """The active stage's folder holds finished queries, not yet answered, made with the config it would run
-    with now: rerunning it would only compute them again."""
-    metrics = os.path.join(folder, rundir.METRICS)
-    if not os.path.exists(os.path.join(folder, "queries.csv")) or not os.path.exists(metrics):
-        return False
-    if not any(e.get("event") == "done" for e in rundir.read_lines(metrics)):
-        return False
-    with open(os.path.join(folder, rundir.CONFIG), encoding="utf-8") as f:
-        previous = yaml.safe_load(f)
-    current = config.to_dict(engine.parse(STAGE_CONFIGS["active"], argv, "active"))
-    return not rundir.config_differences(previous, current)
-
-
-def check_answers(cfg, active_dir: str, active_argv: list[str] | None, forced: bool):
-    """Active learning's answers can come from where the config says, before anything runs: hidden labels for
-    the oracle, queries waiting for pipeline.answers. `active_argv`: None when the stage will not run;
-    `forced`: its folder is deleted first (--force)."""
-    p = cfg.pipeline
-    if active_argv is None:
-        return
-    if p.oracle and p.answers:
-        raise config.ConfigError(f"pipeline.answers={p.answers}: with pipeline.oracle=true the hidden labels answer "
-                                 "the queries; pass pipeline.oracle=false to use your answers")
-    if p.oracle and read_split(cfg.data.root, "unlabeled").hidden_labels is None:
-        raise config.ConfigError(f"pipeline.oracle=true: {cfg.data.root}/unlabeled.csv has no hidden labels to answer "
-                                 "active learning's queries (your own images): pass pipeline.oracle=false to label "
-                                 "the queries yourself, or pipeline.active_learning=false to leave active learning out")
-    if p.answers and (forced or not queries_waiting(active_dir, active_argv)):
-        raise config.ConfigError(f"pipeline.answers={p.answers}: no queries to answer in {active_dir}/queries.csv yet: "
-                                 "run without pipeline.answers first; it stops once they are written")
-
-
-def pause_line(args, cfg, active_dir: str) -> str:
-    """What to label, where to write it, and the command that goes on from there."""
-    queries = os.path.join(active_dir, "queries.csv")
-    with open(queries, encoding="utf-8") as f:
-        count = sum(1 for _ in f) - 1
-    sheets = sorted((n for n in os.listdir(active_dir) if n.startswith("queries") and n.endswith(".png")),
-                    key=lambda n: (len(n), n))
-    answers = os.path.join(cfg.run.dir, "answers.csv")
-    command = ["python", os.path.relpath(os.path.abspath(__file__)), "--config", args.config,
-               *(o for o in args.overrides if not o.startswith("pipeline.answers=")), f"pipeline.answers={answers}"]
-    return (f"[pipeline] paused for your labels: label the {count} images of {queries} (pictures: "
-            f"{', '.join(sheets)}) in {answers}, columns path,label (e.g. queries.csv with its column guess "
-            f"renamed label and the wrong guesses corrected; a label is a class name of "
-            f"{os.path.join(cfg.data.root, 'classes.txt')}, empty when unsure), then continue with: "
-            f"{shlex.join(command)}")
 
 
 def claim(run_dir: str) -> rundir.Lock:
@@ -208,7 +147,7 @@ def main(argv=None):
         0 if "all" in args.force else names.index(f) for f in args.force)
     todo = [(name, script, stage_argv(spec_name, wiring, name)) for i, (name, script, spec_name, output, wiring)
             in enumerate(stages) if i >= forced or not os.path.exists(os.path.join(stage_dir(name), output))]
-    check_answers(cfg, stage_dir("active"), next((argv for name, _, argv in todo if name == "active"), None),
+    pipeline_answers.check_answers(cfg, stage_dir("active"), next((argv for name, _, argv in todo if name == "active"), None),
                   "active" in names and names.index("active") >= forced)
     check_stages(todo)
     lock = claim(cfg.run.dir)   # every check has passed: the first write
@@ -225,7 +164,7 @@ def main(argv=None):
             print(f"[pipeline] {name}: done, skipped ({folder}/{output} exists)", flush=True)
             continue
         argv = stage_argv(spec_name, wiring, name)
-        if name == "active" and not cfg.pipeline.oracle and not cfg.pipeline.answers and queries_waiting(folder, argv):
+        if name == "active" and not cfg.pipeline.oracle and not cfg.pipeline.answers and pipeline_answers.queries_waiting(folder, argv):
             print(f"[pipeline] {name}: queries written before, not answered yet ({folder}/queries.csv)", flush=True)
         else:
             print(f"[pipeline] {name}: {script}.py {' '.join(argv)}", flush=True)
@@ -235,7 +174,7 @@ def main(argv=None):
             engine.write_json(times_path, times)
         if name == "active" and not os.path.exists(os.path.join(folder, output)):   # the queries wait for you
             lock.release()
-            print(pause_line(args, cfg, folder), flush=True)
+            print(pipeline_answers.pause_line(os.path.abspath(__file__), args, cfg, folder), flush=True)
             return
     report.write(cfg.run.dir, times, [s for s in MODEL_STAGES if s in names])
     lock.release()
