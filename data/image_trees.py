@@ -61,15 +61,11 @@ def list_folder(src: str) -> tuple[list[str], list[str], np.ndarray, list[tuple[
             raise PrepareError(f"source {src}: class folder '{shown(name)}': {reason}; expected it renamed")
     files, labels, misnamed = [], [], []
     for c, name in enumerate(classes):
-        for folder, subfolders, names in os.walk(os.path.join(src, name)):
-            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-            for file in sorted(names):
-                if is_image(file):
-                    path = os.path.relpath(os.path.join(folder, file), src)
-                    reason = unlistable(path)
-                    if reason:
-                        misnamed.append((path, reason))
-                    else:
-                        files.append(path)
-                        labels.append(c)
+        for path in (f"{name}/{rel}" for rel in walk_images(os.path.join(src, name))):
+            reason = unlistable(path)
+            if reason:
+                misnamed.append((path, reason))
+            else:
+                files.append(path)
+                labels.append(c)
     return classes, files, np.asarray(labels, dtype=np.int64), misnamed
