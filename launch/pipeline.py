@@ -99,21 +99,6 @@ def check_stages(todo: list[tuple[str, str, list[str]]]):
             raise config.ConfigError(f"stage {name}: {e}") from None
 
 
-def claim(run_dir: str) -> rundir.Lock:
-    """The pipeline's own run dir: a pipeline's (or new), one live pipeline at a time. Its config may change
-    between runs: each stage's run dir refuses a changed config for itself."""
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise rundir.RunDirError(f"run.dir={run_dir}: exists and is not a folder")
-    owner = rundir.recorded_stage(run_dir) if os.path.isdir(run_dir) else None
-    if owner not in (None, "pipeline"):
-        raise rundir.RunDirError(f"run.dir={run_dir}: a {owner} run dir, not a pipeline one; choose another run.dir")
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        return rundir.Lock(run_dir)
-    except OSError as e:
-        raise rundir.RunDirError(f"run.dir={run_dir}: cannot write there ({e.strerror})") from None
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Run the whole semiscale recipe")
     parser.add_argument("--config", required=True)
@@ -147,10 +132,11 @@ def main(argv=None):
         0 if "all" in args.force else names.index(f) for f in args.force)
     todo = [(name, script, stage_argv(spec_name, wiring, name)) for i, (name, script, spec_name, output, wiring)
             in enumerate(stages) if i >= forced or not os.path.exists(os.path.join(stage_dir(name), output))]
-    pipeline_answers.check_answers(cfg, stage_dir("active"), next((argv for name, _, argv in todo if name == "active"), None),
-                  "active" in names and names.index("active") >= forced)
+    active_argv = next((argv for name, _, argv in todo if name == "active"), None)
+    pipeline_answers.check_answers(cfg, stage_dir("active"), active_argv,
+                                   "active" in names and names.index("active") >= forced)
     check_stages(todo)
-    lock = claim(cfg.run.dir)   # every check has passed: the first write
+    lock = rundir.claim_pipeline(cfg.run.dir)   # every check has passed: the first write
     if not os.path.exists(os.path.join(cfg.run.dir, rundir.RUN_RECORD)):
         engine.write_json(os.path.join(cfg.run.dir, rundir.RUN_RECORD), {"stage": "pipeline"})
     engine.write_text(os.path.join(cfg.run.dir, rundir.CONFIG), config.dumps(cfg))
@@ -164,7 +150,8 @@ def main(argv=None):
             print(f"[pipeline] {name}: done, skipped ({folder}/{output} exists)", flush=True)
             continue
         argv = stage_argv(spec_name, wiring, name)
-        if name == "active" and not cfg.pipeline.oracle and not cfg.pipeline.answers and pipeline_answers.queries_waiting(folder, argv):
+        if (name == "active" and not cfg.pipeline.oracle and not cfg.pipeline.answers
+                and pipeline_answers.queries_waiting(folder, argv)):
             print(f"[pipeline] {name}: queries written before, not answered yet ({folder}/queries.csv)", flush=True)
         else:
             print(f"[pipeline] {name}: {script}.py {' '.join(argv)}", flush=True)

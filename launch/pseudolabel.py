@@ -1,8 +1,8 @@
 """Balanced pseudo-label iterations: predict -> top-P per class -> fine-tune on pseudo + labeled,
-then on labeled only (head re-initialised); P grows each iteration; the best model by val wins.
-With pseudo.reinitialise=true each iteration's first fine-tune starts from the pretrained pseudo.backbone
-instead of the model before it. A P
+then on labeled only (head re-initialised); P grows each iteration; the best model by val wins. A P
 below 1 is a fraction of the unlabeled images per class (balanced_selection.resolve_p), so one config suits any dataset size.
+With pseudo.reinitialise=true each iteration's first fine-tune starts from the pretrained pseudo.backbone
+instead of the model before it.
 
     python launch/pseudolabel.py --config configs/demo/pseudolabel.yaml [key=value ...]
 

@@ -133,6 +133,21 @@ class Lock:
         self._file.close()
 
 
+def claim_pipeline(run_dir: str) -> Lock:
+    """The pipeline's own run dir: a pipeline's (or new), one live pipeline at a time. Its config may change
+    between runs: each stage's run dir refuses a changed config for itself."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunDirError(f"run.dir={run_dir}: exists and is not a folder")
+    owner = recorded_stage(run_dir) if os.path.isdir(run_dir) else None
+    if owner not in (None, "pipeline"):
+        raise RunDirError(f"run.dir={run_dir}: a {owner} run dir, not a pipeline one; choose another run.dir")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        return Lock(run_dir)
+    except OSError as e:
+        raise RunDirError(f"run.dir={run_dir}: cannot write there ({e.strerror})") from None
+
+
 def move_aside(run_dir: str) -> str:
     """Move everything in `run_dir` but the lock and earlier replaced runs into replaced/<time>/."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
