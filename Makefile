@@ -29,13 +29,13 @@ demo: data
 	$(BIN)/python launch/pipeline.py --config configs/demo/pipeline.yaml data.root=$(DATA)
 
 test: setup $(FMNIST)
-	sh tests/cluster/install.sh
+	sh tests/slurm_harness/install.sh
 	$(BIN)/python -m pytest -q tests
 
 # No install step and no network: runs with the python on PATH and this checkout on PYTHONPATH (torch, torchvision, numpy, pillow, pyyaml,
 # tqdm, matplotlib); DALI, faiss, submitit and apex steps say SKIP when missing. DEVICE=cpu: the CPU twin.
 gpu-smoke:
-	PYTHONPATH=$(CURDIR) $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) launch/gpu_smoke.py --device $(DEVICE)
+	PYTHONPATH=$(CURDIR) $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) tests/gpu_smoke.py --device $(DEVICE)
 
 bench: setup
 	$(BIN)/python launch/bench.py --json runs/bench.json

@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Distributed semi-supervised image classification: Barlow Twins, balanced "
                 "pseudo-labels, FixMatch, active learning, multi-scale TTA",
-    packages=["trainer", "data", "launch", "launch.benches"],
+    packages=["trainer", "trainer.runtime", "trainer.algorithms", "trainer.operations", "data", "data.prepare", "launch", "launch.benches"],
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4", "torchvision>=0.19", "numpy", "pyyaml", "tqdm", "pillow",

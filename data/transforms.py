@@ -27,7 +27,7 @@ CUTOUT_MIN_AREA = 0.08
 
 @dataclass(frozen=True)
 class Augment:
-    """What the training views' augmentations do: the config's data.augment (trainer.config.AugmentConfig
+    """What the training views' augmentations do: the config's data.augment (trainer.runtime.config.AugmentConfig
     declares the ranges), shared with the DALI pipelines (data/dali.py). The defaults are the recipe's."""
     flip: bool = True                   # horizontal flip, p=0.5, in every training view (all but evaluate)
     translate: float = 0.125            # weak and strong views: shift by up to this fraction of the side; 0 = none

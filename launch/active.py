@@ -29,10 +29,12 @@ import time
 import numpy as np
 
 from data.datasets import read_classes, read_split
-from trainer import active_learning, annotations, config, dist, engine, knn
-from trainer.config import ActiveConfig
-from trainer.loading import eval_loader
-from trainer.models import load_backbone, load_classifier
+from trainer.algorithms import active_learning, knn
+from trainer.operations import annotations
+from trainer.runtime import config, dist, engine
+from trainer.runtime.config import ActiveConfig
+from trainer.runtime.loading import eval_loader
+from trainer.runtime.models import load_backbone, load_classifier
 
 
 def parse(argv):

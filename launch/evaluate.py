@@ -17,13 +17,13 @@ evaluate.mirror adds each view's horizontal mirror: always (tta=all) or as a can
 Every rank scores its shard of a split; only hit counts cross ranks.
 """
 from data.datasets import read_classes, read_split
-from trainer import config, dist, engine
-from trainer.config import EvaluateConfig
-from trainer.knn import faiss_gpu, knn_accuracy
-from trainer.loading import eval_loader
-from trainer.models import load_backbone, load_classifier
-from trainer.predict import embed
-from trainer.tta import best_subset, candidates, hit_counts, top1_top5
+from trainer.runtime import config, dist, engine
+from trainer.runtime.config import EvaluateConfig
+from trainer.algorithms.knn import faiss_gpu, knn_accuracy
+from trainer.runtime.loading import eval_loader
+from trainer.runtime.models import load_backbone, load_classifier
+from trainer.runtime.predict import embed
+from trainer.algorithms.tta import best_subset, candidates, hit_counts, top1_top5
 
 
 def labeled_splits(cfg) -> dict:

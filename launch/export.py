@@ -21,14 +21,14 @@ Inside the graph, for each TTA scale, data.transforms.evaluate(scale) is reprodu
 bilinear resize of the shorter side to the scale, in Pillow's 8-bit fixed-point arithmetic and pass
 order, read off the installed Pillow at export; the centre crop; / 255; ImageNet mean/std), then the
 network and its softmax; with --mirror, each scale's view mirrored left-right (x.flip(-1)) as a view of
-its own, after the scales' views; the output is the mean over the views (trainer.tta). --scales-from takes
+its own, after the scales' views; the output is the mean over the views (trainer.algorithms.tta). --scales-from takes
 the scales, and whether their mirrors, that evaluate.py chose on val (eval.json's tta_scales, tta_mirror;
 an eval.json without tta_mirror: no mirrors). The data.backend=dali views resize differently and are not
 what the export reproduces.
-The preprocessing module is data.pillow_resize; the exported module, its files and the check, trainer.export.
+The preprocessing module is data.pillow_resize; the exported module, its files and the check, trainer.operations.export.
 Before export.json is written the export checks itself: both files, run on ROOT's val images of the input
 size (up to 32) and on random images, against semiscale's own probabilities for the same images (the
-model, data.transforms.evaluate, trainer.tta's softmax and mean); a difference above 1e-4 stops it.
+model, data.transforms.evaluate, trainer.algorithms.tta's softmax and mean); a difference above 1e-4 stops it.
 Bad input ends with one line `export.py: error: ...` and exit status 2.
 """
 from __future__ import annotations
@@ -45,10 +45,10 @@ from PIL import Image
 
 from data.datasets import read_classes
 from data.pillow_resize import build_views
-from trainer import engine
-from trainer.export import (ExportedClassifier, as_input, check_images, check_parity, clear_previous, describe,
+from trainer.runtime import engine
+from trainer.operations.export import (ExportedClassifier, as_input, check_images, check_parity, clear_previous, describe,
                             readme, to_torchscript, write_onnx, write_text, write_torchscript)
-from trainer.models import load_classifier
+from trainer.runtime.models import load_classifier
 
 OUTPUTS = ("model.ts", "model.onnx", "classes.txt", "README", "export.json")
 CHECK_RANDOM_IMAGES = 4     # random-noise images for the self-check, which stress the resize's rounding

@@ -8,12 +8,12 @@ Writes run.dir/model.pt: the weights of the epoch with the best val top-1.
 import torch.nn.functional as F
 
 from data.datasets import labeled_with_pseudo_labels, read_classes, read_split
-from trainer import dist, engine, optim, schedule
-from trainer.loading import eval_loader, loader
-from trainer.config import FinetuneConfig
-from trainer.loop import BestModel, Loop
-from trainer.models import Classifier, build_backbone, classifier_arch, load_backbone_weights, save_classifier
-from trainer.predict import accuracy
+from trainer.runtime import dist, engine, optim, schedule
+from trainer.runtime.loading import eval_loader, loader
+from trainer.runtime.config import FinetuneConfig
+from trainer.runtime.loop import BestModel, Loop
+from trainer.runtime.models import Classifier, build_backbone, classifier_arch, load_backbone_weights, save_classifier
+from trainer.runtime.predict import accuracy
 
 
 def main(argv=None):

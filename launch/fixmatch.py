@@ -14,14 +14,15 @@ import torch
 
 from data.datasets import labeled_with_pseudo_labels, read_classes, read_split, without
 from data.loaders import resolve_backend
-from trainer import batchnorm, dist, engine, optim, schedule
-from trainer.config import FixmatchConfig
-from trainer.ema import EMA
-from trainer.fixmatch import EPOCH_SUMS, epoch_summary, fixmatch_loss, make_pseudo_labeler, step_sums
-from trainer.loading import eval_loader, loader
-from trainer.loop import BestModel, EpochSums, Loop
-from trainer.models import load_classifier, save_classifier
-from trainer.predict import accuracy
+from trainer.algorithms import batchnorm
+from trainer.runtime import dist, engine, optim, schedule
+from trainer.runtime.config import FixmatchConfig
+from trainer.algorithms.ema import EMA
+from trainer.algorithms.fixmatch import EPOCH_SUMS, epoch_summary, fixmatch_loss, make_pseudo_labeler, step_sums
+from trainer.runtime.loading import eval_loader, loader
+from trainer.runtime.loop import BestModel, EpochSums, Loop
+from trainer.runtime.models import load_classifier, save_classifier
+from trainer.runtime.predict import accuracy
 
 def splits(cfg):
     """(labeled + pseudo-labeled, unlabeled without the pseudo-labeled images)."""

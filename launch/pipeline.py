@@ -22,8 +22,9 @@ import subprocess
 import sys
 import time
 
-from trainer import config, engine, pipeline_answers, report, rundir
-from trainer.config import STAGE_CONFIGS, AugmentConfig, PipelineConfig, PipelineSection
+from trainer.runtime import config, engine, rundir
+from trainer.operations import pipeline_answers, report
+from trainer.runtime.config import STAGE_CONFIGS, AugmentConfig, PipelineConfig, PipelineSection
 
 # the stages that produce a classifier, in recipe order: each is scored by evaluate_<stage>
 MODEL_STAGES = ["supervised", "finetune", "pseudolabel", "fixmatch", "fixmatch_active"]

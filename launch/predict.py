@@ -13,7 +13,7 @@ file (ending in .csv) with a `path` column whose paths are relative to data.root
 .bmp .gif .tif .tiff .webp .ppm .pgm, any case; names starting with '.' skipped), paths written relative to
 it. A symlink that leads out of the folder refuses the run. data.root/classes.txt names the classes.
 
-TTA views, averaged with trainer.tta's functions (evaluate's): predict.scales=[28,36] averages the softmax
+TTA views, averaged with trainer.algorithms.tta's functions (evaluate's): predict.scales=[28,36] averages the softmax
 over the image's views at those sizes, predict.mirror=true adds each view's horizontal mirror;
 predict.tta_from=EVALUATE_RUN_DIR (or its eval.json) takes the scales and mirrors evaluate chose on val
 (tta_scales, tta_mirror; an eval.json without tta_mirror: no mirrors) and excludes both keys; with neither
@@ -41,8 +41,8 @@ another config (run.device, data.workers, inference.batch_size, run.log_every ma
 or TTA views in the same run.dir are refused unless --restart (which moves the old run aside into
 run.dir/replaced/).
 
-The machinery: trainer.labeling_inputs (what to label, at which views; a folder: data.image_folders) and
-trainer.predictions_csv (the chunked, resumable writer).
+The machinery: trainer.operations.labeling_inputs (what to label, at which views; a folder: data.image_folders) and
+trainer.operations.predictions_csv (the chunked, resumable writer).
 """
 from __future__ import annotations
 
@@ -53,11 +53,11 @@ from dataclasses import replace
 
 from data.datasets import read_classes
 from data.prepare_messages import shown
-from trainer import dist, engine
-from trainer.config import ConfigError, PredictConfig
-from trainer.labeling_inputs import read_input, tta_views
-from trainer.models import load_classifier
-from trainer.predictions_csv import (BAD_IMAGES, CHUNKS, PREDICTIONS, SUMMARY, claim_run_dir, fingerprint,
+from trainer.runtime import dist, engine
+from trainer.runtime.config import ConfigError, PredictConfig
+from trainer.operations.labeling_inputs import read_input, tta_views
+from trainer.runtime.models import load_classifier
+from trainer.operations.predictions_csv import (BAD_IMAGES, CHUNKS, PREDICTIONS, SUMMARY, claim_run_dir, fingerprint,
                                      label_chunks, merge, refuse_bad_images)
 
 STAGE = "predict"

@@ -37,18 +37,18 @@ import time
 
 import numpy as np
 
-from data.balanced_splits import draw_per_class, stratified_counts
-from data.dataset_folder import MANIFEST, already_prepared, finish, refuse_nesting, start_fresh
-from data.dataset_writer import (make_folders, link_folders, place_images, write_atomically, write_bad_images,
+from data.prepare.balanced_splits import draw_per_class, stratified_counts
+from data.prepare.dataset_folder import MANIFEST, already_prepared, finish, refuse_nesting, start_fresh
+from data.prepare.dataset_writer import (make_folders, link_folders, place_images, write_atomically, write_bad_images,
                                  write_dataset, write_listed_dataset)
-from data.decode_check import decode_problem, import_decoder
+from data.prepare.decode_check import decode_problem, import_decoder
 from data.errors import InputError
-from data.fashion_mnist import FASHION_MNIST_CLASSES, read_fashion_mnist
-from data.grey_png import write_grey_pngs_in
+from data.prepare.fashion_mnist import FASHION_MNIST_CLASSES, read_fashion_mnist
+from data.prepare.grey_png import write_grey_pngs_in
 from data.image_trees import list_folder
-from data.own_sources import list_own, split_listing
+from data.prepare.own_sources import list_own, split_listing
 from data.prepare_messages import PrepareError, say, shown
-from data.repeated_files import find_listed
+from data.prepare.repeated_files import find_listed
 
 
 def prepare_fashion_mnist(args) -> tuple[dict, dict] | None:

@@ -9,12 +9,13 @@ import dataclasses
 
 from data.datasets import read_classes, read_split
 from data.loaders import resolve_backend
-from trainer import checkpoint, dist, engine, knn, optim, schedule
-from trainer.loop import Loop
-from trainer.loading import eval_loader, loader
-from trainer.config import PretrainConfig
-from trainer.models import BACKBONE_ARCH, BarlowTwins, backbone_arch, build_backbone
-from trainer.predict import embed
+from trainer.runtime import checkpoint, dist, engine, optim, schedule
+from trainer.algorithms import knn
+from trainer.runtime.loop import Loop
+from trainer.runtime.loading import eval_loader, loader
+from trainer.runtime.config import PretrainConfig
+from trainer.runtime.models import BACKBONE_ARCH, BarlowTwins, backbone_arch, build_backbone
+from trainer.runtime.predict import embed
 
 
 def knn_monitor(backbone, cfg, rt, labeled, val, precision) -> float:

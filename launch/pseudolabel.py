@@ -16,12 +16,13 @@ import shutil
 
 from data.datasets import read_classes, read_split
 from launch import finetune as finetune_stage
-from trainer import balanced_selection, config, dist, engine, label_propagation
-from trainer.config import FinetuneConfig, PseudolabelConfig
-from trainer.knn import faiss_gpu
-from trainer.loading import eval_loader
-from trainer.models import load_classifier
-from trainer.predict import accuracy, write_predictions
+from trainer.algorithms import balanced_selection, label_propagation
+from trainer.runtime import config, dist, engine
+from trainer.runtime.config import FinetuneConfig, PseudolabelConfig
+from trainer.algorithms.knn import faiss_gpu
+from trainer.runtime.loading import eval_loader
+from trainer.runtime.models import load_classifier
+from trainer.runtime.predict import accuracy, write_predictions
 
 
 def predict(model_path, unlabeled, labeled, cfg, rt, out_dir):

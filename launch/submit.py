@@ -25,15 +25,16 @@ from pathlib import Path
 import submitit
 import yaml
 
-from trainer import config, slurm, sweep
-from trainer.slurm import UsageError
+from trainer.runtime import config
+from trainer.operations import slurm, sweep
+from trainer.operations.slurm import UsageError
 
 LAUNCH_DIR = Path(__file__).resolve().parent
 NOT_STAGES = {
     "submit": "it is this launcher",
     "bench": "it takes no --config; run `python launch/bench.py ...` on a node",
     "prepare": "it takes no --config; run `python launch/prepare.py ...` directly, or under srun",
-    "gpu_smoke": "it takes no --config; run `python launch/gpu_smoke.py` on a GPU node (srun --gpus=1 ...)",
+    "gpu_smoke": "it takes no --config; run `python tests/gpu_smoke.py` on a GPU node (srun --gpus=1 ...)",
 }
 PIPELINE = LAUNCH_DIR / "pipeline.py"
 
@@ -186,7 +187,7 @@ def submit(args: argparse.Namespace) -> list[submitit.Job]:
     folder = Path(args.folder).absolute() if args.folder else base / "submitit"
     slurm.fill_gpu_job_defaults(args)
     executor = slurm.make_executor(args, folder)
-    # StageJob pickles by reference: the job's interpreter imports it from trainer.slurm.
+    # StageJob pickles by reference: the job's interpreter imports it from trainer.operations.slurm.
     jobs_to_run = [slurm.StageJob(args.script, stage_argv(args, overrides)) for overrides in runs]
     if args.dry_run:
         print(slurm.sbatch_script(executor, len(runs)))

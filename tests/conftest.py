@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cluster.slurm import ClusterUnavailable, SlurmCluster
+from slurm_harness.slurm import ClusterUnavailable, SlurmCluster
 
 
 @pytest.fixture(scope="session")

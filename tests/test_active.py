@@ -12,9 +12,11 @@ from PIL import Image
 from tiny import ROOT, TINY_INFERENCE, fashion, pixels, save_backbone, stage, tiny_classifier
 from data.datasets import read_classes, read_split
 from launch import active
-from trainer import active_learning, annotations, config, engine
-from trainer.cluster import split_budget
-from trainer.models import build_backbone
+from trainer.algorithms import active_learning
+from trainer.operations import annotations
+from trainer.runtime import config, engine
+from trainer.algorithms.cluster import split_budget
+from trainer.runtime.models import build_backbone
 
 ACTIVE = os.path.join(ROOT, "configs", "demo", "active.yaml")
 QUERIES, CLUSTERS = 12, 4

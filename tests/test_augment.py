@@ -14,8 +14,8 @@ from data.datasets import read_split
 from data.loaders import build_loader
 from data.transforms import Augment
 from data.views import KINDS
-from trainer import config
-from trainer.loading import augment_of
+from trainer.runtime import config
+from trainer.runtime.loading import augment_of
 
 torch.set_num_threads(1)
 

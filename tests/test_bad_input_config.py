@@ -8,8 +8,8 @@ import typing
 
 import pytest
 
-from trainer import config
-from trainer.config import ConfigError, load
+from trainer.runtime import config
+from trainer.runtime.config import ConfigError, load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

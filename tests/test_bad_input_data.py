@@ -18,7 +18,7 @@ from PIL import Image
 from data.datasets import BadImageError, check_dataset, read_split
 from data.loaders import build_loader
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from data.dataset_folder import MANIFEST, OUTPUTS
+from data.prepare.dataset_folder import MANIFEST, OUTPUTS
 from launch import prepare
 
 PROJECT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from tiny import ENV, ROOT, TINY_FINETUNE, TINY_PRETRAIN, fashion, kill_after_checkpoint, stage
-from trainer import checkpoint, rundir
+from trainer.runtime import checkpoint, rundir
 
 PRETRAIN = os.path.join(ROOT, "configs", "demo", "pretrain.yaml")
 FINETUNE = os.path.join(ROOT, "configs", "demo", "finetune.yaml")
@@ -213,7 +213,7 @@ def test_a_bad_line_in_the_middle_is_named(tmp_path):
 
 
 def test_a_torn_log_is_mended_by_the_next_run_and_read_around_by_readers(data, tmp_path):
-    from trainer import engine
+    from trainer.runtime import engine
     run_dir = tmp_path / "run"
     finetune(data, run_dir)
     done = engine.read_done(str(run_dir))
@@ -353,7 +353,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(data, tmp_path):
 
 
 def test_on_nan_skip_leaves_weights_and_optimizer_untouched(caplog):
-    from trainer import engine
+    from trainer.runtime import engine
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scaler = engine.grad_scaler("fp32", torch.device("cpu"))
@@ -397,7 +397,7 @@ def test_pipeline_force_with_a_bad_override_deletes_nothing(data, tmp_path):
 
 def test_input_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
     from data.errors import InputError
-    from trainer import engine
+    from trainer.runtime import engine
 
     def bad_input():
         raise InputError("train.epochs=-1: expected an integer >= 1")

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from trainer import checkpoint
+from trainer.runtime import checkpoint
 
 
 class Boom(RuntimeError):

@@ -2,7 +2,7 @@ import faiss
 import numpy as np
 import pytest
 
-from trainer.cluster import greedy_kmeanspp, margin_query, margins, spherical_kmeans, split_budget
+from trainer.algorithms.cluster import greedy_kmeanspp, margin_query, margins, spherical_kmeans, split_budget
 
 
 def greedy_split(sizes, budget):

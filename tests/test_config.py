@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from trainer.config import STAGE_CONFIGS, ConfigError, PretrainConfig, load
+from trainer.runtime.config import STAGE_CONFIGS, ConfigError, PretrainConfig, load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

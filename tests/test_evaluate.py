@@ -8,9 +8,10 @@ import torch
 from tiny import ROOT, TINY_INFERENCE, fashion, pixels, save_backbone, stage, tiny_classifier
 from data.datasets import read_split
 from launch import evaluate
-from trainer import checkpoint, config, tta
-from trainer.knn import knn_accuracy
-from trainer.models import build_backbone, load_classifier
+from trainer.runtime import checkpoint, config
+from trainer.algorithms import tta
+from trainer.algorithms.knn import knn_accuracy
+from trainer.runtime.models import build_backbone, load_classifier
 
 EVALUATE = os.path.join(ROOT, "configs", "demo", "evaluate.yaml")
 SCALES = [28, 40]

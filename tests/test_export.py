@@ -17,9 +17,9 @@ from data.datasets import load_image, read_classes, read_split
 from data.pillow_resize import build_views
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, evaluate
 from launch import export
-from trainer import engine
-from trainer.models import load_classifier
-from trainer.tta import scale_probabilities, tta_probabilities
+from trainer.runtime import engine
+from trainer.runtime.models import load_classifier
+from trainer.algorithms.tta import scale_probabilities, tta_probabilities
 
 SCALES = [28, 32, 22]   # the training size, up, down
 MIRRORED_SCALES = [28, 22]

@@ -15,10 +15,10 @@ from torch import nn
 from data.datasets import read_split
 from data.loaders import build_loader
 from tiny import ROOT, assert_same_weights, assert_trained_alike, fashion, stage
-from trainer import checkpoint
-from trainer.ema import EMA
-from trainer.fixmatch import fixmatch_loss
-from trainer.models import build_backbone
+from trainer.runtime import checkpoint
+from trainer.algorithms.ema import EMA
+from trainer.algorithms.fixmatch import fixmatch_loss
+from trainer.runtime.models import build_backbone
 
 CONFIG = os.path.join(ROOT, "configs", "demo", "fixmatch.yaml")
 ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")   # 2 shared cores: intra-op threads only contend

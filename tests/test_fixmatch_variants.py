@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from data.errors import InputError
 from multiproc import run_ranks
-from trainer.dist import Runtime
-from trainer.fixmatch import VARIANTS, fixmatch_loss, make_pseudo_labeler
+from trainer.runtime.dist import Runtime
+from trainer.algorithms.fixmatch import VARIANTS, fixmatch_loss, make_pseudo_labeler
 
 C = 3
 

@@ -9,7 +9,7 @@ from tiny import ENV, ROOT
 
 def test_smoke_on_cpu_passes_every_step_it_can_run(tmp_path):
     out = tmp_path / "smoke"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "gpu_smoke.py"), "--device", "cpu",
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "gpu_smoke.py"), "--device", "cpu",
                            "--out", str(out)], capture_output=True, text=True, timeout=900, env=ENV)
     summary = json.load(open(out / "smoke.json"))
     status = {s["step"]: s["status"] for s in summary["steps"]}
@@ -24,7 +24,7 @@ def test_smoke_on_cpu_passes_every_step_it_can_run(tmp_path):
 
 def test_smoke_never_replaces_a_folder_it_did_not_make(tmp_path):
     (tmp_path / "notes.txt").write_text("mine\n")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "gpu_smoke.py"), "--device", "cpu",
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "gpu_smoke.py"), "--device", "cpu",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 2 and proc.stderr.strip().endswith("expected a new, empty or earlier smoke folder")
     assert os.listdir(tmp_path) == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine\n"

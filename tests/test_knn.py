@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.knn import cosine_search, knn_accuracy, knn_classify, unit_rows
+from trainer.algorithms.knn import cosine_search, knn_accuracy, knn_classify, unit_rows
 
 
 def brute_force_knn(train, labels, query, num_classes, k, temperature):

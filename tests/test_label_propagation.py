@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.balanced_selection import TopPerClass
-from trainer.label_propagation import _normalised_graph, propagate, top_k
+from trainer.algorithms.balanced_selection import TopPerClass
+from trainer.algorithms.label_propagation import _normalised_graph, propagate, top_k
 
 
 def dense_reference(x, labeled_index, labels, num_classes, k, alpha, gamma):

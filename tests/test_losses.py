@@ -1,7 +1,7 @@
 import torch
 
 from multiproc import run_ranks
-from trainer import losses
+from trainer.algorithms import losses
 
 
 def reference_loss(z1, z2, lambd):

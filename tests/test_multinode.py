@@ -13,7 +13,7 @@ import torch
 from multiproc import free_port
 from test_pretrain import CONFIG, pretrain, weights
 from tiny import ENV, ROOT, TINY_PRETRAIN, assert_trained_alike, fashion, initial_backbone
-from trainer import checkpoint
+from trainer.runtime import checkpoint
 
 TIMEOUT_S = 600
 SCRIPT = os.path.join(ROOT, "launch", "pretrain.py")

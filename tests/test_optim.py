@@ -7,8 +7,8 @@ from torch import nn
 
 from launch.bench import main as bench_main
 from launch.benches.lars import ReferenceLARS
-from trainer import optim, schedule
-from trainer.optim import LARS
+from trainer.runtime import optim, schedule
+from trainer.runtime.optim import LARS
 
 torch.set_num_threads(1)
 

@@ -1,9 +1,9 @@
 """train.precision=auto: a measured choice between fp32 and bf16 on the CPU, leaving the model untouched."""
 import torch
 
-from trainer import engine
-from trainer.dist import Runtime
-from trainer.models import Classifier, build_backbone
+from trainer.runtime import engine
+from trainer.runtime.dist import Runtime
+from trainer.runtime.models import Classifier, build_backbone
 
 
 def test_auto_measures_both_and_takes_the_faster_without_touching_the_model():

@@ -16,7 +16,7 @@ import yaml
 from tiny import ENV, ROOT, fashion, pixels, stage, tiny_classifier
 from data.datasets import read_classes, read_split
 from launch import predict
-from trainer.engine import StageError
+from trainer.runtime.engine import StageError
 
 SCRIPT = os.path.join(ROOT, "launch", "predict.py")
 CONFIG = os.path.join(ROOT, "configs", "demo", "predict.yaml")

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from data.datasets import load_image, read_split
-from data.dataset_folder import INCOMPLETE
+from data.prepare.dataset_folder import INCOMPLETE
 from launch import prepare
 
 PROJECT = Path(__file__).resolve().parents[1]

@@ -9,9 +9,9 @@ import torch
 
 from multiproc import run_ranks
 from tiny import ROOT, TINY_FINETUNE, fashion, kill_after_checkpoint, pretrained_backbone, stage
-from trainer.balanced_selection import resolve_p
-from trainer import checkpoint
-from trainer.config import ConfigError
+from trainer.algorithms.balanced_selection import resolve_p
+from trainer.runtime import checkpoint
+from trainer.runtime.config import ConfigError
 
 FINETUNE = os.path.join(ROOT, "configs", "demo", "finetune.yaml")
 PSEUDO = os.path.join(ROOT, "configs", "demo", "pseudolabel.yaml")
@@ -165,7 +165,7 @@ def test_reinitialise_starts_each_iteration_from_the_pretrained_backbone(tmp_pat
 
 def test_mean_scorer_ranks_by_the_classifier_and_label_propagation_together(tmp_path_factory, tmp_path):
     from data.datasets import read_split
-    from trainer import label_propagation
+    from trainer.algorithms import label_propagation
     data = fashion(tmp_path_factory)
     finetune(data, pretrained_backbone(tmp_path_factory, data), tmp_path / "ft", "train.epochs=2")
     run = tmp_path / "pl"
@@ -197,9 +197,9 @@ def test_mean_scorer_ranks_by_the_classifier_and_label_propagation_together(tmp_
 def _predict(rank, data, world_dir, on_bad_image="error"):
     from data.datasets import read_split
     from data.loaders import build_loader
-    from trainer.dist import init
-    from trainer.models import Classifier, build_backbone
-    from trainer.predict import write_predictions
+    from trainer.runtime.dist import init
+    from trainer.runtime.models import Classifier, build_backbone
+    from trainer.runtime.predict import write_predictions
     torch.manual_seed(0)
     model = Classifier(build_backbone("small", width=8), 10)
     split = read_split(data, "unlabeled")
@@ -243,8 +243,8 @@ def _finetune_then_read_as_pseudolabel_does(rank, data, init, run_dir):
     import time
 
     from launch import finetune as finetune_stage
-    from trainer import engine
-    from trainer.models import load_classifier
+    from trainer.runtime import engine
+    from trainer.runtime.models import load_classifier
     write = finetune_stage.save_classifier
     finetune_stage.save_classifier = lambda *a: (time.sleep(2), write(*a))
     finetune_stage.main(["--config", FINETUNE, f"data.root={data}", f"run.dir={run_dir}", f"finetune.backbone={init}",

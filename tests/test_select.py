@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from trainer.balanced_selection import TopPerClass, confidence_adapted, select_balanced_from_npy
+from trainer.algorithms.balanced_selection import TopPerClass, confidence_adapted, select_balanced_from_npy
 
 NUM_CLASSES = 12
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from cluster import slurm
-from trainer import slurm as slurm_jobs
+from slurm_harness import slurm
+from trainer.operations import slurm as slurm_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_STAGE = str(ROOT / "tests" / "cluster" / "toy_stage.py")

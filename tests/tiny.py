@@ -45,7 +45,7 @@ def kill_after_checkpoint(name: str, args: list, run_dir, min_step: int) -> int:
     import signal
     import time
 
-    from trainer import checkpoint
+    from trainer.runtime import checkpoint
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", f"{name}.py"), *map(str, args)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     ckpt = os.path.join(run_dir, "checkpoint.pt")
@@ -76,9 +76,9 @@ TINY_FINETUNE = ["model.width=8", "train.batch_size=8", "train.precision=fp32", 
 
 def initial_backbone(config_path: str, *overrides) -> dict:
     """The backbone pretrain.py starts from: same config, same seed, same constructor."""
-    from trainer import config, engine
-    from trainer.config import PretrainConfig
-    from trainer.models import build_backbone
+    from trainer.runtime import config, engine
+    from trainer.runtime.config import PretrainConfig
+    from trainer.runtime.models import build_backbone
     cfg = config.load(PretrainConfig, config_path, list(overrides))
     engine.seed_everything(cfg.run.seed)
     return build_backbone(cfg.model.backbone, cfg.model.small_stem, cfg.model.width).state_dict()
@@ -143,7 +143,7 @@ def tiny_classifier(data, path, seed=0):
     import torch
 
     from data.datasets import read_split
-    from trainer.models import Classifier, build_backbone, save_classifier
+    from trainer.runtime.models import Classifier, build_backbone, save_classifier
     torch.manual_seed(seed)
     model = Classifier(build_backbone("small", width=8), 10).eval()
     labeled = read_split(data, "labeled")

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from trainer.cluster import spherical_kmeans
+from trainer.algorithms.cluster import spherical_kmeans
 
 FULL = dict(n=512_000, d=2048, k=200)
 QUICK = dict(n=20_000, d=128, k=50)

@@ -1,4 +1,4 @@
-"""LARS step on the ResNet-50 parameter set: vectorised trainer.optim.LARS vs a per-parameter loop.
+"""LARS step on the ResNet-50 parameter set: vectorised trainer.runtime.optim.LARS vs a per-parameter loop.
 
 The loop (ReferenceLARS) is the plain reading of the algorithm; tests/test_optim.py checks LARS
 against it. Figures: median ms per step, their ratio (target >= 3x), the same for the biases/norm
@@ -13,8 +13,8 @@ import time
 import torch
 import torchvision
 
-from trainer.dist import resolve_device
-from trainer.optim import LARS, lars_param_groups
+from trainer.runtime.dist import resolve_device
+from trainer.runtime.optim import LARS, lars_param_groups
 
 TARGET_RATIO = 3.0
 # Barlow Twins' learning rates for a global batch of 2048 (per-256 rates times 2048 / 256)
@@ -22,7 +22,7 @@ LR_WEIGHTS, LR_BIASES, WEIGHT_DECAY = 0.2 * 8, 0.0048 * 8, 1.5e-6
 
 
 class ReferenceLARS(torch.optim.Optimizer):
-    """LARS one parameter at a time (same maths and state layout as trainer.optim.LARS)."""
+    """LARS one parameter at a time (same maths and state layout as trainer.runtime.optim.LARS)."""
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
                  eta: float = 0.001):

@@ -44,7 +44,7 @@ def _pngs_28px(root, count):
     """Fashion-MNIST's first images as 8-bit greyscale PNGs, or blurred random blobs without the package."""
     os.makedirs(os.path.join(root, "images"))
     if os.path.isdir(FASHION_MNIST_DIR):
-        from data.fashion_mnist import read_fashion_mnist
+        from data.prepare.fashion_mnist import read_fashion_mnist
         images = read_fashion_mnist(FASHION_MNIST_DIR, limit=count)["train"][0]
     else:
         rng = np.random.default_rng(0)

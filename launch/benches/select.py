@@ -78,7 +78,7 @@ def memory_kib() -> dict[str, int]:
 
 def stream_in_child(argv: list[str]) -> None:
     """Run the streaming selection in this (fresh) process; print seconds, RSS before and peak RSS."""
-    from trainer.balanced_selection import select_balanced_from_npy
+    from trainer.algorithms.balanced_selection import select_balanced_from_npy
 
     class_path, prob_path, c, p, out = argv
     with open("/proc/self/clear_refs", "w") as clear_refs:

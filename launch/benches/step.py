@@ -5,8 +5,8 @@ import time
 
 import torch
 
-from trainer import engine, optim
-from trainer.models import BarlowTwins, build_backbone
+from trainer.runtime import engine, optim
+from trainer.runtime.models import BarlowTwins, build_backbone
 
 _PRETRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pretrain.py")
 

@@ -1,0 +1,70 @@
+"""The folder a prepared dataset lives in: idempotent (prepare.json, written last, records the
+parameters), and an interrupted run is never trusted (a marker file until `finish`); a rebuild removes
+only prepare's own OUTPUTS, and a source may not lie inside it (nor it inside a source)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from data.prepare.dataset_writer import write_atomically
+from data.prepare_messages import PrepareError
+
+MANIFEST, INCOMPLETE = "prepare.json", ".prepare-incomplete"
+OUTPUTS = ("images", "classes.txt", "labeled.csv", "val.csv", "test.csv", "unlabeled.csv", "bad_images.txt", MANIFEST)
+
+
+def refuse_nesting(source: str, root: str):
+    """Raises when the source and ROOT are one folder or one lies inside the other (symlinks resolved).
+
+    A rebuild replaces ROOT/images, which would delete a source inside ROOT; a ROOT inside a folder
+    source would be read back as one more class by the next run.
+    """
+    source_real, root_real = os.path.realpath(source), os.path.realpath(root)
+    common = os.path.commonpath([source_real, root_real])
+    if common == root_real:
+        raise PrepareError(f"source {source} lies inside --out {root}: rebuilding --out would delete it; "
+                           "expected a source outside --out (move the images out first)")
+    if common == source_real:
+        raise PrepareError(f"--out {root} lies inside the source {source}: expected an --out outside the source")
+
+
+def already_prepared(root: str, params: dict, force: bool) -> bool:
+    """True when ROOT holds a finished dataset built with `params`; raises when ROOT holds something else."""
+    if os.path.lexists(root) and not os.path.isdir(root):
+        raise PrepareError(f"--out {root} is a file; expected a new or empty folder, or a dataset to rebuild")
+    manifest = os.path.join(root, MANIFEST)
+    if os.path.exists(manifest):
+        if force:
+            return False
+        try:
+            with open(manifest, encoding="utf-8") as f:
+                previous = json.load(f)["params"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PrepareError(f"{manifest}: cannot read the parameters of the dataset there ({e}); "
+                               "pass --force to rebuild it, or choose another --out") from None
+        if previous != params:
+            raise PrepareError(f"{root} holds a dataset prepared with other parameters ({previous}); "
+                               "pass --force to rebuild it, or choose another --out")
+        return all(os.path.exists(os.path.join(root, name)) for name in OUTPUTS)
+    if os.path.isdir(root) and os.listdir(root) and not os.path.exists(os.path.join(root, INCOMPLETE)):
+        raise PrepareError(f"{root} is not empty and is not a semiscale dataset; choose a new or empty --out")
+    return False
+
+
+def start_fresh(root: str):
+    """Marks ROOT incomplete (until `finish`) and removes any earlier outputs."""
+    os.makedirs(root, exist_ok=True)
+    open(os.path.join(root, INCOMPLETE), "w").close()
+    for name in OUTPUTS:
+        path = os.path.join(root, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+    os.makedirs(os.path.join(root, "images"))
+
+
+def finish(root: str, params: dict, counts: dict):
+    write_atomically(os.path.join(root, MANIFEST), json.dumps({"params": params, "counts": counts}, indent=2) + "\n")
+    os.remove(os.path.join(root, INCOMPLETE))

@@ -1,0 +1,172 @@
+"""What an annotator sees and sends back in active learning: queries.csv, contact sheets of the queried
+images, and the answers (an annotator's CSV, checked row by row, or the hidden labels of a simulation)
+merged into labeled.csv with a summary of how they went.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import posixpath
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from data.datasets import Split, load_image
+from trainer.runtime.engine import StageError
+
+QUERY_COLUMNS = ["path", "cluster", "margin", "guess"]
+
+
+def _relative(split: Split, path: str) -> str:
+    return os.path.relpath(path, split.root)
+
+
+# ---- queries.csv ----
+
+def write_queries(path, split: Split, chosen, margin, assignment, guess, classes):
+    """queries.csv: path,cluster,margin,guess per chosen row of `split`, in the order given (query n = data row n)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(QUERY_COLUMNS)
+        for row, m in zip(chosen, margin):
+            writer.writerow([_relative(split, split.paths[row]), int(assignment[row]), f"{m:.6f}", classes[guess[row]]])
+    os.replace(tmp, path)
+
+
+def read_queries(path) -> list[dict]:
+    """queries.csv's rows as dicts keyed by QUERY_COLUMNS."""
+    if not os.path.exists(path):
+        raise StageError(f"{path}: not found; run `launch/active.py --config ...` with this run.dir first")
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+# ---- contact sheets ----
+
+THUMB, COLUMNS, ROWS_PER_PAGE, PAD, LINE = 128, 10, 10, 6, 16
+
+
+def sheet_names(num_queries: int, per_page: int) -> list[str]:
+    """queries.png, then queries-2.png, queries-3.png, ... for the following pages."""
+    pages = max(1, math.ceil(num_queries / per_page))
+    return ["queries.png"] + [f"queries-{p}.png" for p in range(2, pages + 1)]
+
+
+def _fit_text(draw, text, font, width):
+    while draw.textlength(text, font=font) > width and len(text) > 1:
+        text = text[:-2] + "…"
+    return text
+
+
+def write_contact_sheets(out_dir, image_paths, captions, per_page=COLUMNS * ROWS_PER_PAGE) -> list[str]:
+    """Numbered thumbnails (query number, caption below) in pages of `per_page`; returns the files written.
+
+    Small images are enlarged to THUMB px so an annotator can judge them.
+    """
+    font, bold = ImageFont.load_default(size=13), ImageFont.load_default(size=15)
+    cell_w, cell_h = THUMB + 2 * PAD, THUMB + 2 * LINE + 2 * PAD
+    n = len(image_paths)
+    written = []
+    for page, name in enumerate(sheet_names(n, per_page)):
+        first, last = page * per_page, min(n, (page + 1) * per_page)
+        rows = max(1, math.ceil((last - first) / COLUMNS))
+        sheet = Image.new("RGB", (COLUMNS * cell_w, 2 * LINE + rows * cell_h), "white")
+        draw = ImageDraw.Draw(sheet)
+        draw.text((PAD, PAD), f"queries {first + 1}-{last} of {n} (page {page + 1}): #n = row n of queries.csv "
+                              "after its header; below it, the model's guess", fill="black", font=bold)
+        for i in range(first, last):
+            x = (i - first) % COLUMNS * cell_w + PAD
+            y = 2 * LINE + (i - first) // COLUMNS * cell_h + PAD
+            image = ImageOps.contain(load_image(image_paths[i]), (THUMB, THUMB), Image.Resampling.BICUBIC)
+            sheet.paste(image, (x + (THUMB - image.width) // 2, y + (THUMB - image.height) // 2))
+            draw.rectangle((x - 1, y - 1, x + THUMB, y + THUMB), outline="#999999")
+            draw.text((x, y + THUMB + 2), f"#{i + 1}", fill="black", font=bold)
+            draw.text((x, y + THUMB + 2 + LINE), _fit_text(draw, captions[i], font, THUMB), fill="#333333", font=font)
+        path = os.path.join(out_dir, name)
+        sheet.save(path + ".tmp.png")
+        os.replace(path + ".tmp.png", path)
+        written.append(path)
+    return written
+
+
+# ---- answers ----
+
+def class_of(text: str, classes: list[str]):
+    """A class id from a class name or an id; None when it is neither. Names win over ids."""
+    if text in classes:
+        return classes.index(text)
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    return value if 0 <= value < len(classes) else None
+
+
+def import_answers(path: str, queries: list[dict], queries_path: str, root: str, classes: list[str]) -> dict:
+    """{query path: class id} from an annotator's CSV; bad rows raise one line naming path:line."""
+    queried = {q["path"] for q in queries}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            header, *rows = list(csv.reader(f)) or [[]]
+    except (OSError, UnicodeDecodeError) as e:
+        raise StageError(f"{path}: cannot read the answers ({e})") from None
+    if "path" not in header or "label" not in header:
+        raise StageError(f"{path}:1: expected a header with columns path and label, got {header}")
+    path_col, label_col = header.index("path"), header.index("label")
+    answers, lines = {}, {}
+    for lineno, row in enumerate(rows, start=2):
+        if len(row) != len(header):
+            raise StageError(f"{path}:{lineno}: expected {len(header)} fields ({','.join(header)}), got {row}")
+        rel, label = posixpath.normpath(row[path_col].strip()), row[label_col].strip()
+        if rel.startswith("/") or rel == ".." or rel.startswith("../"):
+            raise StageError(f"{path}:{lineno}: path {row[path_col]!r} escapes the dataset: expected a path "
+                             f"relative to and inside {root}")
+        if rel not in queried:
+            raise StageError(f"{path}:{lineno}: {rel} is not one of the {len(queried)} queries in {queries_path}")
+        if rel in lines:
+            raise StageError(f"{path}:{lineno}: {rel} is already answered on line {lines[rel]}")
+        lines[rel] = lineno
+        if not label:   # the annotator could not tell
+            continue
+        answer = class_of(label, classes)
+        if answer is None:
+            raise StageError(f"{path}:{lineno}: label {label!r} is neither a class name in "
+                             f"{root}/classes.txt nor a class id in [0, {len(classes)})")
+        answers[rel] = answer
+    return answers
+
+
+def oracle_answers(queries: list[dict], unlabeled: Split) -> dict:
+    """The hidden labels of the queried images, and of no other image."""
+    if unlabeled.hidden_labels is None:
+        raise StageError(f"active.oracle: {unlabeled.root}/unlabeled.csv has no hidden label column")
+    hidden = dict(zip((_relative(unlabeled, p) for p in unlabeled.paths), unlabeled.hidden_labels))
+    return {q["path"]: int(hidden[q["path"]]) for q in queries}
+
+
+def write_labeled(path: str, labeled: Split, answers: dict):
+    """labeled.csv = the labeled split's rows, then the answers; paths relative to the dataset root."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"])
+        writer.writerows((_relative(labeled, p), int(y)) for p, y in zip(labeled.paths, labeled.labels))
+        writer.writerows((p, y) for p, y in answers.items())
+    os.replace(tmp, path)
+
+
+def answers_summary(source, queries, answers, labeled: Split, unlabeled: Split, classes) -> dict:
+    """answers_summary.json: how many queries were answered, and how often the model's guess was right."""
+    answered = [q for q in queries if q["path"] in answers]
+    guess_right = [classes.index(q["guess"]) == answers[q["path"]] for q in answered]
+    summary = {"source": source, "queries": len(queries), "answered": len(answered),
+               "labeled_before": len(labeled), "labeled_after": len(labeled) + len(answered),
+               "guess_accuracy": float(np.mean(guess_right)) if answered else None,   # the model on its queries
+               "answer_accuracy": None,
+               "class_counts": np.bincount(list(answers.values()), minlength=len(classes)).tolist()}
+    if unlabeled.hidden_labels is not None and answered:   # simulations: how good the answers were
+        hidden = dict(zip((_relative(unlabeled, p) for p in unlabeled.paths), unlabeled.hidden_labels))
+        summary["answer_accuracy"] = float(np.mean([hidden[q["path"]] == answers[q["path"]] for q in answered]))
+    return summary

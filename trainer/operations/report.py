@@ -1,0 +1,277 @@
+"""The pipeline's report: tables (accuracy per stage, pseudo-label iterations, wall time) and plots."""
+from __future__ import annotations
+
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from data.datasets import load_image, read_classes, read_split  # noqa: E402
+from data.transforms import evaluate as eval_transform  # noqa: E402
+from trainer.runtime import rundir  # noqa: E402
+from trainer.runtime.models import build_backbone, load_backbone_weights, load_classifier, residual_stages  # noqa: E402
+
+# each stage's row in the ablation table ({labels}: the labeled images the run started with;
+# {queries}: the answers active learning added)
+ROWS = {"supervised": "Supervised only ({labels} labels, random init)",
+        "knn": "Barlow Twins features, kNN on the {labels} labels",
+        "finetune": "+ fine-tune (backbone + linear head)",
+        "pseudolabel": "+ balanced pseudo-label iterations",
+        "fixmatch": "+ FixMatch",
+        "fixmatch_active": "+ active learning ({queries} answers), FixMatch again",
+        "tta": "+ multi-scale TTA"}
+
+
+def _json(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _events(run_dir):
+    path = os.path.join(run_dir, rundir.METRICS)
+    return rundir.read_lines(path) if os.path.exists(path) else []
+
+
+def _row_names(run_dir: str) -> dict:
+    labels = len(read_split(_data_root(run_dir), "labeled"))
+    answers = _json(os.path.join(run_dir, "active", "answers_summary.json"))
+    queries = answers["answered"] if answers else "–"
+    return {stage: name.format(labels=labels, queries=queries) for stage, name in ROWS.items()}
+
+
+def accuracy_table(run_dir: str, model_stages: list[str]) -> list[dict]:
+    """Table 2: val/test top-1 after each stage (single scale), then the final model with TTA."""
+    rows, names = [], _row_names(run_dir)
+    knn = _json(os.path.join(run_dir, "evaluate_knn", "eval.json"))
+    final = None
+    for stage in model_stages:
+        result = _json(os.path.join(run_dir, f"evaluate_{stage}", "eval.json"))
+        if stage == "finetune" and knn:
+            rows.append({"stage": "knn", "name": names["knn"], **{s: knn["knn"][s] for s in ("val", "test")}})
+        if result:
+            splits = result["splits"]
+            first = next(iter(splits["val"]["scales"]))   # the first of evaluate.scales: the training size
+            rows.append({"stage": stage, "name": names[stage],
+                         **{s: splits[s]["scales"][first]["top1"] for s in ("val", "test") if s in splits}})
+            if stage != "supervised":
+                final = splits
+    if final:
+        rows.append({"stage": "tta", "name": names["tta"], **{s: final[s]["tta"]["top1"] for s in ("val", "test")}})
+    return rows
+
+
+def val_drops(accuracy: list[dict]) -> list[tuple[dict, dict]]:
+    """(previous, stage) pairs of the recipe's chain (the supervised baseline aside) where val fell."""
+    chain = [r for r in accuracy if r["stage"] != "supervised" and r.get("val") is not None]
+    return [(a, b) for a, b in zip(chain, chain[1:]) if b["val"] < a["val"]]
+
+
+def iteration_table(run_dir: str) -> list[dict]:
+    """Table 4: per pseudo-label iteration, P, pseudo-labels, duplicates, precision, val top-1."""
+    selection = _json(os.path.join(run_dir, "pseudolabel", "selection.json"))
+    return selection["iterations"] if selection else []
+
+
+def _fmt(x, pct=True):
+    if x is None:
+        return "–"
+    return f"{100 * x:.2f}" if pct else f"{x}"
+
+
+def write(run_dir: str, stage_seconds: dict, model_stages: list[str]):
+    """report.md/.json and plots of a pipeline run; `model_stages`: the stages that produce a classifier,
+    in recipe order (each scored in evaluate_<stage>)."""
+    accuracy, iterations = accuracy_table(run_dir, model_stages), iteration_table(run_dir)
+    plots = [p for p in (plot_ablation(run_dir, accuracy), plot_curves(run_dir), plot_precision(run_dir),
+                         plot_top_images(run_dir), plot_feature_maps(run_dir, model_stages)) if p]
+    lines = ["# semiscale run report", "", f"Run dir: `{os.path.abspath(run_dir)}`", "",
+             "## Accuracy after each stage (top-1 %)", "", "| stage | val | test |", "|---|---|---|"]
+    lines += [f"| {r['name']} | {_fmt(r.get('val'))} | {_fmt(r.get('test'))} |" for r in accuracy]
+    drops = val_drops(accuracy)
+    lines += ["", "Every stage at least as good as the one before it on val: " + (
+        "no; " + "; ".join(f"{b['name']} {_fmt(b['val'])} < {_fmt(a['val'])}" for a, b in drops) if drops
+        else "yes") + ".", "Model selection uses val only; test is reported, never used to choose.", "",
+              "## Pseudo-label iterations", "",
+              "| iteration | P | pseudo-labels | images chosen for >1 class | precision % | val top-1 % |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['iteration']} | {r.get('p', '–')} | {r.get('selected', '–')} | {r.get('duplicates', '–')} | "
+              f"{_fmt(r.get('precision'))} | {_fmt(r['val_top1'])} |" for r in iterations]
+    lines += ["", "Iteration 0 is the fine-tuned model the iterations start from; precision is measured "
+              "against the hidden labels of the unlabeled set.", "", "## Wall time per stage", "",
+              "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in stage_seconds.items()]
+    lines += [f"| total | {sum(stage_seconds.values()):.0f} |", "", "## Plots", ""]
+    lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+    with open(os.path.join(run_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(run_dir, "report.json"), "w") as f:
+        json.dump({"accuracy": accuracy, "val_drops": [b["stage"] for _, b in drops], "iterations": iterations,
+                   "stage_seconds": stage_seconds,
+                   "plots": [os.path.basename(p) for p in plots]}, f, indent=2)
+    print("\n".join(lines[4:4 + 6 + len(accuracy)]), flush=True)   # the table and the verdict line
+
+
+# ---- plots ----
+
+def plot_ablation(run_dir, accuracy):
+    if not accuracy:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(accuracy) + 1.5))
+    names = [r["name"] for r in accuracy][::-1]
+    test = [100 * (r.get("test") or 0) for r in accuracy][::-1]
+    bars = ax.barh(names, test, color="#4c72b0")
+    for bar, value in zip(bars, test):
+        ax.text(value + 0.3, bar.get_y() + bar.get_height() / 2, f"{value:.1f}", va="center")
+    ax.set_xlabel("test top-1 (%)")
+    ax.set_xlim(min(test) - 10 if test else 0, 100)
+    ax.set_title("Accuracy after each stage")
+    fig.tight_layout()   # room for the stage names
+    return _save(fig, run_dir, "ablation.png")
+
+
+def plot_curves(run_dir):
+    panels = []
+    for stage in ("pretrain", "finetune", "fixmatch", "fixmatch_active"):
+        events = _events(os.path.join(run_dir, stage))
+        loss = [(e["step"], e["loss"]) for e in events if "loss" in e]
+        val = {k: [(e["step"], e[k]) for e in events if k in e and "event" not in e]
+               for k in ("val_top1", "val_top1_ema", "knn_top1")}
+        val = {k: points for k, points in val.items() if points}
+        if loss:
+            panels.append((stage, loss, val))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+    for ax, (stage, loss, val) in zip(axes[0], panels):
+        ax.plot(*zip(*loss), color="#4c72b0", lw=1)
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss", color="#4c72b0")
+        if val:
+            twin = ax.twinx()
+            for (key, points), colour in zip(val.items(), ("#dd8452", "#55a868", "#c44e52")):
+                twin.plot(*zip(*sorted(points)), "o-", color=colour, ms=3, label=key)
+            twin.set_ylabel("val / kNN top-1", color="#dd8452")
+            twin.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    return _save(fig, run_dir, "training_curves.png")
+
+
+def plot_precision(run_dir):
+    iterations = [r for r in iteration_table(run_dir) if r["iteration"] > 0]
+    sel = [_json(os.path.join(run_dir, "pseudolabel", f"iter{r['iteration']}", "selection.json")) for r in iterations]
+    sel = [s for s in sel if s and s.get("class_precision")]
+    if not sel:
+        return None
+    classes = read_classes(_data_root(run_dir))
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(classes)), 3.8))
+    width = 0.8 / len(sel)
+    for j, s in enumerate(sel):
+        values = [100 * (v or 0) for v in s["class_precision"]]
+        ax.bar(np.arange(len(values)) + j * width, values, width, label=f"P={s['p']}")
+    ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=45, ha="right")
+    ax.set_ylabel("pseudo-label precision (%)")
+    ax.legend(fontsize=8)
+    ax.set_title("Per-class pseudo-label precision per iteration")
+    fig.tight_layout()
+    return _save(fig, run_dir, "pseudo_label_precision.png")
+
+
+def plot_top_images(run_dir, per_class: int = 8, classes_shown: int = 3):
+    """Fig. 2 style: the most confident unlabeled images of the best and worst classes (by precision)."""
+    pred = os.path.join(run_dir, "pseudolabel", "predictions")
+    if not os.path.exists(os.path.join(pred, "topk_prob.npy")):
+        return None
+    root = _data_root(run_dir)
+    unlabeled, names = read_split(root, "unlabeled"), read_classes(root)
+    prob = np.load(os.path.join(pred, "topk_prob.npy"), mmap_mode="r")[:, 0]
+    label = np.load(os.path.join(pred, "topk_class.npy"), mmap_mode="r")[:, 0]
+    top = {c: np.where(label == c)[0][np.argsort(-prob[label == c], kind="stable")[:per_class]] for c in range(len(names))}
+    if unlabeled.hidden_labels is not None:
+        precision = {c: float((unlabeled.hidden_labels[i] == c).mean()) if len(i) else 0 for c, i in top.items()}
+    else:
+        precision = {c: float(prob[i].mean()) if len(i) else 0 for c, i in top.items()}
+    order = sorted(top, key=lambda c: -precision[c])
+    shown = order[:classes_shown] + [c for c in order[-classes_shown:] if c not in order[:classes_shown]]
+    fig, axes = plt.subplots(len(shown), per_class, figsize=(1.3 * per_class, 1.5 * len(shown)), squeeze=False)
+    for row, c in zip(axes, shown):
+        for j, ax in enumerate(row):
+            ax.axis("off")
+            if j >= len(top[c]):
+                continue
+            i = top[c][j]
+            ax.imshow(load_image(unlabeled.paths[i]))
+            if unlabeled.hidden_labels is not None:
+                ok = unlabeled.hidden_labels[i] == c
+                ax.add_patch(plt.Rectangle((0, 0), 1, 1, transform=ax.transAxes, fill=False, lw=3,
+                                           color="#2ca02c" if ok else "#d62728"))
+            ax.set_title(f"{prob[i]:.2f}", fontsize=7)
+        row[0].text(-0.15, 0.5, f"{names[c]}\n{100 * precision[c]:.0f}%", transform=row[0].transAxes,
+                    ha="right", va="center", fontsize=8)
+    fig.suptitle("Most confident unlabeled images per class: best and worst classes (green = correct)")
+    fig.tight_layout()
+    return _save(fig, run_dir, "top_images.png")
+
+
+@torch.no_grad()
+def plot_feature_maps(run_dir, model_stages):
+    """Fig. 1 style: one test image's mean activation at every residual stage, for every stage's model."""
+    backbones = []
+    pretrain = os.path.join(run_dir, "pretrain", "backbone.pt")
+    config_path = os.path.join(run_dir, "pretrain", "config.yaml")
+    if os.path.exists(pretrain) and os.path.exists(config_path):
+        with open(config_path) as f:
+            m = yaml.safe_load(f)["model"]
+        backbone = build_backbone(m["backbone"], m["small_stem"], m["width"])
+        load_backbone_weights(backbone, pretrain)
+        backbones.append(("pretrain", backbone))
+    for stage in model_stages:
+        path = os.path.join(run_dir, stage, "model.pt")
+        if os.path.exists(path):
+            backbones.append((stage, load_classifier(path)[0].backbone))
+    if not backbones:
+        return None
+    root = _data_root(run_dir)
+    image = load_image(read_split(root, "test").paths[0])
+    x = eval_transform(image.size[0])(image)[None]
+    layers = residual_stages(backbones[0][1])
+    fig, axes = plt.subplots(len(backbones), len(layers) + 1, figsize=(2 * (len(layers) + 1), 2 * len(backbones)),
+                             squeeze=False)
+    for row, (stage, backbone) in zip(axes, backbones):
+        maps = {}
+        hooks = [getattr(backbone, n).register_forward_hook(lambda m, i, o, n=n: maps.__setitem__(n, o))
+                 for n in layers]
+        backbone.eval()(x)
+        for h in hooks:
+            h.remove()
+        row[0].imshow(image)
+        row[0].set_ylabel(stage, fontsize=9)
+        for ax, name in zip(row[1:], layers):
+            ax.imshow(maps[name][0].mean(0).numpy(), cmap="magma")
+            ax.set_title(name, fontsize=8)
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle("Mean feature map per residual stage, per stage's model")
+    fig.tight_layout()
+    return _save(fig, run_dir, "feature_maps.png")
+
+
+def _data_root(run_dir):
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        return yaml.safe_load(f)["data"]["root"]
+
+
+def _save(fig, run_dir, name):
+    path = os.path.join(run_dir, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

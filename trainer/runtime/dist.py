@@ -1,0 +1,249 @@
+"""Distributed runtime: torchrun's environment or a single process; nccl on CUDA, gloo on CPU.
+
+Launchers that are not torchrun (launch/submit.py under Slurm) export the same variables
+(RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) before a stage starts.
+
+Two decisions live here and nowhere else: which device a process computes on (`resolve_device`) and
+how tensors cross ranks. Every collective of the project goes through this module, which hands the
+process group tensors on the group's device (NCCL has no CPU collectives) and gives results back on
+the device they came from; tests/test_dist.py walks the source tree and fails on a direct call elsewhere.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn as nn
+from data.errors import InputError
+
+DEVICES = ("auto", "cuda", "cpu")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def place(self, module: nn.Module) -> nn.Module:
+        """The module on this runtime's device with channels-last weights: oneDNN and cuDNN convolutions
+        run faster in NHWC."""
+        return module.to(self.device, memory_format=torch.channels_last)
+
+
+def gpus_visible() -> bool:
+    """NVIDIA devices on this machine that this process is allowed to see (CUDA_VISIBLE_DEVICES), whether
+    or not torch can use them."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return any(name.startswith("nvidia") and name[len("nvidia"):].isdigit() for name in _dev_entries())
+
+
+def _dev_entries() -> list[str]:
+    try:
+        return os.listdir("/dev")
+    except OSError:
+        return []
+
+
+def resolve_device(request: str, local_rank: int = 0) -> torch.device:
+    """The device this process computes on: run.device auto|cuda|cpu.
+
+    auto takes the GPU when torch can use one. GPUs that are visible but unusable by torch (a wheel built
+    for a newer driver, a CPU-only wheel) are an error, not a silent fall back to hours on the CPU.
+    A rank's GPU is LOCAL_RANK modulo the GPUs it sees: sites that bind one GPU per task show each task
+    a single device 0.
+    """
+    if request not in DEVICES:
+        raise InputError(f"run.device={request!r}: expected one of {', '.join(DEVICES)}")
+    if request == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if request == "cuda":
+            raise InputError("run.device=cuda: torch cannot use CUDA here (torch.cuda.is_available() is False)")
+        if gpus_visible():
+            raise InputError(f"run.device=auto: this machine has NVIDIA GPUs but torch {torch.__version__} cannot "
+                             "use them (check the driver against the wheel's CUDA); run.device=cpu runs on the CPU")
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def init(device: str = "auto") -> Runtime:
+    """Join the process group described by the environment (world size 1 without one) on `device`."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    chosen = resolve_device(device, local_rank)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+        torch.backends.cudnn.benchmark = True   # fixed-size convolutions: pick the fastest kernels once
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")):
+        # the agent's store outlives a failed group and its stale addresses make the restarted one
+        # hang or fail to connect; a store per attempt avoids it
+        raise InputError("torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in every torchrun's "
+                         "environment (docs/cluster.md)")
+    if world > 1 and not dist.is_initialized():
+        # device_id binds NCCL's communicator to this rank's GPU instead of a guess from the rank number
+        # (wrong under Slurm's cyclic task distribution)
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=30),
+                                device_id=chosen if chosen.type == "cuda" else None)
+    return Runtime(rank, local_rank, world, chosen)
+
+
+def shutdown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def grouped() -> bool:
+    """A process group exists. The helpers below use it whenever it does, even with one rank, so that a
+    one-GPU smoke run (tests/gpu_smoke.py) sends every collective through NCCL as eight GPUs would."""
+    return dist.is_initialized()
+
+
+def group_device() -> torch.device:
+    """Where the process group's collectives take their tensors: the current GPU for NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier():
+    if grouped():
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, differentiable: the gradient of each rank's share is the summed gradient."""
+    if not grouped():
+        return tensor
+    return funcol.wait_tensor(funcol.all_reduce(tensor.to(group_device()), "sum", dist.group.WORLD)).to(tensor.device)
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In place, no autograd: the sum (or mean) over ranks, wherever `tensor` lives."""
+    if not grouped():
+        return tensor
+    on_group = tensor.to(group_device())
+    dist.all_reduce(on_group)
+    if op == "mean":
+        on_group /= world_size()
+    elif op != "sum":
+        raise InputError(f"all_reduce_ op {op!r}: expected sum or mean")
+    if on_group is not tensor:
+        tensor.copy_(on_group)
+    return tensor
+
+
+def refuses_cpu_tensors() -> bool:
+    """Whether the process group rejects a CPU tensor, as NCCL does: the GPU smoke run shows that the
+    helpers above are needed before it checks that they work."""
+    try:
+        dist.all_reduce(torch.zeros(1))
+    except (RuntimeError, ValueError):
+        return True
+    return False
+
+
+def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place mean over ranks for metrics (no autograd)."""
+    return all_reduce_(tensor, "mean")
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
+    if not grouped():
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` on every rank (the others pass anything, e.g. None)."""
+    if not grouped():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=group_device())
+    return box[0]
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose batch statistics are those of the global batch, on any backend.
+
+    torch.nn.SyncBatchNorm only accepts CUDA tensors; this one all-reduces the per-channel
+    sums with a differentiable collective, so N gloo ranks train exactly like 1 rank.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor):
+        if x.dim() < 2:
+            raise InputError(f"expected at least 2-D input (N, C, ...), got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or world_size() == 1:
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = x.float()
+        count = torch.tensor([x.numel() / x.size(1)], dtype=torch.float32, device=x.device)
+        total = all_reduce_sum(torch.cat([xf.sum(dims), count]))
+        n = total[-1]
+        mean = total[:-1] / n
+        centred = xf - mean.view(shape)
+        var = all_reduce_sum(centred.pow(2).sum(dims)) / n   # two-pass: as exact as local BN
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                # momentum None: a cumulative average, as torch's BatchNorm
+                m = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Make every BatchNorm see the global batch: torch's SyncBatchNorm on CUDA, ours elsewhere."""
+    if not grouped():
+        return module
+    if group_device().type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _replace_batchnorm(module)
+
+
+def _replace_batchnorm(module: nn.Module) -> nn.Module:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                              module.track_running_stats)
+        new.load_state_dict(module.state_dict())
+        return new
+    for name, child in module.named_children():
+        setattr(module, name, _replace_batchnorm(child))
+    return module
+
+
+def wrap_ddp(model: nn.Module, rt: Runtime) -> nn.Module:
+    """DistributedDataParallel in a process group (gradients averaged), the model itself otherwise."""
+    if not grouped():
+        return model
+    ids = [rt.device.index] if rt.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)

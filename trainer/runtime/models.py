@@ -1,0 +1,160 @@
+"""Backbones (torchvision ResNets, a small CPU-friendly net), the Barlow Twins model, the classifier."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from trainer.runtime import checkpoint
+from trainer.algorithms import losses
+
+
+class SmallNet(nn.Module):
+    """A 3-stage CNN for small images on CPU; stages named like a ResNet's for feature-map hooks."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+
+        def block(cin, cout, stride):
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True))
+        self.layer1 = block(w, 2 * w, 2)
+        self.layer2 = block(2 * w, 4 * w, 2)
+        self.layer3 = block(4 * w, 8 * w, 2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.out_dim = 8 * w
+
+    def forward(self, x):
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return torch.flatten(self.pool(x), 1)
+
+
+def build_backbone(name: str, small_stem: bool = False, width: int = 32) -> nn.Module:
+    """A feature extractor with `.out_dim`; ResNets keep torchvision's parameter names."""
+    if name == "small":
+        return SmallNet(width)
+    net = getattr(torchvision.models, name)(weights=None)
+    if small_stem:   # 96 px and below: a 7x7/2 stem plus max-pool throws away most of the image
+        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    net.out_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net
+
+
+def residual_stages(backbone: nn.Module) -> list[str]:
+    """Names of the modules whose outputs are the per-stage feature maps."""
+    return [n for n in ("layer1", "layer2", "layer3", "layer4") if hasattr(backbone, n)]
+
+
+class BarlowTwins(nn.Module):
+    """Backbone + projector; forward(view1, view2) returns the loss over the global batch."""
+
+    def __init__(self, backbone: nn.Module, projector: list[int], lambd: float, global_batch: int):
+        super().__init__()
+        self.backbone = backbone
+        sizes = [backbone.out_dim] + list(projector)
+        layers = []
+        for cin, cout in zip(sizes[:-2], sizes[1:-1]):
+            layers += [nn.Linear(cin, cout, bias=False), nn.BatchNorm1d(cout), nn.ReLU(inplace=True)]
+        layers.append(nn.Linear(sizes[-2], sizes[-1], bias=False))
+        self.projector = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm1d(sizes[-1], affine=False)   # standardises z over the global batch
+        self.lambd = lambd
+        self.global_batch = global_batch
+
+    def forward(self, y1, y2):
+        p1, p2 = self.projector(self.backbone(y1)), self.projector(self.backbone(y2))
+        with torch.autocast(p1.device.type, enabled=False):   # the correlation needs fp32
+            return losses.barlow_twins(self.bn(p1.float()), self.bn(p2.float()), self.lambd, self.global_batch)
+
+
+class Classifier(nn.Module):
+    """Backbone + linear head."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.out_dim, num_classes)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def save_classifier(model: Classifier, arch: dict, path: str):
+    """model.pt: the weights plus what rebuilds the network (backbone name, stem, width, classes)."""
+    checkpoint.save_atomic({"arch": arch, "model": model.state_dict()}, path)
+
+
+def classifier_arch(model_cfg, num_classes: int) -> dict:
+    return {"backbone": model_cfg.backbone, "small_stem": model_cfg.small_stem,
+            "width": model_cfg.width, "num_classes": num_classes}
+
+
+def load_classifier(path: str, num_classes: int | None = None) -> tuple[Classifier, dict]:
+    """(the classifier a model.pt holds, its arch); with `num_classes`, a model for another number of
+    classes (one trained on another dataset) is refused with one line."""
+    state = checkpoint.load(path)
+    if not isinstance(state, dict) or "arch" not in state or "model" not in state:
+        raise checkpoint.CheckpointError(f"{path}: not a semiscale model.pt (expected keys arch, model)")
+    arch = state["arch"]
+    if not isinstance(arch, dict) or not {"backbone", "small_stem", "width", "num_classes"} <= set(arch):
+        raise checkpoint.CheckpointError(f"{path}: not a semiscale model.pt (a training checkpoint? use the "
+                                         "model.pt its stage wrote)")
+    if num_classes is not None and arch["num_classes"] != num_classes:
+        raise checkpoint.CheckpointError(f"{path}: a {arch['num_classes']}-class model, but the dataset's "
+                                         f"classes.txt names {num_classes} classes")
+    model = Classifier(build_backbone(arch["backbone"], arch["small_stem"], arch["width"]), arch["num_classes"])
+    checkpoint.check_architecture(path, checkpoint.architecture_of(state["model"]), model)
+    model.load_state_dict(state["model"])
+    return model, arch
+
+
+BACKBONE_ARCH = "backbone.json"   # next to backbone.pt: what rebuilds the network (backbone.pt stays plain)
+
+
+def backbone_arch(model_cfg) -> dict:
+    return {"backbone": model_cfg.backbone, "small_stem": model_cfg.small_stem, "width": model_cfg.width}
+
+
+def load_backbone(path: str) -> nn.Module:
+    """The network of a backbone.pt (its architecture from the backbone.json beside it) or of a model.pt's
+    backbone, with its weights: no stage config repeats the architecture by hand."""
+    state = checkpoint.load(path)
+    if _is_classifier(state):
+        arch = state["arch"]
+    else:
+        arch_path = os.path.join(os.path.dirname(os.path.abspath(path)), BACKBONE_ARCH)
+        try:
+            with open(arch_path, encoding="utf-8") as f:
+                arch = json.load(f)
+        except (OSError, ValueError) as e:
+            raise checkpoint.CheckpointError(f"{path}: no readable {BACKBONE_ARCH} beside it ({e}); pretrain writes "
+                                             "one, e.g. {\"backbone\": \"resnet50\", \"small_stem\": false, "
+                                             "\"width\": 32}") from None
+    backbone = build_backbone(arch["backbone"], arch["small_stem"], arch["width"])
+    _load_backbone_state(backbone, path, state)
+    return backbone
+
+
+def load_backbone_weights(backbone: nn.Module, path: str):
+    """Initialise from backbone.pt (a plain state_dict) or from a model.pt's backbone."""
+    _load_backbone_state(backbone, path, checkpoint.load(path))
+
+
+def _is_classifier(state: dict) -> bool:
+    return "arch" in state and "model" in state
+
+
+def _load_backbone_state(backbone: nn.Module, path: str, state: dict):
+    if _is_classifier(state):
+        state = {k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")}
+    checkpoint.check_architecture(path, checkpoint.architecture_of(state), backbone)
+    backbone.load_state_dict(state)
