@@ -49,6 +49,7 @@ from nvidia.dali.auto_aug.rand_augment import get_rand_augment_suite
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from PIL import Image
 
+from data import atomic
 from data.datasets import BadImageError, Split, check_on_bad_image, load_image
 from data.sampler import split_sampler
 from data.transforms import (BARLOW_TWINS_PAIR, IMAGENET_MEAN, IMAGENET_STD, RAND_AUGMENT_MAX_MAGNITUDE, Augment,
@@ -314,8 +315,8 @@ def _inspect(path, stat, converted_dir):
     target = os.path.join(converted_dir, hashlib.sha1(f"{path}\t{stat}".encode()).hexdigest() + ".png")
     if not os.path.exists(target):
         os.makedirs(converted_dir, exist_ok=True)
-        image.save(target + f".{os.getpid()}.tmp", format="PNG")
-        os.replace(target + f".{os.getpid()}.tmp", target)
+        with atomic.replacing(target) as tmp:
+            image.save(tmp, format="PNG")
     return {"converted": target}
 
 
@@ -352,9 +353,7 @@ def _scan(paths, threads):
         results = pool.map(lambda ps: _inspect(ps[0], ps[1], converted_dir), zip(paths, stats), chunksize=64)
         found = {p: r for p, r in zip(paths, results) if r is not None}
     os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-    with open(cache_file + f".{os.getpid()}.tmp", "w", encoding="utf-8") as f:
-        json.dump(found, f)
-    os.replace(cache_file + f".{os.getpid()}.tmp", cache_file)
+    atomic.write_json(cache_file, found)
     return found
 
 

@@ -21,18 +21,15 @@ a copy of queries.csv with a label column added.
 Answers become run.dir/labeled.csv = active.labeled + the answers (paths relative to data.root, so
 `fixmatch.labeled=RUN_DIR/labeled.csv` reads it) and run.dir/answers_summary.json.
 """
-import os
 import sys
-
 import time
 
-import numpy as np
-
-from data.datasets import read_classes, read_split
+from data import atomic
+from data.datasets import read_classes
 from trainer.algorithms import active_learning, knn
 from trainer.operations import annotations
 from trainer.runtime import config, dist, engine
-from trainer.runtime.config import ActiveConfig
+from trainer.runtime.stages import STAGES
 from trainer.runtime.loading import eval_loader
 from trainer.runtime.models import load_backbone, load_classifier
 
@@ -41,12 +38,10 @@ def parse(argv):
     """`[run] ...` or `import ANSWERS.csv ...` -> the config (import sets active.answers)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["import"]:
-        if len(argv) < 2 or argv[1].startswith("-"):
-            raise config.ConfigError("import: expected the answers CSV: active.py import ANSWERS.csv --config ...")
-        argv = argv[2:] + [f"active.answers={argv[1]}", "active.oracle=false"]   # the file answers, not the oracle
+        argv = annotations.import_argv(argv)
     elif argv[:1] == ["run"]:
         argv = argv[1:]
-    cfg = engine.parse(ActiveConfig, argv, "Active learning: margin queries per cluster, then their answers")
+    cfg = STAGES["active"].parse(argv)
     if cfg.active.oracle and cfg.active.answers:
         raise config.ConfigError("active.oracle and active.answers: choose one source of answers")
     return cfg
@@ -57,10 +52,7 @@ def check(cfg) -> tuple:
     passed; the pipeline runs them too before it deletes or runs anything. A budget that buys fewer queries
     than active.clusters gets one cluster per query (each cluster gives at least one)."""
     pool, _, pool_size = active_learning.candidates(cfg.data.root, cfg.active.labeled)
-    if cfg.active.oracle and not cfg.active.answers and pool.hidden_labels is None:
-        raise config.ConfigError(f"active.oracle=true: {cfg.data.root}/unlabeled.csv has no hidden labels to answer "
-                                 "the queries with (your own images): active.oracle=false writes the queries for "
-                                 "you to label")
+    annotations.check_oracle(cfg, pool)
     count = active_learning.query_count(cfg.active.budget, pool_size)
     clusters = min(cfg.active.clusters, count)
     active_learning.check_counts(clusters, count, len(pool))
@@ -87,12 +79,11 @@ def make_queries(cfg, rt, run, classes, inputs) -> dict:
                                                  cfg.inference.precision)
     timing = {"inference_seconds": time.time() - t0}
     if rt.is_main:
-        embeddings = np.load(run.path("embeddings.npy"), mmap_mode="r")
-        top2, guess = np.load(run.path("top2.npy")), np.load(run.path("guess.npy"))[:, 0]
+        embeddings, top2, guess = active_learning.read_embedded(run.dir)
         chosen, margin, assignment, timing["kmeans_seconds"] = active_learning.select_queries(
             embeddings, top2, covered, count, clusters, niter=cfg.active.niter, seed=cfg.run.seed,
             max_points_per_centroid=cfg.active.max_points_per_centroid or None, gpu=knn.faiss_gpu(rt.device))
-        np.save(run.path("assignment.npy"), assignment)
+        atomic.save_npy(run.path("assignment.npy"), assignment)
         annotations.write_queries(run.path("queries.csv"), pool, chosen, margin, assignment, guess, classes)
         t1 = time.time()
         sheets = annotations.write_contact_sheets(run.dir, [pool.paths[i] for i in chosen],
@@ -106,42 +97,19 @@ def make_queries(cfg, rt, run, classes, inputs) -> dict:
     return {"queries": count, **timing}
 
 
-def collect_answers(cfg, classes):
-    """(source, queries, answers, unlabeled, labeled): the oracle's or the annotator's CSV, checked."""
-    queries_csv = os.path.join(cfg.run.dir, "queries.csv")
-    queries = annotations.read_queries(queries_csv)
-    unlabeled = read_split(cfg.data.root, "unlabeled")
-    labeled = read_split(cfg.data.root, cfg.active.labeled)
-    if cfg.active.oracle:
-        return "oracle", queries, annotations.oracle_answers(queries, unlabeled), unlabeled, labeled
-    answers = annotations.import_answers(cfg.active.answers, queries, queries_csv, os.path.abspath(cfg.data.root),
-                                         classes)
-    return cfg.active.answers, queries, answers, unlabeled, labeled
-
-
-def answer_queries(cfg, run, classes, collected) -> dict:
-    source, queries, answers, unlabeled, labeled = collected or collect_answers(cfg, classes)
-    annotations.write_labeled(run.path("labeled.csv"), labeled, answers)
-    summary = annotations.answers_summary(source, queries, answers, labeled, unlabeled, classes)
-    engine.write_json(run.path("answers_summary.json"), summary)
-    run.say(f"{summary['answered']} of {summary['queries']} queries answered ({source}); "
-            f"{run.path('labeled.csv')} holds {summary['labeled_after']} labels")
-    return {k: summary[k] for k in ("answered", "labeled_after", "guess_accuracy", "answer_accuracy")}
-
-
 def main(argv=None):
     cfg = parse(argv)
     classes = read_classes(cfg.data.root)
     rt = dist.init(cfg.run.device)
     engine.check_dataset(cfg, rt, cfg.active.labeled)
     # an annotator's answers are checked before anything is written; the oracle's follow the queries
-    imported = collect_answers(cfg, classes) if cfg.active.answers else None
+    imported = annotations.collect_answers(cfg, classes) if cfg.active.answers else None
     inputs = None if cfg.active.answers else query_inputs(cfg, rt, classes)
     run = engine.Run("active", cfg, rt)   # every check has passed: the first write
     t0 = time.time()
     done = make_queries(cfg, rt, run, classes, inputs) if inputs else {}
     if rt.is_main and (cfg.active.oracle or cfg.active.answers):
-        done.update(answer_queries(cfg, run, classes, imported))
+        done.update(annotations.record_answers(run, classes, imported or annotations.collect_answers(cfg, classes)))
     run.log(event="done", total_seconds=round(time.time() - t0, 3), **done)
     dist.barrier()
 

@@ -1,6 +1,6 @@
 """Scores what it is given: a classifier (evaluate.model) by top-1/top-5 on val/test at several image
 scales and with multi-scale TTA; a backbone (evaluate.backbone) by the kNN top-1 of its embeddings with
-the labeled images as references. Both may be given.
+the labeled images as references (section knn, as pretrain's kNN monitor). Both may be given.
 
     python launch/evaluate.py --config configs/demo/evaluate.yaml evaluate.model=RUN/model.pt
     python launch/evaluate.py --config configs/demo/evaluate.yaml evaluate.backbone=RUN/backbone.pt
@@ -18,7 +18,7 @@ Every rank scores its shard of a split; only hit counts cross ranks.
 """
 from data.datasets import read_classes, read_split
 from trainer.runtime import config, dist, engine
-from trainer.runtime.config import EvaluateConfig
+from trainer.runtime.stages import STAGES
 from trainer.algorithms.knn import faiss_gpu, knn_accuracy
 from trainer.runtime.loading import eval_loader
 from trainer.runtime.models import load_backbone, load_classifier
@@ -73,10 +73,9 @@ def evaluate_knn(cfg, network, splits, rt, run) -> dict:
         queries = embed(network, eval_loader(split, cfg, rt, cfg.inference.batch_size), rt, len(split), precision)
         if rt.is_main:   # every rank holds the embeddings; one search is enough
             results[name] = knn_accuracy(references, labeled.labels, queries, split.labels, num_classes,
-                                         cfg.evaluate.k, cfg.evaluate.temperature, gpu=faiss_gpu(rt.device))
+                                         cfg.knn.k, cfg.knn.temperature, gpu=faiss_gpu(rt.device))
             run.say(f"{name}: kNN top-1 {results[name]:.4f}")
-    return {"backbone": cfg.evaluate.backbone, "k": cfg.evaluate.k, "temperature": cfg.evaluate.temperature,
-            "knn": results}
+    return {"backbone": cfg.evaluate.backbone, "k": cfg.knn.k, "temperature": cfg.knn.temperature, "knn": results}
 
 
 def check(cfg) -> dict:
@@ -89,13 +88,13 @@ def check(cfg) -> dict:
         raise config.ConfigError("evaluate.model, evaluate.backbone: give at least one (a model.pt is scored per "
                                  "scale and with TTA, a backbone.pt by kNN)")
     labeled = len(read_split(cfg.data.root, "labeled"))
-    if cfg.evaluate.backbone and not 1 <= cfg.evaluate.k <= labeled:
-        raise config.ConfigError(f"evaluate.k={cfg.evaluate.k}: expected 1..{labeled} (the labeled images)")
+    if cfg.evaluate.backbone and not 1 <= cfg.knn.k <= labeled:
+        raise config.ConfigError(f"knn.k={cfg.knn.k}: expected 1..{labeled} (the labeled images)")
     return splits
 
 
 def main(argv=None):
-    cfg = engine.parse(EvaluateConfig, argv, "Top-1/top-5 per scale and with multi-scale TTA, and/or kNN top-1")
+    cfg = STAGES["evaluate"].parse(argv)
     splits = check(cfg)
     rt = dist.init(cfg.run.device)
     engine.check_dataset(cfg, rt)

@@ -25,7 +25,8 @@ its own, after the scales' views; the output is the mean over the views (trainer
 the scales, and whether their mirrors, that evaluate.py chose on val (eval.json's tta_scales, tta_mirror;
 an eval.json without tta_mirror: no mirrors). The data.backend=dali views resize differently and are not
 what the export reproduces.
-The preprocessing module is data.pillow_resize; the exported module, its files and the check, trainer.operations.export.
+The preprocessing module is data.pillow_resize; the exported module, its files, the check and the checks
+of the options, trainer.operations.export.
 Before export.json is written the export checks itself: both files, run on ROOT's val images of the input
 size (up to 32) and on random images, against semiscale's own probabilities for the same images (the
 model, data.transforms.evaluate, trainer.algorithms.tta's softmax and mean); a difference above 1e-4 stops it.
@@ -38,20 +39,14 @@ import json
 import os
 import sys
 import time
-from typing import List
-
-import numpy as np
-from PIL import Image
 
 from data.datasets import read_classes
 from data.pillow_resize import build_views
+from trainer.operations.export import (OUTPUTS, ExportedClassifier, as_input, check_images, check_out, check_parity,
+                                       chosen_views, clear_previous, describe, input_size, random_images, readme,
+                                       to_torchscript, write_onnx, write_text, write_torchscript)
 from trainer.runtime import engine
-from trainer.operations.export import (ExportedClassifier, as_input, check_images, check_parity, clear_previous, describe,
-                            readme, to_torchscript, write_onnx, write_text, write_torchscript)
 from trainer.runtime.models import load_classifier
-
-OUTPUTS = ("model.ts", "model.onnx", "classes.txt", "README", "export.json")
-CHECK_RANDOM_IMAGES = 4     # random-noise images for the self-check, which stress the resize's rounding
 
 
 def parse_args(argv):
@@ -72,71 +67,18 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def scales_from(path: str, model: str) -> tuple[List[int], bool]:
-    """eval.json's tta_scales and tta_mirror (val's: evaluate scores every split with val's choice; an
-    eval.json written before evaluate.mirror has no tta_mirror: no mirrors)."""
-    try:
-        result = engine.read_json(path)
-    except OSError as e:
-        raise engine.StageError(f"--scales-from {path}: cannot read ({e.strerror})") from None
-    except ValueError as e:
-        raise engine.StageError(f"--scales-from {path}: not JSON ({e})") from None
-    splits = result.get("splits") if isinstance(result, dict) else None
-    split = (splits.get("val") or next(iter(splits.values()), None)) if isinstance(splits, dict) else None
-    scales = split.get("tta_scales") if isinstance(split, dict) else None
-    if not isinstance(scales, list) or not scales or not all(isinstance(s, int) for s in scales):
-        raise engine.StageError(f"--scales-from {path}: expected the eval.json of a classifier evaluation "
-                                "(splits.val.tta_scales), e.g. runs/demo/evaluate/eval.json")
-    mirror = split.get("tta_mirror", False)
-    if not isinstance(mirror, bool):
-        raise engine.StageError(f"--scales-from {path}: tta_mirror: expected true or false, got {mirror!r}")
-    scored = result.get("model")
-    if isinstance(scored, str) and not _same_file(scored, model):
-        print(f"export.py: warning: {path} scored {scored}, not {model}: its scales were chosen for that model",
-              file=sys.stderr)
-    return scales, mirror
-
-
-def _same_file(one: str, two: str) -> bool:
-    try:
-        return os.path.samefile(one, two)
-    except OSError:
-        return os.path.abspath(one) == os.path.abspath(two)
-
-
-def check_out(out: str):
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise engine.StageError(f"--out {out}: not a folder")
-    if os.path.isdir(out):
-        other = sorted(n for n in os.listdir(out) if n not in OUTPUTS and not n.endswith(".tmp"))
-        if other:
-            raise engine.StageError(f"--out {out}: holds {', '.join(other[:3])}{', ...' if len(other) > 3 else ''}, "
-                                    "which no export writes: expected a new or empty folder or a previous export")
-
-
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     start = time.time()
     classes = read_classes(args.data_root)
-    if args.mirror and args.scales_from:
-        raise engine.StageError("--mirror: only with --scales (--scales-from takes eval.json's tta_mirror)")
-    scales, mirror = (args.scales, args.mirror) if args.scales else scales_from(args.scales_from, args.model)
-    bad = [s for s in scales if s < 1]
-    if bad:
-        raise engine.StageError(f"--scales {' '.join(map(str, scales))}: expected sizes >= 1 px, got {bad[0]}")
-    size = None
-    if args.image_size is not None:
-        if len(args.image_size) > 2 or min(args.image_size) < 1:
-            raise engine.StageError(f"--image-size {' '.join(map(str, args.image_size))}: expected H [W], >= 1 px")
-        size = (args.image_size[0], args.image_size[-1])
+    scales, mirror = chosen_views(args.scales, args.mirror, args.scales_from, args.model)
+    size = input_size(args.image_size)
     model, arch = load_classifier(args.model, num_classes=len(classes))
     model.eval()
     check_out(args.out)
     (height, width), val_images = check_images(args.data_root, size)
 
-    rng = np.random.default_rng(0)
-    noise = [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-             for _ in range(CHECK_RANDOM_IMAGES)]
+    noise = random_images(height, width)
     images = noise + val_images
     views, exact = build_views(scales, height, width, images)
     exported = ExportedClassifier(model, views, height, width, mirror).eval()

@@ -8,16 +8,16 @@ Writes run.dir/model.pt: the weights of the epoch with the best val top-1.
 import torch.nn.functional as F
 
 from data.datasets import labeled_with_pseudo_labels, read_classes, read_split
-from trainer.runtime import dist, engine, optim, schedule
+from trainer.runtime import amp, dist, engine, optim, schedule
 from trainer.runtime.loading import eval_loader, loader
-from trainer.runtime.config import FinetuneConfig
+from trainer.runtime.stages import STAGES
 from trainer.runtime.loop import BestModel, Loop
 from trainer.runtime.models import Classifier, build_backbone, classifier_arch, load_backbone_weights, save_classifier
 from trainer.runtime.predict import accuracy
 
 
 def main(argv=None):
-    cfg = engine.parse(FinetuneConfig, argv, "Fine-tune backbone + linear head")
+    cfg = STAGES["finetune"].parse(argv)
     rt = dist.init(cfg.run.device)
     engine.check_dataset(cfg, rt, cfg.finetune.labeled)
     engine.seed_everything(cfg.run.seed)
@@ -38,8 +38,8 @@ def main(argv=None):
     optimizer = optim.classifier_sgd(model, cfg.sgd.lr_backbone, cfg.sgd.lr_head,
                                      cfg.sgd.weight_decay, cfg.sgd.momentum, cfg.sgd.nesterov)
     size = cfg.data.image_size
-    precision, measured = engine.resolve_precision(cfg.train.precision, model, (B // rt.world, 3, size, size), rt)
-    scaler = engine.grad_scaler(precision, rt.device)
+    precision, measured = amp.resolve_precision(cfg.train.precision, model, (B // rt.world, 3, size, size), rt)
+    scaler = amp.grad_scaler(precision, rt.device)
     run = engine.Run("finetune", cfg, rt)   # every check has passed: the first write
     total, warmup = schedule.plan(cfg.train.epochs, cfg.train.max_steps, cfg.sgd.warmup_epochs,
                                   train_loader.steps_per_epoch)
@@ -51,13 +51,13 @@ def main(argv=None):
     ddp = dist.wrap_ddp(model, rt)   # after resume: DDP starts every rank from rank 0's weights
     run.say(f"{len(train.paths)} training images ({train.name}), {num_classes} classes, backbone "
             f"{cfg.finetune.backbone}, {train_loader.steps_per_epoch} steps/epoch, {total} steps, "
-            f"{engine.describe_precision(precision, measured)}")
+            f"{amp.describe_precision(precision, measured)}")
 
     def train_step(batch, step) -> dict:
         x, y = batch["views"][0].to(rt.device, non_blocking=True), batch["label"].to(rt.device)
-        with engine.autocast(precision, rt.device):
+        with amp.autocast(precision, rt.device):
             loss = F.cross_entropy(ddp(x).float(), y)
-        engine.step_optimizer(loss, optimizer, scaler, step, cfg.train.on_nan)
+        amp.step_optimizer(loss, optimizer, scaler, step, cfg.train.on_nan)
         return {"loss": loss}
 
     def evaluate(epoch, step, img_s) -> dict:

@@ -52,31 +52,24 @@ import time
 from dataclasses import replace
 
 from data.datasets import read_classes
-from data.prepare_messages import shown
+from trainer.operations.labeling_inputs import check_views, read_input, tta_views
+from trainer.operations.predictions_csv import (CHUNKS, PREDICTIONS, SUMMARY, claim_run_dir, fingerprint, label_chunks,
+                                                merge, refuse_bad_images, say_done, scores)
 from trainer.runtime import dist, engine
-from trainer.runtime.config import ConfigError, PredictConfig
-from trainer.operations.labeling_inputs import read_input, tta_views
+from trainer.runtime.config import ConfigError
+from trainer.runtime.stages import STAGES
 from trainer.runtime.models import load_classifier
-from trainer.operations.predictions_csv import (BAD_IMAGES, CHUNKS, PREDICTIONS, SUMMARY, claim_run_dir, fingerprint,
-                                     label_chunks, merge, refuse_bad_images)
 
 STAGE = "predict"
 
 
 def check(cfg):
     """The checks that read no file (the pipeline runs them before any stage runs)."""
-    p = cfg.predict
-    if p.scales and p.tta_from:
-        raise ConfigError(f"predict.scales={p.scales}, predict.tta_from={p.tta_from}: give one (tta_from takes the "
-                          "scales evaluate chose; predict.tta_from= clears it)")
-    if p.mirror and p.tta_from:
-        raise ConfigError(f"predict.mirror=true: only without predict.tta_from ({p.tta_from}: its eval.json's "
-                          "tta_mirror decides)")
+    check_views(cfg)
 
 
 def main(argv=None):
-    cfg = engine.parse(PredictConfig, argv, "A classifier's class, confidence and top-k for every image of a "
-                                            "split, a CSV or a folder, written to run.dir/predictions.csv")
+    cfg = STAGES["predict"].parse(argv)
     check(cfg)
     if os.path.isdir(cfg.predict.model):   # config.yaml records the model.pt read
         cfg = replace(cfg, predict=replace(cfg.predict, model=os.path.join(cfg.predict.model, "model.pt")))
@@ -94,7 +87,6 @@ def main(argv=None):
     count = -(-len(split) // cfg.predict.chunk_size)
     inputs = fingerprint(split, cfg.predict.model, scales, mirror) if rt.is_main else None
     run, finished, done = claim_run_dir(cfg, rt, STAGE, inputs, count)   # rank 0 checks run.dir, then claims it
-    views = f"scales {scales} px{' and their mirrors' if mirror else ''}"
     if finished:
         if rt.is_main and os.path.isdir(run.path(CHUNKS)):
             shutil.rmtree(run.path(CHUNKS))
@@ -112,22 +104,11 @@ def main(argv=None):
         summary = {"model": cfg.predict.model, "input": cfg.predict.input, "images": len(split) + len(unlisted),
                    "labeled": totals["labeled"], "bad_images": len(bad), "scales": scales, "mirror": mirror,
                    "ranks": rt.world, "seconds": round(seconds, 3), "images_this_run": labeled,
-                   "img_per_s": round(labeled / seconds, 1) if labeled else None}
-        if totals["scored"]:
-            summary.update(top1=totals["top1_hits"] / totals["scored"], top5=totals["top5_hits"] / totals["scored"],
-                           scored=totals["scored"])
+                   "img_per_s": round(labeled / seconds, 1) if labeled else None} | scores(totals)
         engine.write_json(run.path(SUMMARY), summary)
         run.log(event="done", **{k: summary[k] for k in ("labeled", "bad_images", "img_per_s")})
         shutil.rmtree(run.path(CHUNKS))
-        if bad:
-            run.say(f"skipped {len(bad)} unreadable image(s) (listed in {run.path(BAD_IMAGES)}): "
-                    + ", ".join(shown(p) for p, _ in bad[:5]) + (", ..." if len(bad) > 5 else ""))
-        scored = (f"; top-1 {summary['top1']:.4f}, top-5 {summary['top5']:.4f} on {summary['scored']} labeled "
-                  "images" if "top1" in summary else "")
-        rate = (f"{labeled} images read by this run in {seconds:.1f} s: {summary['img_per_s']:.0f} img/s on "
-                f"{rt.world} rank(s)" if labeled else "nothing left to label")
-        run.say(f"{summary['labeled']} of {summary['images']} images -> {run.path(PREDICTIONS)} ({views}){scored}; "
-                f"{rate}")
+        say_done(run, summary, bad, seconds)
     dist.barrier()
 
 

@@ -1,4 +1,5 @@
-"""Barlow Twins self-supervised pretraining -> run.dir/backbone.pt.
+"""Self-supervised pretraining -> run.dir/backbone.pt. pretrain.method names the method
+(trainer/algorithms/self_supervised.py): barlow_twins, the default.
 
     python launch/pretrain.py --config configs/demo/pretrain.yaml [key=value ...]
     torchrun --nproc_per_node 8 launch/pretrain.py --config configs/paper/pretrain.yaml
@@ -9,12 +10,13 @@ import dataclasses
 
 from data.datasets import read_classes, read_split
 from data.loaders import resolve_backend
-from trainer.runtime import checkpoint, dist, engine, optim, schedule
-from trainer.algorithms import knn
+from data.views import views_of
+from trainer.runtime import amp, checkpoint, dist, engine, optim, schedule
+from trainer.algorithms import knn, self_supervised
 from trainer.runtime.loop import Loop
 from trainer.runtime.loading import eval_loader, loader
-from trainer.runtime.config import PretrainConfig
-from trainer.runtime.models import BACKBONE_ARCH, BarlowTwins, backbone_arch, build_backbone
+from trainer.runtime.stages import STAGES
+from trainer.runtime.models import BACKBONE_ARCH, backbone_arch, build_backbone
 from trainer.runtime.predict import embed
 
 
@@ -26,22 +28,21 @@ def knn_monitor(backbone, cfg, rt, labeled, val, precision) -> float:
     def features(split):
         return embed(backbone, eval_loader(split, cfg, rt, cfg.train.batch_size), rt, len(split.paths), precision)
     references, queries = features(labeled), features(val)
-    top1 = knn.knn_accuracy(references, labeled.labels, queries, val.labels,
-                            num_classes=len(read_classes(cfg.data.root)), k=cfg.knn.k,
-                            temperature=cfg.knn.temperature, gpu=knn.faiss_gpu(rt.device)) if rt.is_main else None
-    return dist.broadcast_object(top1)
+    return dist.rank0_decides(lambda: knn.knn_accuracy(
+        references, labeled.labels, queries, val.labels, num_classes=len(read_classes(cfg.data.root)), k=cfg.knn.k,
+        temperature=cfg.knn.temperature, gpu=knn.faiss_gpu(rt.device)))
 
 
 def train_step(model, views, optimizer, scaler, precision, device, step=0, on_nan="stop"):
-    y1, y2 = (v.to(device, non_blocking=True) for v in views)
-    with engine.autocast(precision, device):
-        loss = model(y1, y2)
-    engine.step_optimizer(loss, optimizer, scaler, step, on_nan)
+    views = [v.to(device, non_blocking=True) for v in views]
+    with amp.autocast(precision, device):
+        loss = model(*views)
+    amp.step_optimizer(loss, optimizer, scaler, step, on_nan)
     return loss
 
 
 def main(argv=None):
-    cfg = engine.parse(PretrainConfig, argv, "Barlow Twins pretraining")
+    cfg = STAGES["pretrain"].parse(argv)
     rt = dist.init(cfg.run.device)
     engine.check_dataset(cfg, rt)
     engine.seed_everything(cfg.run.seed)
@@ -54,11 +55,12 @@ def main(argv=None):
     B = cfg.train.batch_size
     if B % rt.world:
         raise engine.StageError(f"train.batch_size={B} must be divisible by the {rt.world} ranks")
-    train_loader = loader(images, "barlow_twins", cfg, rt, global_batch=B)
+    method = self_supervised.METHODS[cfg.pretrain.method]
+    train_loader = loader(images, method.views, cfg, rt, global_batch=B)
 
-    # model: N ranks see one global batch (synchronised BatchNorm, cross-correlation all-reduced)
+    # model: the method's network around the backbone; N ranks see one global batch (synchronised BatchNorm)
     backbone = build_backbone(cfg.model.backbone, cfg.model.small_stem, cfg.model.width)
-    model = BarlowTwins(backbone, cfg.barlow.projector, cfg.barlow.lambd, B)
+    model = method.build(backbone, cfg, B)
     model = rt.place(dist.sync_batchnorm(model))
     scale = B / 256   # learning rates are given per 256 images
     optimizer = optim.build_optimizer(
@@ -66,8 +68,10 @@ def main(argv=None):
         lr_weights=cfg.lars.lr_weights * scale, lr_biases=cfg.lars.lr_biases * scale,
         weight_decay=cfg.lars.weight_decay)
     size = cfg.data.image_size   # the backbone's step stands for the model's: the projector is small beside it
-    precision, measured = engine.resolve_precision(cfg.train.precision, backbone, (2 * B // rt.world, 3, size, size), rt)
-    scaler = engine.grad_scaler(precision, rt.device)
+    views = len(views_of(method.views, size))
+    precision, measured = amp.resolve_precision(cfg.train.precision, backbone,
+                                                (views * B // rt.world, 3, size, size), rt)
+    scaler = amp.grad_scaler(precision, rt.device)
     run = engine.Run("pretrain", cfg, rt)   # every check has passed: the first write
     total, warmup = schedule.plan(cfg.train.epochs, cfg.train.max_steps, cfg.lars.warmup_epochs,
                                   train_loader.steps_per_epoch)
@@ -77,7 +81,7 @@ def main(argv=None):
     ddp = dist.wrap_ddp(model, rt)   # after resume: DDP starts every rank from rank 0's weights
     run.say(f"{len(images.paths)} images, {rt.world} rank(s), global batch {B}, "
             f"{train_loader.steps_per_epoch} steps/epoch, {total} steps, backend {resolve_backend(cfg.data.backend)}, "
-            f"{engine.describe_precision(precision, measured)}")
+            f"{cfg.pretrain.method}, {amp.describe_precision(precision, measured)}")
 
     def knn_every(epoch, step, img_s) -> dict:
         if not cfg.knn.every_epochs or (epoch % cfg.knn.every_epochs and step < total):

@@ -25,17 +25,11 @@ from pathlib import Path
 import submitit
 import yaml
 
-from trainer.runtime import config
 from trainer.operations import slurm, sweep
 from trainer.operations.slurm import UsageError
+from trainer.runtime.stages import STAGES
 
 LAUNCH_DIR = Path(__file__).resolve().parent
-NOT_STAGES = {
-    "submit": "it is this launcher",
-    "bench": "it takes no --config; run `python launch/bench.py ...` on a node",
-    "prepare": "it takes no --config; run `python launch/prepare.py ...` directly, or under srun",
-    "gpu_smoke": "it takes no --config; run `python tests/gpu_smoke.py` on a GPU node (srun --gpus=1 ...)",
-}
 PIPELINE = LAUNCH_DIR / "pipeline.py"
 
 
@@ -128,14 +122,13 @@ def resolve_stage(stage: str) -> str:
         path = Path(stage).resolve()
         if not path.is_file():
             raise UsageError(f"stage script not found: {stage}")
-    else:
+    elif stage in STAGES:
         path = LAUNCH_DIR / f"{stage}.py"
-        if stage in NOT_STAGES:
-            raise UsageError(f"{stage} cannot be submitted as a stage: {NOT_STAGES[stage]}")
-        if not path.is_file():
-            known = sorted(p.stem for p in LAUNCH_DIR.glob("[!_]*.py") if p.stem not in NOT_STAGES)
-            choices = ", ".join(known) or "(none)"
-            raise UsageError(f"unknown stage {stage!r}: expected one of {choices} or a script path")
+    elif (LAUNCH_DIR / f"{stage}.py").is_file():   # a launch/ script that is no stage: prepare, bench, submit ...
+        raise UsageError(f"{stage} cannot be submitted as a stage: it takes no --config; run `python launch/{stage}.py "
+                         f"...` directly, or under srun (the stages: {', '.join(STAGES)})")
+    else:
+        raise UsageError(f"unknown stage {stage!r}: expected one of {', '.join(STAGES)} or a script path")
     tree = ast.parse(path.read_text(), filename=str(path))
     if not any(isinstance(node, ast.FunctionDef) and node.name == "main" for node in tree.body):
         raise UsageError(f"{path}: no top-level main(argv) to run")
@@ -172,7 +165,7 @@ def check_configs(args: argparse.Namespace, runs: list[dict[str, str]]) -> None:
     """Every run's config loads before anything is queued. Scripts given by path are not semiscale
     stages and are not checked."""
     stage = Path(args.script).stem
-    if Path(args.script).parent == LAUNCH_DIR and stage in config.STAGE_CONFIGS:
+    if Path(args.script).parent == LAUNCH_DIR and stage in STAGES:
         sweep.check_run_configs(stage, args.config, runs, list(args.sweep))
 
 

@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.runtime import checkpoint, dist, engine, models, optim
+from trainer.runtime import amp, checkpoint, dist, engine, models, optim
 from trainer.algorithms import losses, tta
 from trainer.runtime.config import EvaluateConfig
 from trainer.algorithms.ema import EMA
-from trainer.algorithms.fixmatch import EPOCH_SUMS, epoch_summary
+from trainer.algorithms.semi_supervised import EPOCH_SUMS, epoch_summary
 from trainer.runtime.loop import EpochSums
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -266,15 +266,15 @@ def s3_numerics(smoke: Smoke) -> str:
     losses.barlow_twins = lambda a, b, *rest: (correlation_dtypes.append(a.dtype), plain_loss(a, b, *rest))[1]
     try:
         opt = optim.build_optimizer("lars", model, lr_weights=0.1, lr_biases=0.01, weight_decay=1e-6)
-        scaler = engine.grad_scaler(smoke.precision, rt.device)
+        scaler = amp.grad_scaler(smoke.precision, rt.device)
         for step in range(2):
-            with engine.autocast(smoke.precision, rt.device):
+            with amp.autocast(smoke.precision, rt.device):
                 loss = ddp(*views)
-            engine.step_optimizer(loss, opt, scaler, step)
+            amp.step_optimizer(loss, opt, scaler, step)
         missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
         check(not missing, f"no finite gradient on {missing[:3]}")
         for precision in ("fp16", "bf16") if smoke.cuda else ("bf16",):
-            with torch.no_grad(), engine.autocast(precision, rt.device):
+            with torch.no_grad(), amp.autocast(precision, rt.device):
                 model(*views)
     finally:
         losses.barlow_twins = plain_loss
@@ -284,8 +284,8 @@ def s3_numerics(smoke: Smoke) -> str:
     twins = [rt.place(barlow_twins()) for _ in range(2)]
     opts = [optim.build_optimizer("lars", m, lr_weights=0.1, lr_biases=0.01, weight_decay=1e-6) for m in twins]
     scaled = torch.amp.GradScaler(rt.device.type, init_scale=2.0 ** 12)
-    engine.step_optimizer(twins[0](*views), opts[0], scaled, 0)
-    engine.step_optimizer(twins[1](*views), opts[1], engine.grad_scaler("fp32", rt.device), 0)
+    amp.step_optimizer(twins[0](*views), opts[0], scaled, 0)
+    amp.step_optimizer(twins[1](*views), opts[1], amp.grad_scaler("fp32", rt.device), 0)
     gap = max((a - b).abs().max().item() for a, b in zip(twins[0].parameters(), twins[1].parameters()))
     check(gap < 1e-5, f"GradScaler LARS step differs from the fp32 step by {gap}")
 

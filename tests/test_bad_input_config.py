@@ -8,7 +8,7 @@ import typing
 
 import pytest
 
-from trainer.runtime import config
+from trainer.runtime import config, config_fields
 from trainer.runtime.config import ConfigError, load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,8 +113,9 @@ def load_stage(stage, *overrides):
     ("evaluate", "evaluate.scales=-28", "evaluate.scales[0]=-28: expected an integer >= 8"),
     ("evaluate", "evaluate.scales=[]", "evaluate.scales=[]: expected a non-empty list of integers >= 8"),
     ("evaluate", "evaluate.splits=[]", "evaluate.splits=[]: expected a non-empty list"),
-    ("evaluate", "evaluate.k=0", "evaluate.k=0: expected an integer >= 1"),
-    ("evaluate", "evaluate.temperature=-0.07", "evaluate.temperature=-0.07: expected a finite number > 0"),
+    ("evaluate", "knn.k=0", "knn.k=0: expected an integer >= 1"),
+    ("evaluate", "knn.temperature=-0.07", "knn.temperature=-0.07: expected a finite number > 0"),
+    ("evaluate", "knn.every_epochs=1", "unknown key knn.every_epochs; allowed keys in knn: k, temperature"),
     # active
     ("active", "active.budget=0", "active.budget=0.0: expected a finite number > 0"),
     ("active", "active.budget=-0.5", "active.budget=-0.5: expected a finite number > 0"),
@@ -138,6 +139,9 @@ def load_stage(stage, *overrides):
     ("fixmatch", "fixmatch.init=x.pt", "fixmatch.init: renamed fixmatch.model"),
     ("evaluate", "evaluate.knn=true", "evaluate.knn: kNN scores are computed when evaluate.backbone is given, "
                                       "TTA scores when evaluate.model is"),
+    ("evaluate", "evaluate.k=10", "evaluate.k: moved to knn.k (the knn section, as in pretrain)"),
+    ("evaluate", "evaluate.temperature=0.1",
+     "evaluate.temperature: moved to knn.temperature (the knn section, as in pretrain)"),
     # inputs have no demo default: an empty one is named
     ("finetune", "finetune.backbone=", "finetune.backbone: required: backbone.pt, a model.pt whose backbone "
                                        "is reused, or random"),
@@ -158,7 +162,7 @@ def test_bad_values_are_refused_naming_the_key(stage, override, message):
     ("fixmatch", "fixmatch.ema=0", "fixmatch.ema", 0.0),                # [0, 1): 0 is in
     ("fixmatch", "train.max_steps=0", "train.max_steps", 0),            # 0 = no cap
     ("pretrain", "data.workers=0", "data.workers", 0),
-    ("pretrain", "knn.every_epochs=0", "knn.every_epochs", 0),          # 0 = only at the end
+    ("pretrain", "knn.every_epochs=0", "knn.every_epochs", 0),          # 0 = no kNN monitor
     ("pretrain", "data.image_size=8", "data.image_size", 8),
     ("active", "run.seed=2147483647", "run.seed", 2147483647),
     ("pseudolabel", "pseudo.fixmatch_p=0", "pseudo.fixmatch_p", 0),
@@ -206,7 +210,7 @@ def test_nan_in_a_yaml_file_is_refused_naming_its_key(tmp_path):
 
 def config_classes():
     return [obj for obj in vars(config).values()
-            if dataclasses.is_dataclass(obj) and obj.__module__ == config.__name__ and obj is not config.Bounds]
+            if dataclasses.is_dataclass(obj) and obj.__module__ == config.__name__]
 
 
 def numeric(hint) -> bool:
@@ -254,18 +258,18 @@ def required_keys(cls, prefix="") -> list[str]:
 def test_a_default_outside_its_range_is_caught():
     @dataclasses.dataclass
     class Broken:
-        steps: int = config.number(0, ">= 1")
+        steps: int = config_fields.number(0, ">= 1")
 
     with pytest.raises(ConfigError, match=r"^steps=0: expected an integer >= 1$"):
         load(Broken, None)
 
 
 def test_bounds_specs():
-    half_open = config.Bounds.parse("(0, 1]")
+    half_open = config_fields.Bounds.parse("(0, 1]")
     assert (0 in half_open, 0.5 in half_open, 1 in half_open, 1.01 in half_open) == (False, True, True, False)
-    assert (-1 in config.Bounds.parse(">= -1"), -1 in config.Bounds.parse("> -1")) == (True, False)
+    assert (-1 in config_fields.Bounds.parse(">= -1"), -1 in config_fields.Bounds.parse("> -1")) == (True, False)
     with pytest.raises(ValueError, match="bounds 'positive'"):
-        config.Bounds.parse("positive")
+        config_fields.Bounds.parse("positive")
 
 
 @pytest.mark.parametrize("script, override, message", [

@@ -132,7 +132,7 @@ def test_restart_moves_the_previous_run_aside(data, finished_pretrain, tmp_path)
 def test_a_second_live_writer_is_refused(data, finished_pretrain, tmp_path):
     run_dir = copy_of(finished_pretrain, tmp_path)
     holder = subprocess.Popen(   # a run that is still going, in its own process as a real one would be
-        [sys.executable, "-c", "import sys, time; from trainer import rundir; lock = rundir.Lock(sys.argv[1]); "
+        [sys.executable, "-c", "import sys, time; from trainer.runtime import rundir; lock = rundir.Lock(sys.argv[1]); "
                                "print('locked', flush=True); time.sleep(300)", str(run_dir)],
         stdout=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
     try:
@@ -353,18 +353,18 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(data, tmp_path):
 
 
 def test_on_nan_skip_leaves_weights_and_optimizer_untouched(caplog):
-    from trainer.runtime import engine
+    from trainer.runtime import amp
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    scaler = engine.grad_scaler("fp32", torch.device("cpu"))
-    assert engine.step_optimizer(model(torch.ones(4, 3)).sum(), optimizer, scaler, step=0)
+    scaler = amp.grad_scaler("fp32", torch.device("cpu"))
+    assert amp.step_optimizer(model(torch.ones(4, 3)).sum(), optimizer, scaler, step=0)
     weights, state = [p.clone() for p in model.parameters()], str(optimizer.state_dict())
     nan_loss = model(torch.full((4, 3), float("nan"))).sum()
-    assert not engine.step_optimizer(nan_loss, optimizer, scaler, step=1, on_nan="skip")
+    assert not amp.step_optimizer(nan_loss, optimizer, scaler, step=1, on_nan="skip")
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
     assert str(optimizer.state_dict()) == state and "step 2: the loss is nan: update skipped" in caplog.text
-    with pytest.raises(engine.NonFiniteLoss, match=r"^step 2: the loss is nan on 1 rank\(s\); stopping"):
-        engine.step_optimizer(nan_loss, optimizer, scaler, step=1)
+    with pytest.raises(amp.NonFiniteLoss, match=r"^step 2: the loss is nan on 1 rank\(s\); stopping"):
+        amp.step_optimizer(nan_loss, optimizer, scaler, step=1)
 
 
 # ---- the pipeline checks every stage before it deletes or runs anything ----

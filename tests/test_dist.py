@@ -163,3 +163,26 @@ def test_collective_helpers_on_two_ranks():
         assert total.tolist() == [3.0, 20.0] and mean.tolist() == [0.5]
         assert gathered == [0, 1] and sent == 0
         assert grad.tolist() == [4.0]   # d(sum over ranks of 2x)/dx, summed over both ranks' losses
+
+
+def _decisions(rank):
+    from trainer.algorithms.balanced_selection import BadRowError
+    ran = []
+
+    def decide():
+        ran.append(rank)
+        return {"by": rank}
+
+    def refuse():   # a constructor whose parameters are not its args: the class and the line still cross
+        raise BadRowError("topk_prob", 3, "not finite")
+
+    decided = dist.rank0_decides(decide)
+    with pytest.raises(BadRowError) as refused:
+        dist.rank0_decides(refuse)
+    return ran, decided["by"], str(refused.value)
+
+
+def test_rank0_decides_and_the_others_hear_its_refusal():
+    ran, decided, refused = zip(*run_ranks(_decisions, 2))
+    assert ran == ([0], []) and decided == (0, 0)
+    assert refused == ("topk_prob row 3: not finite",) * 2

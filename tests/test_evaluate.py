@@ -113,7 +113,7 @@ def test_knn_mode_equals_trainer_knn(tmp_path_factory, tmp_path):
     backbone = build_backbone("small", width=8).eval()
     save_backbone(backbone, str(tmp_path / "backbone.pt"))
     evaluate.main(["--config", EVALUATE, f"data.root={data}", f"run.dir={tmp_path / 'run'}",
-                   f"evaluate.backbone={tmp_path / 'backbone.pt'}", "evaluate.k=5", *TINY_INFERENCE])
+                   f"evaluate.backbone={tmp_path / 'backbone.pt'}", "knn.k=5", *TINY_INFERENCE])
     result = json.load(open(tmp_path / "run" / "eval.json"))
     labeled = read_split(data, "labeled")
     with torch.no_grad():

@@ -17,7 +17,7 @@ from data.loaders import build_loader
 from tiny import ROOT, assert_same_weights, assert_trained_alike, fashion, stage
 from trainer.runtime import checkpoint
 from trainer.algorithms.ema import EMA
-from trainer.algorithms.fixmatch import fixmatch_loss
+from trainer.algorithms.fixmatch import FixMatch, fixmatch_loss
 from trainer.runtime.models import build_backbone
 
 CONFIG = os.path.join(ROOT, "configs", "demo", "fixmatch.yaml")
@@ -46,7 +46,7 @@ def test_masked_loss_and_gradients_match_a_direct_computation():
         weak[row, cls] = np.log(conf)
     labels = torch.tensor([0, 4, 2])
     logits = torch.cat([labeled, weak, strong]).requires_grad_()
-    out = fixmatch_loss(logits[:b], labels, logits[b:b + u], logits[b + u:], threshold=tau, lambda_u=lam)
+    out = fixmatch_loss(logits[:b], labels, logits[b:b + u], logits[b + u:], FixMatch(tau), lambda_u=lam)
     out.total.backward()
 
     L, W, S = (t.double().numpy() for t in (labeled, weak, strong))

@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data.errors import InputError
 from multiproc import run_ranks
+from trainer.algorithms.fixmatch import (DistributionAlignment, FixMatch, FlexMatch, FreeMatch, SoftMatch,
+                                         fixmatch_loss)
 from trainer.runtime.dist import Runtime
-from trainer.algorithms.fixmatch import VARIANTS, fixmatch_loss, make_pseudo_labeler
 
 C = 3
+CPU = torch.device("cpu")
 
 
 def logits_of(probs) -> torch.Tensor:
@@ -51,12 +52,12 @@ def test_fixmatch_variant_is_todays_loss_bit_for_bit():
     expected = todays_fixmatch_loss(*parts, 0.7, 2.0)
     assert 0 < expected[3].sum() < 16   # some pass the threshold, some do not
     (expected_grad,) = torch.autograd.grad(expected[0], logits)
-    labeler = make_pseudo_labeler("fixmatch", 5, 0.7)
-    for out in (fixmatch_loss(*parts, 0.7, 2.0), fixmatch_loss(*parts, 0.0, 2.0, labeler, torch.arange(16))):
-        (grad,) = torch.autograd.grad(out.total, logits)
-        for mine, theirs in zip((out.total, out.unsupervised, out.pseudo_labels, out.mask, grad),
-                                (*expected, expected_grad)):
-            assert torch.equal(mine, theirs)
+    labeler = FixMatch(0.7)
+    out = fixmatch_loss(*parts, labeler, 2.0, torch.arange(16))
+    (grad,) = torch.autograd.grad(out.total, logits)
+    for mine, theirs in zip((out.total, out.unsupervised, out.pseudo_labels, out.mask, grad),
+                            (*expected, expected_grad)):
+        assert torch.equal(mine, theirs)
     assert labeler.state_dict() == {}
 
 
@@ -75,7 +76,7 @@ def flexmatch_by_hand(latest, probs, tau):
 
 def test_flexmatch_class_thresholds_follow_each_class_learning_status():
     tau = 0.8
-    labeler = make_pseudo_labeler("flexmatch", C, tau, num_unlabeled=6)
+    labeler = FlexMatch(tau, C, 6, Runtime())
     assert labeler.state_dict()["latest"].tolist() == [-1] * 6
     g = torch.Generator().manual_seed(1)
     labeled, labels = torch.randn(2, C, generator=g), torch.tensor([0, 2])
@@ -91,7 +92,7 @@ def test_flexmatch_class_thresholds_follow_each_class_learning_status():
         weights, class_threshold = flexmatch_by_hand(latest, probs, tau)
         assert weights.tolist() == expected_weights
         strong = torch.randn(4, C, generator=g)
-        out = fixmatch_loss(labeled, labels, logits_of(probs), strong, 0.0, 1.0, labeler, torch.tensor(index))
+        out = fixmatch_loss(labeled, labels, logits_of(probs), strong, labeler, 1.0, torch.tensor(index))
         assert out.pseudo_labels.tolist() == probs.argmax(1).tolist()
         assert out.mask.tolist() == expected_weights
         assert out.unsupervised.item() == pytest.approx(unsupervised_by_hand(strong, probs.argmax(1), weights),
@@ -107,7 +108,7 @@ def test_flexmatch_class_thresholds_follow_each_class_learning_status():
 
 def test_freematch_threshold_follows_the_mean_confidence_scaled_per_class():
     m = 0.5   # so that two steps move the statistics visibly
-    labeler = make_pseudo_labeler("freematch", C, 0.95, momentum=m)
+    labeler = FreeMatch(C, m, CPU)
     state = labeler.state_dict()
     assert state["tau"].item() == pytest.approx(1 / 3) and state["p_class"].tolist() == pytest.approx([1 / 3] * 3)
     batches = [np.array([[0.90, 0.05, 0.05], [0.20, 0.60, 0.20], [0.25, 0.25, 0.50], [0.40, 0.30, 0.30]]),
@@ -136,7 +137,7 @@ def softmatch_weights_by_hand(confidence, mu, var):
 
 def test_softmatch_weights_are_a_truncated_gaussian_of_the_running_confidence():
     m = 0.5
-    labeler = make_pseudo_labeler("softmatch", C, 0.95, momentum=m)
+    labeler = SoftMatch(C, m, CPU)
     assert labeler.state_dict() == {"mu": pytest.approx(1 / 3), "var": 1.0}
     batches = [np.array([[0.90, 0.05, 0.05], [0.20, 0.60, 0.20], [0.25, 0.25, 0.50], [0.40, 0.30, 0.30]]),
                np.array([[0.70, 0.20, 0.10], [0.15, 0.45, 0.40], [0.30, 0.30, 0.40], [0.35, 0.60, 0.05]])]
@@ -163,8 +164,7 @@ def test_soft_weights_scale_each_image_loss_and_gradient():
     g = torch.Generator().manual_seed(2)
     labeled, strong, labels = torch.randn(2, C, generator=g), torch.randn(4, C, generator=g), torch.tensor([1, 0])
     logits = torch.cat([labeled, logits_of(probs), strong]).requires_grad_()
-    out = fixmatch_loss(logits[:2], labels, logits[2:6], logits[6:], 0.95, 2.0,
-                        make_pseudo_labeler("softmatch", C, 0.95, momentum=0.0))
+    out = fixmatch_loss(logits[:2], labels, logits[2:6], logits[6:], SoftMatch(C, 0.0, CPU), 2.0)
     out.total.backward()
     targets = probs.argmax(1)
     supervised = -log_softmax(labeled.double().numpy())[[0, 1], labels.numpy()].mean()
@@ -182,8 +182,7 @@ def test_distribution_alignment_divides_by_the_running_mean_prediction():
     m = 0.5
     probs = np.array([[0.50, 0.45, 0.05], [0.60, 0.30, 0.10], [0.55, 0.15, 0.30], [0.30, 0.20, 0.50]])
     for target in (None, [0.2, 0.5, 0.3]):
-        labeler = make_pseudo_labeler("fixmatch", C, 0.5, distribution_alignment=True, alignment_target=target,
-                                      momentum=m)
+        labeler = FixMatch(0.5, DistributionAlignment(C, target, m, CPU))
         p_model = np.full(C, 1 / 3)
         wanted = np.full(C, 1 / 3) if target is None else np.array(target)
         for _ in range(2):
@@ -195,7 +194,7 @@ def test_distribution_alignment_divides_by_the_running_mean_prediction():
             np.testing.assert_allclose(mine.sum(1), 1.0, rtol=1e-6)
             np.testing.assert_allclose(labeler.state_dict()["alignment"]["p_model"].numpy(), p_model, rtol=1e-6)
     # class 0, over-predicted, loses image 0 to class 1, and image 2's confidence in it falls below 0.5
-    labeler = make_pseudo_labeler("fixmatch", C, 0.5, distribution_alignment=True, momentum=m)
+    labeler = FixMatch(0.5, DistributionAlignment(C, None, m, CPU))
     p_model = m / 3 + (1 - m) * probs.mean(0)
     aligned = probs / p_model
     aligned /= aligned.sum(1, keepdims=True)
@@ -221,22 +220,34 @@ def same_state(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+VARIANTS = ("fixmatch", "flexmatch", "freematch", "softmatch")
+
+
+def aligned(variant, num_classes, threshold, num_unlabeled, momentum, runtime=Runtime()):
+    """`variant`'s pseudo-labeler after distribution alignment, its statistics moving at `momentum`."""
+    alignment = DistributionAlignment(num_classes, None, momentum, runtime.device)
+    if variant == "fixmatch":
+        return FixMatch(threshold, alignment)
+    if variant == "flexmatch":
+        return FlexMatch(threshold, num_classes, num_unlabeled, runtime, alignment)
+    return {"freematch": FreeMatch, "softmatch": SoftMatch}[variant](num_classes, momentum, runtime.device, alignment)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_state_dict_round_trip_continues_identically(variant):
     g = torch.Generator().manual_seed(3)
     batches = [(2 * torch.randn(8, 4, generator=g), torch.randperm(20, generator=g)[:8]) for _ in range(3)]
-    make = dict(variant=variant, num_classes=4, threshold=0.6, num_unlabeled=20, distribution_alignment=True,
-                momentum=0.9)
-    original = make_pseudo_labeler(**make)
+    make = dict(variant=variant, num_classes=4, threshold=0.6, num_unlabeled=20, momentum=0.9)
+    original = aligned(**make)
     original(*batches[0])
     buffer = io.BytesIO()
     torch.save(original.state_dict(), buffer)   # as a checkpoint holds it
     snapshot = original.state_dict()
     buffer.seek(0)
-    resumed = make_pseudo_labeler(**make)
+    resumed = aligned(**make)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     assert same_state(resumed.state_dict(), snapshot)
-    assert not same_state(snapshot, make_pseudo_labeler(**make).state_dict())   # the first batch counted
+    assert not same_state(snapshot, aligned(**make).state_dict())   # the first batch counted
     for logits, index in batches[1:]:
         (labels, weights), (labels_resumed, weights_resumed) = original(logits, index), resumed(logits, index)
         assert torch.equal(labels, labels_resumed) and torch.equal(weights, weights_resumed)
@@ -246,23 +257,6 @@ def test_state_dict_round_trip_continues_identically(variant):
     assert same_state(snapshot, torch.load(buffer, weights_only=True))
 
 
-def test_defaults_and_unknown_variant():
-    """Momentum 0.999 for every running statistic; SoftMatch starts from mu = 1/C, var = 1."""
-    probs = np.array([[0.90, 0.05, 0.05], [0.20, 0.60, 0.20], [0.25, 0.25, 0.50], [0.40, 0.30, 0.30]])
-    labeler = make_pseudo_labeler("softmatch", C, 0.95, distribution_alignment=True)
-    labeler(logits_of(probs))
-    p_model = 0.999 / 3 + 0.001 * probs.mean(0)
-    aligned = probs / p_model
-    confidence = (aligned / aligned.sum(1, keepdims=True)).max(1)
-    state = labeler.state_dict()
-    np.testing.assert_allclose(state["alignment"]["p_model"].numpy(), p_model, rtol=1e-6)
-    assert state["mu"].item() == pytest.approx(0.999 / 3 + 0.001 * confidence.mean(), rel=1e-6)
-    assert state["var"].item() == pytest.approx(0.999 + 0.001 * confidence.var(ddof=1), rel=1e-6)
-    with pytest.raises(InputError, match="fixmatch.variant='mixmatch': expected one of fixmatch, flexmatch, "
-                                         "freematch, softmatch"):
-        make_pseudo_labeler("mixmatch", C, 0.95)
-
-
 # ---- two ranks hold the statistics of the global batch ----
 
 def _steps(rank, world, batches):
@@ -270,8 +264,7 @@ def _steps(rank, world, batches):
     per variant, the weights of every step and the final state."""
     out = []
     for variant in VARIANTS:
-        labeler = make_pseudo_labeler(variant, 4, 0.5, num_unlabeled=40, distribution_alignment=True,
-                                      momentum=0.5, runtime=Runtime(rank=rank, world=world))
+        labeler = aligned(variant, 4, 0.5, num_unlabeled=40, momentum=0.5, runtime=Runtime(rank=rank, world=world))
         weights = []
         for logits, index in batches:
             share = slice(rank * len(index) // world, (rank + 1) * len(index) // world)

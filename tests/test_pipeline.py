@@ -11,6 +11,7 @@ import yaml
 
 from tiny import ROOT, TINY_FINETUNE, TINY_PRETRAIN, fashion
 from data.datasets import read_classes, read_split
+from trainer.runtime import stages
 
 COMMON = ["data.workers=0", "run.log_every=1"]
 TINY_STAGES = {
@@ -115,8 +116,8 @@ def test_pipeline_with_two_ranks_per_stage(tmp_path_factory, tmp_path):
     data = fashion(tmp_path_factory)
     config = write_config(tmp_path, data)
     run = tmp_path / "run"
-    # a pipeline-wide data.augment key (not a default) reaches every stage
-    out = subprocess.run(command(config) + ["pipeline.nproc=2", "data.augment.flip=false"], capture_output=True,
+    # the pipeline's seed and a pipeline-wide data.augment key (not a default) reach every run it makes
+    out = subprocess.run(command(config) + ["pipeline.nproc=2", "data.augment.flip=false", "run.seed=7"], capture_output=True,
                          text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 rank(s)" in out.stdout   # the stages say how many ranks they run on
@@ -134,7 +135,11 @@ def test_pipeline_with_two_ranks_per_stage(tmp_path_factory, tmp_path):
     assert len(queries) == 6 and len({q["path"] for q in queries}) == 6
     assert_unlabeled_pile_labeled(run, data)
     assert json.load(open(run / "predict" / "summary.json"))["ranks"] == 2
-    for stage in ("supervised", "pretrain", "finetune", "pseudolabel", "fixmatch", "fixmatch_active", "predict"):
-        recorded = yaml.safe_load(open(run / stage / "config.yaml"))["data"]["augment"]
+    resolved = {str(path.parent.relative_to(run)): yaml.safe_load(open(path)) for path in run.rglob("config.yaml")}
+    nested = [f"pseudolabel/iter1/{fine_tune}" for fine_tune in ("pseudo", "labeled")]
+    assert set(nested) < set(resolved) and len(resolved) == 1 + len(stages.RECIPE) + len(nested)
+    for where, recorded in resolved.items():   # nested fine-tunes included
+        augment = recorded["data"]["augment"]
+        assert recorded["run"]["seed"] == 7 and augment["flip"] is False, where
         # the pipeline-wide key joins each stage's own augment keys (the demo's FixMatch sets cutout 0)
-        assert recorded["flip"] is False and recorded["cutout"] == (0 if stage.startswith("fixmatch") else 0.5), stage
+        assert augment["cutout"] == (0 if where.startswith("fixmatch") else 0.5), where

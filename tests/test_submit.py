@@ -18,7 +18,7 @@ from slurm_harness import slurm
 from trainer.operations import slurm as slurm_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
-TOY_STAGE = str(ROOT / "tests" / "cluster" / "toy_stage.py")
+TOY_STAGE = str(ROOT / "tests" / "slurm_harness" / "toy_stage.py")
 JOB_TIMEOUT_S = 150  # the 2 cores are shared; a job normally takes 5-20 s
 
 

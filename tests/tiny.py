@@ -21,9 +21,10 @@ def fashion(tmp_path_factory, limit: int = 800) -> str:
     return _built[limit]
 
 
-def stage(name: str, *args: str, torchrun: int = 0, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    """Run launch/<name>.py (under torchrun with `torchrun` processes when > 0)."""
-    script = os.path.join(ROOT, "launch", f"{name}.py")
+def stage(name: str, *args: str, torchrun: int = 0, check: bool = True, script: str | None = None,
+          **kw) -> subprocess.CompletedProcess:
+    """Run launch/<name>.py, or `script` in its place (under torchrun with `torchrun` processes when > 0)."""
+    script = script or os.path.join(ROOT, "launch", f"{name}.py")
     if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", script]
     else:

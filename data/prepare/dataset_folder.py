@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 
-from data.prepare.dataset_writer import write_atomically
+from data import atomic
 from data.prepare_messages import PrepareError
 
 MANIFEST, INCOMPLETE = "prepare.json", ".prepare-incomplete"
@@ -53,10 +53,11 @@ def already_prepared(root: str, params: dict, force: bool) -> bool:
 
 
 def start_fresh(root: str):
-    """Marks ROOT incomplete (until `finish`) and removes any earlier outputs."""
+    """Marks ROOT incomplete (until `finish`) and removes any earlier outputs, and the temporary files of
+    a killed run's writes."""
     os.makedirs(root, exist_ok=True)
     open(os.path.join(root, INCOMPLETE), "w").close()
-    for name in OUTPUTS:
+    for name in OUTPUTS + tuple(n for n in os.listdir(root) if n.endswith(atomic.TEMPORARY)):
         path = os.path.join(root, name)
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
@@ -66,5 +67,5 @@ def start_fresh(root: str):
 
 
 def finish(root: str, params: dict, counts: dict):
-    write_atomically(os.path.join(root, MANIFEST), json.dumps({"params": params, "counts": counts}, indent=2) + "\n")
+    atomic.write_text(os.path.join(root, MANIFEST), json.dumps({"params": params, "counts": counts}, indent=2) + "\n")
     os.remove(os.path.join(root, INCOMPLETE))

@@ -1,5 +1,6 @@
-"""Writing a prepared dataset's files: classes.txt, the split CSVs, bad_images.txt (each written to a
-.tmp file and renamed into place), and the images, copied or symlinked into ROOT/images by pool workers."""
+"""Writing a prepared dataset's files: classes.txt, the split CSVs, bad_images.txt (each atomically:
+data.atomic), and the images, copied or symlinked into ROOT/images by pool workers
+(the modes that place images choose with the --link option defined here)."""
 from __future__ import annotations
 
 import csv
@@ -10,21 +11,15 @@ import shutil
 
 import numpy as np
 
+from data import atomic
 from data.prepare_messages import say_skipped, shown
 
 
-def write_atomically(path: str, text: str):
-    with open(path + ".tmp", "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def write_csv_atomically(path: str, header: list[str], rows):
-    with open(path + ".tmp", "w", encoding="utf-8", newline="") as f:
+    with atomic.writing(path) as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)
-    os.replace(path + ".tmp", path)
 
 
 def csv_text(paths, labels=None) -> str:
@@ -36,7 +31,7 @@ def csv_text(paths, labels=None) -> str:
 
 
 def write_classes(root: str, classes: list[str]):
-    write_atomically(os.path.join(root, "classes.txt"), "".join(f"{name}\n" for name in classes))
+    atomic.write_text(os.path.join(root, "classes.txt"), "".join(f"{name}\n" for name in classes))
 
 
 def write_dataset(root: str, classes: list[str], paths: np.ndarray, labels: np.ndarray, splits: dict, test: tuple):
@@ -44,8 +39,8 @@ def write_dataset(root: str, classes: list[str], paths: np.ndarray, labels: np.n
     write_classes(root, classes)
     for name, rows in splits.items():
         rows = np.sort(rows)
-        write_atomically(os.path.join(root, f"{name}.csv"), csv_text(paths[rows], labels[rows]))
-    write_atomically(os.path.join(root, "test.csv"), csv_text(*test))
+        atomic.write_text(os.path.join(root, f"{name}.csv"), csv_text(paths[rows], labels[rows]))
+    atomic.write_text(os.path.join(root, "test.csv"), csv_text(*test))
 
 
 def write_listed_dataset(root: str, classes: list[str], listing, splits: dict):
@@ -65,7 +60,7 @@ def write_bad_images(root: str, misnamed: list[tuple[str, str]], bad: list[tuple
     listing = os.path.join(root, "bad_images.txt")
     say_skipped(misnamed, "images whose names the dataset cannot hold", listing)
     say_skipped(bad, "unreadable images", listing)
-    write_atomically(listing, "".join(f"{shown(f)}\t{reason}\n" for f, reason in misnamed + bad))
+    atomic.write_text(listing, "".join(f"{shown(f)}\t{reason}\n" for f, reason in misnamed + bad))
     return len(misnamed) + len(bad)
 
 
@@ -99,3 +94,10 @@ def place_images(pool, link: bool, pairs, chunk: int = 512) -> int:
     pairs = iter(pairs)
     jobs = iter(lambda: (link, list(itertools.islice(pairs, chunk))), (link, []))
     return sum(pool.imap_unordered(_place_chunk, jobs))
+
+
+def add_link_option(parser):
+    """--link, for the modes that place images (folder, own): symlinks instead of copies."""
+    parser.add_argument("--link", action="store_true", help="symlink the images (own: the source folders, "
+                        "and a CSV's images) into ROOT/images instead of copying them, the default (the "
+                        "sources must then stay in place)")

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from trainer.runtime import engine, optim
+from trainer.runtime import amp, optim
 from trainer.runtime.models import BarlowTwins, build_backbone
 
 _PRETRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pretrain.py")
@@ -59,7 +59,7 @@ def run(args) -> dict:
         steps = {}
         for precision in ("fp32", "bf16"):
             model, opt = _model(backbone, batch)
-            scaler = engine.grad_scaler(precision, cpu)
+            scaler = amp.grad_scaler(precision, cpu)
             steps[precision] = (lambda m=model, o=opt, s=scaler, p=precision:
                                 pretrain.train_step(m, views, o, s, p, cpu))
         model, opt = _model(backbone, batch)

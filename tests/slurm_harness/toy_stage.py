@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from data import atomic
+
 
 def load_config(argv: list[str] | None) -> dict:
     parser = argparse.ArgumentParser()
@@ -35,12 +37,6 @@ def load_config(argv: list[str] | None) -> dict:
             node = node.setdefault(key, {})
         node[leaf] = yaml.safe_load(value)
     return config
-
-
-def save_atomically(state: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         for step in range(len(state["steps"]), int(toy["steps"])):
             time.sleep(float(toy["step_s"]))
             state["steps"].append([step, restart])
-            save_atomically(state, checkpoint)
+            with atomic.writing(str(checkpoint), "wb") as f:
+                torch.save(state, f)
         metrics = {"step": len(state["steps"]), "value": toy.get("value"), "rank_sum": total.item()}
         with open(run_dir / "metrics.jsonl", "a") as out:
             out.write(json.dumps(metrics) + "\n")

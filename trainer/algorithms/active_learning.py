@@ -62,6 +62,12 @@ def embed_and_classify(ssl, model, loader, rt: Runtime, out_dir: str, num_rows: 
     return stream_rows(embedding_top2_guess, loader, rt, columns, num_rows, precision)
 
 
+def read_embedded(out_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What embed_and_classify streamed to out_dir: (embeddings, memory-mapped; top-2 probabilities; guesses)."""
+    embeddings = np.load(os.path.join(out_dir, "embeddings.npy"), mmap_mode="r")
+    return embeddings, np.load(os.path.join(out_dir, "top2.npy")), np.load(os.path.join(out_dir, "guess.npy"))[:, 0]
+
+
 def select_queries(embeddings, top2, covered, count: int, clusters: int, *, niter: int, seed: int,
                    max_points_per_centroid: int | None, gpu: int | None = None):
     """(chosen rows ordered by margin, their margins, every row's cluster (-1: uncovered), k-means seconds)."""

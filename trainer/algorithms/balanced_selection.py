@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+from data import atomic
 from data.errors import InputError
 from trainer.runtime.config import ConfigError
 
@@ -298,10 +299,8 @@ def selection_precision(selection: Selection, hidden_labels: np.ndarray, num_cla
 def write_pseudo_labels(path: str, selection: Selection, split) -> None:
     """The pseudo-label CSV (path,label,score; paths relative to the split's root) of the rows of `split`
     the selection chose."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic.writing(path) as f:
         writer = csv.writer(f)
         writer.writerow(["path", "label", "score"])
         for i, label, score in zip(selection.indices, selection.labels, selection.scores):
             writer.writerow([os.path.relpath(split.paths[i], split.root), int(label), f"{score:.6f}"])
-    os.replace(tmp, path)

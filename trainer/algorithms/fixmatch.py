@@ -1,81 +1,42 @@
 """The FixMatch loss: supervised cross-entropy + lambda_u x weighted pseudo-label cross-entropy, and the
-variants that differ only in how the unlabeled images' pseudo-labels are weighted (PseudoLabeler).
+variants that differ only in how the unlabeled images' pseudo-labels are weighted (PseudoLabeler), each
+registered as a semi-supervised algorithm under its fixmatch.variant name (trainer.algorithms.semi_supervised).
 
-    FixMatch   (Sohn et al. 2020)   weight 1 where the weak view's top probability reaches a fixed threshold
-    FlexMatch  (Zhang et al. 2021)  the threshold scaled per class by how many images that class has won
-    FreeMatch  (Wang et al. 2023)   a threshold that follows the model's mean confidence, scaled per class
-    SoftMatch  (Chen et al. 2023)   a soft weight: a Gaussian in the confidence below its running mean
+    fixmatch   (Sohn et al. 2020)   weight 1 where the weak view's top probability reaches a fixed threshold
+    flexmatch  (Zhang et al. 2021)  the threshold scaled per class by how many images that class has won
+    freematch  (Wang et al. 2023)   a threshold that follows the model's mean confidence, scaled per class
+    softmatch  (Chen et al. 2023)   a soft weight: a Gaussian in the confidence below its running mean
 
 Any of them may first align the weak-view distribution (ReMixMatch / AdaMatch distribution alignment).
-Their running statistics are state (state_dict / load_state_dict, trainer.runtime.loop registers it) and are
-taken over the global batch: every rank holds the same statistics.
+Their running statistics are state (state_dict / load_state_dict, the algorithm's "pseudo_labeler") and
+are taken over the global batch: every rank holds the same statistics.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from data.errors import InputError
+from trainer.algorithms.semi_supervised import Algorithm, SemiSupervisedLoss, Setup, register
 from trainer.runtime import dist
 
-VARIANTS = ("fixmatch", "flexmatch", "freematch", "softmatch")
-
-
-@dataclass
-class FixmatchLoss:
-    total: torch.Tensor          # supervised + lambda_u * unsupervised (what is back-propagated)
-    supervised: torch.Tensor     # cross-entropy on the labeled batch
-    unsupervised: torch.Tensor   # weighted cross-entropy on the strong views
-    pseudo_labels: torch.Tensor  # argmax of the weak view's (aligned) prediction, per unlabeled image
-    # the weight in [0, 1] of each pseudo-label: 0 or 1 for the thresholding variants (1 where the
-    # prediction passes), soft for SoftMatch, so that the logged mask rate is the mean weight
-    mask: torch.Tensor
+MOMENTUM = 0.999   # of every running statistic
 
 
 def fixmatch_loss(logits_labeled: torch.Tensor, labels: torch.Tensor, logits_weak: torch.Tensor,
-                  logits_strong: torch.Tensor, threshold: float, lambda_u: float,
-                  pseudo_labeler: PseudoLabeler | None = None, index: torch.Tensor | None = None) -> FixmatchLoss:
+                  logits_strong: torch.Tensor, pseudo_labeler: PseudoLabeler, lambda_u: float,
+                  index: torch.Tensor | None = None) -> SemiSupervisedLoss:
     """Weak-view predictions become hard targets for the strong views (no gradient through them).
 
-    `pseudo_labeler` weighs them (and moves its statistics on by this batch); None is plain FixMatch
-    with `threshold`, which a PseudoLabeler replaces with its own. `index`: the unlabeled images' rows
-    in their split (batch["index"]), which FlexMatch needs.
+    `pseudo_labeler` weighs them (and moves its statistics on by this batch). `index`: the unlabeled
+    images' rows in their split (batch["index"]), which FlexMatch needs.
     The unsupervised term is averaged over the whole unlabeled batch, weight 0 counting as 0, so its
     weight falls when few predictions are confident. Logits are taken in float32.
     """
     supervised = F.cross_entropy(logits_labeled.float(), labels)
-    pseudo_labeler = FixMatch(threshold) if pseudo_labeler is None else pseudo_labeler
     pseudo_labels, weight = pseudo_labeler(logits_weak, index)
     per_image = F.cross_entropy(logits_strong.float(), pseudo_labels, reduction="none")
     unsupervised = (per_image * weight).mean()
-    return FixmatchLoss(supervised + lambda_u * unsupervised, supervised, unsupervised, pseudo_labels, weight)
-
-
-def make_pseudo_labeler(variant: str, num_classes: int, threshold: float, *, num_unlabeled: int = 0,
-                        distribution_alignment: bool = False, alignment_target: torch.Tensor | None = None,
-                        momentum: float = 0.999, runtime: dist.Runtime = dist.Runtime()) -> PseudoLabeler:
-    """The PseudoLabeler of `variant` (VARIANTS), with distribution alignment or not.
-
-    threshold: FixMatch's and FlexMatch's (FreeMatch and SoftMatch learn theirs). num_unlabeled: the size
-    of the unlabeled split (FlexMatch keeps a prediction per image). alignment_target: the class
-    distribution to align to (e.g. the labeled set's class frequencies), uniform when None. momentum:
-    of every running statistic. runtime: this rank, and the device of the logits, where the state lives.
-    """
-    if variant not in VARIANTS:
-        raise InputError(f"fixmatch.variant={variant!r}: expected one of {', '.join(VARIANTS)}")
-    alignment = (DistributionAlignment(num_classes, alignment_target, momentum, runtime.device)
-                 if distribution_alignment else None)
-    if variant == "fixmatch":
-        return FixMatch(threshold, alignment)
-    if variant == "flexmatch":
-        if num_unlabeled < 1:
-            raise ValueError(f"FlexMatch keeps a prediction per unlabeled image: num_unlabeled={num_unlabeled}")
-        return FlexMatch(threshold, num_classes, num_unlabeled, runtime, alignment)
-    if variant == "freematch":
-        return FreeMatch(num_classes, momentum, runtime.device, alignment)
-    return SoftMatch(num_classes, momentum, runtime.device, alignment)
+    return SemiSupervisedLoss(supervised + lambda_u * unsupervised, supervised, unsupervised, pseudo_labels, weight)
 
 
 def _global_mean(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,27 +207,43 @@ class SoftMatch(PseudoLabeler):
         return torch.exp(-below * below / (2 * self.var))
 
 
-# What a FixMatch epoch reports, summed step by step (trainer.runtime.loop.EpochSums) and divided at its end.
-EPOCH_SUMS = ("loss", "loss_s", "loss_u", "steps", "unlabeled", "masked", "pseudo_hits", "masked_pseudo_hits")
+# ---- the algorithms: FixMatch's loss with each variant's pseudo-labeler ----
+
+class FixMatchFamily(Algorithm):
+    """FixMatch's loss with a variant's pseudo-labeler, whose running statistics are state."""
+
+    def __init__(self, setup: Setup, pseudo_labeler: PseudoLabeler):
+        super().__init__(setup)
+        self.pseudo_labeler = pseudo_labeler
+        self.state["pseudo_labeler"] = pseudo_labeler
+
+    def loss(self, logits_labeled, labels, logits_weak, logits_strong, index) -> SemiSupervisedLoss:
+        return fixmatch_loss(logits_labeled, labels, logits_weak, logits_strong, self.pseudo_labeler,
+                             self.setup.cfg.fixmatch.lambda_u, index)
 
 
-@torch.no_grad()
-def step_sums(out: FixmatchLoss, hidden_labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """One step's contribution to EPOCH_SUMS. Hidden labels (simulations only) measure the pseudo-labels;
-    they never train."""
-    mask = out.mask.double()
-    hits = torch.zeros_like(mask) if hidden_labels is None else (out.pseudo_labels == hidden_labels).double()
-    return {"loss": out.total, "loss_s": out.supervised, "loss_u": out.unsupervised, "steps": torch.ones_like(mask[0]),
-            "unlabeled": torch.full_like(mask[0], len(mask)), "masked": mask.sum(), "pseudo_hits": hits.sum(),
-            "masked_pseudo_hits": (hits * mask).sum()}
+def _alignment(setup: Setup) -> DistributionAlignment | None:
+    """fixmatch.distribution_alignment: towards the uniform distribution."""
+    return (DistributionAlignment(setup.num_classes, None, MOMENTUM, setup.rt.device)
+            if setup.cfg.fixmatch.distribution_alignment else None)
 
 
-def epoch_summary(sums: dict[str, float], has_hidden: bool) -> dict:
-    """Per-epoch means from the EPOCH_SUMS totals."""
-    steps = max(sums["steps"], 1)
-    out = {"loss": sums["loss"] / steps, "loss_s": sums["loss_s"] / steps, "loss_u": sums["loss_u"] / steps,
-           "mask_rate": sums["masked"] / max(sums["unlabeled"], 1)}
-    if has_hidden:
-        out["pseudo_acc"] = sums["pseudo_hits"] / max(sums["unlabeled"], 1)
-        out["pseudo_acc_masked"] = sums["masked_pseudo_hits"] / sums["masked"] if sums["masked"] else None
-    return out
+@register("fixmatch")
+def _fixmatch(setup: Setup) -> FixMatchFamily:
+    return FixMatchFamily(setup, FixMatch(setup.cfg.fixmatch.threshold, _alignment(setup)))
+
+
+@register("flexmatch")
+def _flexmatch(setup: Setup) -> FixMatchFamily:
+    return FixMatchFamily(setup, FlexMatch(setup.cfg.fixmatch.threshold, setup.num_classes, setup.num_unlabeled,
+                                           setup.rt, _alignment(setup)))
+
+
+@register("freematch")
+def _freematch(setup: Setup) -> FixMatchFamily:
+    return FixMatchFamily(setup, FreeMatch(setup.num_classes, MOMENTUM, setup.rt.device, _alignment(setup)))
+
+
+@register("softmatch")
+def _softmatch(setup: Setup) -> FixMatchFamily:
+    return FixMatchFamily(setup, SoftMatch(setup.num_classes, MOMENTUM, setup.rt.device, _alignment(setup)))

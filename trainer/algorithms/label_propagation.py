@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from data import atomic
 from data.errors import InputError
 from trainer.algorithms.knn import as_numpy, cosine_search, unit_rows
 
@@ -177,5 +178,4 @@ def write_scores(pred_dir: str, labels, num_classes: int, scorer: str, top_k_cla
     classes, scores = top_k(probs, top_k_classes, result.reached[:len(unlabeled)])
     os.makedirs(out_dir, exist_ok=True)
     for name, array in (("topk_class.npy", classes.astype(np.int32)), ("topk_prob.npy", scores)):
-        np.save(os.path.join(out_dir, name + ".tmp.npy"), array)
-        os.replace(os.path.join(out_dir, name + ".tmp.npy"), os.path.join(out_dir, name))
+        atomic.save_npy(os.path.join(out_dir, name), array)

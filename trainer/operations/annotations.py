@@ -1,6 +1,6 @@
 """What an annotator sees and sends back in active learning: queries.csv, contact sheets of the queried
-images, and the answers (an annotator's CSV, checked row by row, or the hidden labels of a simulation)
-merged into labeled.csv with a summary of how they went.
+images, and the answers (an annotator's CSV, handed in by `active.py import`, checked row by row; or the
+hidden labels of a simulation) merged into labeled.csv with a summary of how they went (launch/active.py).
 """
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ import posixpath
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from data.datasets import Split, load_image
+from data import atomic
+from data.datasets import Split, load_image, read_split
+from trainer.runtime import engine
+from trainer.runtime.config import ConfigError
 from trainer.runtime.engine import StageError
 
 QUERY_COLUMNS = ["path", "cluster", "margin", "guess"]
@@ -26,13 +29,11 @@ def _relative(split: Split, path: str) -> str:
 
 def write_queries(path, split: Split, chosen, margin, assignment, guess, classes):
     """queries.csv: path,cluster,margin,guess per chosen row of `split`, in the order given (query n = data row n)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic.writing(path) as f:
         writer = csv.writer(f)
         writer.writerow(QUERY_COLUMNS)
         for row, m in zip(chosen, margin):
             writer.writerow([_relative(split, split.paths[row]), int(assignment[row]), f"{m:.6f}", classes[guess[row]]])
-    os.replace(tmp, path)
 
 
 def read_queries(path) -> list[dict]:
@@ -85,8 +86,8 @@ def write_contact_sheets(out_dir, image_paths, captions, per_page=COLUMNS * ROWS
             draw.text((x, y + THUMB + 2), f"#{i + 1}", fill="black", font=bold)
             draw.text((x, y + THUMB + 2 + LINE), _fit_text(draw, captions[i], font, THUMB), fill="#333333", font=font)
         path = os.path.join(out_dir, name)
-        sheet.save(path + ".tmp.png")
-        os.replace(path + ".tmp.png", path)
+        with atomic.replacing(path) as tmp:
+            sheet.save(tmp, format="PNG")
         written.append(path)
     return written
 
@@ -138,6 +139,14 @@ def import_answers(path: str, queries: list[dict], queries_path: str, root: str,
     return answers
 
 
+def check_oracle(cfg, pool: Split):
+    """active.oracle=true answers with the hidden labels of unlabeled.csv: a simulation's, not your own images'."""
+    if cfg.active.oracle and not cfg.active.answers and pool.hidden_labels is None:
+        raise ConfigError(f"active.oracle=true: {cfg.data.root}/unlabeled.csv has no hidden labels to answer "
+                          "the queries with (your own images): active.oracle=false writes the queries for "
+                          "you to label")
+
+
 def oracle_answers(queries: list[dict], unlabeled: Split) -> dict:
     """The hidden labels of the queried images, and of no other image."""
     if unlabeled.hidden_labels is None:
@@ -146,15 +155,45 @@ def oracle_answers(queries: list[dict], unlabeled: Split) -> dict:
     return {q["path"]: int(hidden[q["path"]]) for q in queries}
 
 
+def import_argv(argv: list[str]) -> list[str]:
+    """active.py's `import ANSWERS.csv ARGS...` as a run's ARGS: the CSV answers, not the oracle."""
+    if len(argv) < 2 or argv[1].startswith("-"):
+        raise ConfigError("import: expected the answers CSV: active.py import ANSWERS.csv --config ...")
+    return argv[2:] + [f"active.answers={argv[1]}", "active.oracle=false"]
+
+
+def collect_answers(cfg, classes) -> tuple:
+    """(source, queries, answers, unlabeled, labeled): the oracle's answers (active.oracle) or the
+    annotator's CSV (active.answers), checked."""
+    queries_csv = os.path.join(cfg.run.dir, "queries.csv")
+    queries = read_queries(queries_csv)
+    unlabeled = read_split(cfg.data.root, "unlabeled")
+    labeled = read_split(cfg.data.root, cfg.active.labeled)
+    if cfg.active.oracle:
+        return "oracle", queries, oracle_answers(queries, unlabeled), unlabeled, labeled
+    answers = import_answers(cfg.active.answers, queries, queries_csv, os.path.abspath(cfg.data.root), classes)
+    return cfg.active.answers, queries, answers, unlabeled, labeled
+
+
+def record_answers(run, classes, collected: tuple) -> dict:
+    """run.dir/labeled.csv and answers_summary.json from collect_answers' answers; the summary's headline
+    numbers for the run's done event."""
+    source, queries, answers, unlabeled, labeled = collected
+    write_labeled(run.path("labeled.csv"), labeled, answers)
+    summary = answers_summary(source, queries, answers, labeled, unlabeled, classes)
+    engine.write_json(run.path("answers_summary.json"), summary)
+    run.say(f"{summary['answered']} of {summary['queries']} queries answered ({source}); "
+            f"{run.path('labeled.csv')} holds {summary['labeled_after']} labels")
+    return {k: summary[k] for k in ("answered", "labeled_after", "guess_accuracy", "answer_accuracy")}
+
+
 def write_labeled(path: str, labeled: Split, answers: dict):
     """labeled.csv = the labeled split's rows, then the answers; paths relative to the dataset root."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic.writing(path) as f:
         writer = csv.writer(f)
         writer.writerow(["path", "label"])
         writer.writerows((_relative(labeled, p), int(y)) for p, y in zip(labeled.paths, labeled.labels))
         writer.writerows((p, y) for p, y in answers.items())
-    os.replace(tmp, path)
 
 
 def answers_summary(source, queries, answers, labeled: Split, unlabeled: Split, classes) -> dict:

@@ -1,29 +1,34 @@
 """A classifier as a model that runs without semiscale: the module that goes into the exported graph
 (ExportedClassifier: decoded images -> the evaluation preprocessing -> the network -> multi-scale TTA
 probabilities), its TorchScript and ONNX files, the check of both files against semiscale's own
-probabilities, and the README and export.json that describe an export (launch/export.py).
+probabilities, and the README and export.json that describe an export (launch/export.py); and the checks
+of export.py's command line: the TTA views (--scales or an eval.json), the input size, the --out folder.
 """
 from __future__ import annotations
 
 import os
-import tempfile
+import sys
 import warnings
 from typing import List
 
+import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
 
+from data import atomic
 from data.datasets import load_image, read_split
 from data.pillow_resize import ScaleView, fit_geometry, pixel_levels
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, evaluate
 from trainer.runtime import engine
 from trainer.algorithms.tta import scale_probabilities, tta_probabilities
 
+OUTPUTS = ("model.ts", "model.onnx", "classes.txt", "README", "export.json")
 OPSET = 17
 TOLERANCE = 1e-4            # max |probability difference| the check accepts
 CHECK_VAL_IMAGES = 32       # val images of the input size the check runs on,
 CHECK_SCAN_IMAGES = 1000    # found among this many (sizes vary in some datasets)
+CHECK_RANDOM_IMAGES = 4     # random-noise images for the check, which stress the resize's rounding
 
 
 def _check_input(images: torch.Tensor, height: int, width: int):
@@ -65,6 +70,72 @@ def as_input(images: List[Image.Image]) -> torch.Tensor:
     return pixel_levels(images).float() / 255
 
 
+# ---- the command line ----
+
+def chosen_views(scales: List[int] | None, mirror: bool, eval_json: str | None,
+                 model: str) -> tuple[List[int], bool]:
+    """The TTA scales and whether their mirrors: --scales and --mirror, or those of --scales-from's eval.json."""
+    if mirror and eval_json:
+        raise engine.StageError("--mirror: only with --scales (--scales-from takes eval.json's tta_mirror)")
+    scales, mirror = (scales, mirror) if scales else scales_from(eval_json, model)
+    bad = [s for s in scales if s < 1]
+    if bad:
+        raise engine.StageError(f"--scales {' '.join(map(str, scales))}: expected sizes >= 1 px, got {bad[0]}")
+    return scales, mirror
+
+
+def scales_from(path: str, model: str) -> tuple[List[int], bool]:
+    """eval.json's tta_scales and tta_mirror (val's: evaluate scores every split with val's choice; an
+    eval.json written before evaluate.mirror has no tta_mirror: no mirrors)."""
+    try:
+        result = engine.read_json(path)
+    except OSError as e:
+        raise engine.StageError(f"--scales-from {path}: cannot read ({e.strerror})") from None
+    except ValueError as e:
+        raise engine.StageError(f"--scales-from {path}: not JSON ({e})") from None
+    splits = result.get("splits") if isinstance(result, dict) else None
+    split = (splits.get("val") or next(iter(splits.values()), None)) if isinstance(splits, dict) else None
+    scales = split.get("tta_scales") if isinstance(split, dict) else None
+    if not isinstance(scales, list) or not scales or not all(isinstance(s, int) for s in scales):
+        raise engine.StageError(f"--scales-from {path}: expected the eval.json of a classifier evaluation "
+                                "(splits.val.tta_scales), e.g. runs/demo/evaluate/eval.json")
+    mirror = split.get("tta_mirror", False)
+    if not isinstance(mirror, bool):
+        raise engine.StageError(f"--scales-from {path}: tta_mirror: expected true or false, got {mirror!r}")
+    scored = result.get("model")
+    if isinstance(scored, str) and not _same_file(scored, model):
+        print(f"export.py: warning: {path} scored {scored}, not {model}: its scales were chosen for that model",
+              file=sys.stderr)
+    return scales, mirror
+
+
+def _same_file(one: str, two: str) -> bool:
+    try:
+        return os.path.samefile(one, two)
+    except OSError:
+        return os.path.abspath(one) == os.path.abspath(two)
+
+
+def input_size(image_size: List[int] | None) -> tuple[int, int] | None:
+    """--image-size H [W] as (H, W); None (the size of the dataset's first val image) when not given."""
+    if image_size is None:
+        return None
+    if len(image_size) > 2 or min(image_size) < 1:
+        raise engine.StageError(f"--image-size {' '.join(map(str, image_size))}: expected H [W], >= 1 px")
+    return image_size[0], image_size[-1]
+
+
+def check_out(out: str):
+    """--out is new, empty, or holds nothing but a previous export's files."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise engine.StageError(f"--out {out}: not a folder")
+    if os.path.isdir(out):
+        other = sorted(n for n in os.listdir(out) if n not in OUTPUTS and not n.endswith(atomic.TEMPORARY))
+        if other:
+            raise engine.StageError(f"--out {out}: holds {', '.join(other[:3])}{', ...' if len(other) > 3 else ''}, "
+                                    "which no export writes: expected a new or empty folder or a previous export")
+
+
 # ---- files ----
 
 def clear_previous(out: str):
@@ -72,36 +143,22 @@ def clear_previous(out: str):
     try:
         os.makedirs(out, exist_ok=True)
         for name in os.listdir(out):
-            if name == "export.json" or name.endswith(".tmp"):
+            if name == "export.json" or name.endswith(atomic.TEMPORARY):
                 os.remove(os.path.join(out, name))
     except OSError as e:
         raise engine.StageError(f"--out {out}: cannot write there ({e.strerror})") from None
 
 
 def write_atomic(path: str, write):
-    """write(temporary path) then fsync and rename over `path`: a reader sees the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp's 0600 would keep an export from the people it is for
+    """write(a temporary path), renamed over `path` once on the disk (data.atomic): a reader sees the old
+    file or the new one; a write the filesystem refuses is one line."""
+    with atomic.refusing(path, engine.StageError), atomic.replacing(path, durable=True) as tmp:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise engine.StageError(f"{path}: cannot write ({e.strerror or e})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_text(path: str, text: str):
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    write_atomic(path, write)
+    with atomic.refusing(path, engine.StageError), atomic.writing(path, durable=True) as f:
+        f.write(text)
 
 
 def to_torchscript(exported: ExportedClassifier) -> torch.jit.ScriptModule:
@@ -146,6 +203,13 @@ def check_images(root: str, size: tuple[int, int] | None) -> tuple[tuple[int, in
             if len(found) == CHECK_VAL_IMAGES:
                 break
     return height_width, found
+
+
+def random_images(height: int, width: int) -> List[Image.Image]:
+    """CHECK_RANDOM_IMAGES images of RGB noise, seeded: the same check on every export."""
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+            for _ in range(CHECK_RANDOM_IMAGES)]
 
 
 def semiscale_probabilities(model: nn.Module, images: List[Image.Image], scales: List[int],

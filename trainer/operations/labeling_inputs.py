@@ -82,6 +82,17 @@ def evaluated_views(tta_from: str, model: str, warn: bool = True) -> tuple[list[
     return scales, mirror
 
 
+def check_views(cfg):
+    """predict.scales and predict.mirror, or predict.tta_from: not both (a check that reads no file)."""
+    p = cfg.predict
+    if p.scales and p.tta_from:
+        raise ConfigError(f"predict.scales={p.scales}, predict.tta_from={p.tta_from}: give one (tta_from takes the "
+                          "scales evaluate chose; predict.tta_from= clears it)")
+    if p.mirror and p.tta_from:
+        raise ConfigError(f"predict.mirror=true: only without predict.tta_from ({p.tta_from}: its eval.json's "
+                          "tta_mirror decides)")
+
+
 def tta_views(cfg, rt) -> tuple[list[int], bool]:
     """(scales, mirrored): predict.scales and predict.mirror, or tta_from's, or the trained image size."""
     p = cfg.predict

@@ -6,8 +6,9 @@ import shlex
 import yaml
 
 from data.datasets import read_split
-from trainer.runtime import config, engine, rundir
-from trainer.runtime.config import STAGE_CONFIGS, PipelineSection
+from trainer.runtime import config, rundir
+from trainer.runtime.config import PipelineSection
+from trainer.runtime.stages import STAGES
 
 
 def answers_from(p: PipelineSection) -> list[str]:
@@ -27,7 +28,7 @@ def queries_waiting(folder: str, argv: list[str]) -> bool:
         return False
     with open(os.path.join(folder, rundir.CONFIG), encoding="utf-8") as f:
         previous = yaml.safe_load(f)
-    current = config.to_dict(engine.parse(STAGE_CONFIGS["active"], argv, "active"))
+    current = config.to_dict(STAGES["active"].parse(argv))
     return not rundir.config_differences(previous, current)
 
 

@@ -6,6 +6,7 @@ chunks/chunk-K.rank-R.csv; rank 0 joins them into chunks/chunk-K.csv, then write
 (the chunk's counts and unreadable images: the chunk is done); at the end, merge joins the chunks into
 predictions.csv and bad_images.txt. No process holds more than its share of one chunk. inputs.json
 (fingerprint) records what a resumed run must find unchanged: the rows, the model's bytes, the TTA views.
+The run ends with summary.json's scores and the lines that sum the run up (say_done).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from data import atomic
 from data.datasets import BadImageError, Split, load_image
 from data.prepare_messages import shown
 from trainer.runtime import config, dist, engine, rundir
@@ -97,26 +99,9 @@ def resume_point(run, inputs: dict, count: int) -> tuple[bool, set[int]]:
 def claim_run_dir(cfg, rt, stage: str, inputs: dict, count: int) -> tuple[engine.Run, bool, set[int]]:
     """(the engine.Run that holds run.dir, finished, the finished chunks): rank 0 checks run.dir
     (check_previous_inputs) and claims it (resume_point); a refusal stops every rank with rank 0's one line."""
-    refusal = None
-    if rt.is_main:
-        try:
-            check_previous_inputs(cfg, inputs, stage)
-        except rundir.RunDirError as e:
-            refusal = str(e)
-    refusal = dist.broadcast_object(refusal)   # every rank stops with rank 0's one line
-    if refusal:
-        raise rundir.RunDirError(refusal)
+    dist.rank0_decides(lambda: check_previous_inputs(cfg, inputs, stage))
     run = engine.Run(stage, cfg, rt)   # every check has passed: the first write
-    claimed = None
-    if rt.is_main:
-        try:
-            claimed = resume_point(run, inputs, count)
-        except rundir.RunDirError as e:
-            claimed = str(e)
-    claimed = dist.broadcast_object(claimed)
-    if isinstance(claimed, str):
-        raise rundir.RunDirError(claimed)
-    finished, done = claimed
+    finished, done = dist.rank0_decides(lambda: resume_point(run, inputs, count))
     return run, finished, done
 
 
@@ -269,11 +254,10 @@ def label_chunks(model, split: Split, cfg, rt, run, scales: list[int], mirror: b
             bad = [b for p in parts for b in p["bad"]]
             refuse_bad_images(cfg, bad)   # before the chunk is done: a rerun relabels it
             if rt.is_main:
-                with open(base + ".csv.tmp", "wb") as joined:
+                with atomic.writing(base + ".csv", "wb") as joined:
                     for r in range(rt.world):
                         with open(f"{base}.rank-{r}.csv", "rb") as f:
                             shutil.copyfileobj(f, joined)
-                os.replace(base + ".csv.tmp", base + ".csv")
                 chunk = {"rows": end - start, "seconds": round(time.time() - t0, 3),
                          **{key: sum(p[key] for p in parts) for key in parts[0] if key != "bad"}, "bad": bad}
                 engine.write_json(base + ".json", chunk)   # atomic: the chunk is done
@@ -295,7 +279,7 @@ def merge(out: str, count: int, k_top: int, unlisted: list[tuple[str, str]]) -> 
     header = ["path", "class", "confidence", *(f"top{i}_{x}" for i in range(1, k_top + 1) for x in ("class", "prob"))]
     totals = {"labeled": 0, "scored": 0, "top1_hits": 0, "top5_hits": 0}
     bad = list(unlisted)
-    with open(os.path.join(out, PREDICTIONS + ".tmp"), "w", encoding="utf-8", newline="") as f:
+    with atomic.writing(os.path.join(out, PREDICTIONS)) as f:
         f.write(",".join(header) + "\n")
         for k in range(count):
             chunk = engine.read_json(chunk_base(out, k) + ".json")
@@ -304,8 +288,31 @@ def merge(out: str, count: int, k_top: int, unlisted: list[tuple[str, str]]) -> 
             for key in totals:
                 totals[key] += chunk.get(key, 0)
             bad += [tuple(b) for b in chunk["bad"]]
-    os.replace(os.path.join(out, PREDICTIONS + ".tmp"), os.path.join(out, PREDICTIONS))
     engine.write_text(os.path.join(out, BAD_IMAGES), "".join(f"{shown(p)}\t{reason}\n" for p, reason in bad))
     return {**totals, "bad": bad}
 
 
+# ---- the end of a run ----
+
+def scores(totals: dict) -> dict:
+    """summary.json's top-1, top-5 and the images they were scored on, from merge's counts; none without labels."""
+    if not totals["scored"]:
+        return {}
+    return {"top1": totals["top1_hits"] / totals["scored"], "top5": totals["top5_hits"] / totals["scored"],
+            "scored": totals["scored"]}
+
+
+def say_done(run, summary: dict, bad: list[tuple[str, str]], seconds: float):
+    """The unreadable images skipped, then where the predictions went, at which views, their scores and
+    this run's speed."""
+    if bad:
+        run.say(f"skipped {len(bad)} unreadable image(s) (listed in {run.path(BAD_IMAGES)}): "
+                + ", ".join(shown(p) for p, _ in bad[:5]) + (", ..." if len(bad) > 5 else ""))
+    scored = (f"; top-1 {summary['top1']:.4f}, top-5 {summary['top5']:.4f} on {summary['scored']} labeled "
+              "images" if "top1" in summary else "")
+    views = f"scales {summary['scales']} px{' and their mirrors' if summary['mirror'] else ''}"
+    labeled = summary["images_this_run"]
+    rate = (f"{labeled} images read by this run in {seconds:.1f} s: {summary['img_per_s']:.0f} img/s on "
+            f"{summary['ranks']} rank(s)" if labeled else "nothing left to label")
+    run.say(f"{summary['labeled']} of {summary['images']} images -> {run.path(PREDICTIONS)} ({views}){scored}; "
+            f"{rate}")

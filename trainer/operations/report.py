@@ -12,20 +12,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from data import atomic  # noqa: E402
 from data.datasets import load_image, read_classes, read_split  # noqa: E402
 from data.transforms import evaluate as eval_transform  # noqa: E402
 from trainer.runtime import rundir  # noqa: E402
 from trainer.runtime.models import build_backbone, load_backbone_weights, load_classifier, residual_stages  # noqa: E402
 
-# each stage's row in the ablation table ({labels}: the labeled images the run started with;
-# {queries}: the answers active learning added)
-ROWS = {"supervised": "Supervised only ({labels} labels, random init)",
-        "knn": "Barlow Twins features, kNN on the {labels} labels",
-        "finetune": "+ fine-tune (backbone + linear head)",
-        "pseudolabel": "+ balanced pseudo-label iterations",
-        "fixmatch": "+ FixMatch",
-        "fixmatch_active": "+ active learning ({queries} answers), FixMatch again",
-        "tta": "+ multi-scale TTA"}
+# the ablation table's rows that score no step's model (each model step declares its own row: stages.RECIPE)
+EVALUATION_ROWS = {"knn": "Barlow Twins features, kNN on the {labels} labels", "tta": "+ multi-scale TTA"}
 
 
 def _json(path):
@@ -40,19 +34,21 @@ def _events(run_dir):
     return rundir.read_lines(path) if os.path.exists(path) else []
 
 
-def _row_names(run_dir: str) -> dict:
+def _row_names(run_dir: str, model_rows: dict) -> dict:
+    """Each row's name with the run's own counts ({labels}: the labeled images the run started with;
+    {queries}: the answers active learning added)."""
     labels = len(read_split(_data_root(run_dir), "labeled"))
     answers = _json(os.path.join(run_dir, "active", "answers_summary.json"))
     queries = answers["answered"] if answers else "–"
-    return {stage: name.format(labels=labels, queries=queries) for stage, name in ROWS.items()}
+    return {stage: name.format(labels=labels, queries=queries) for stage, name in {**model_rows, **EVALUATION_ROWS}.items()}
 
 
-def accuracy_table(run_dir: str, model_stages: list[str]) -> list[dict]:
+def accuracy_table(run_dir: str, model_rows: dict) -> list[dict]:
     """Table 2: val/test top-1 after each stage (single scale), then the final model with TTA."""
-    rows, names = [], _row_names(run_dir)
+    rows, names = [], _row_names(run_dir, model_rows)
     knn = _json(os.path.join(run_dir, "evaluate_knn", "eval.json"))
     final = None
-    for stage in model_stages:
+    for stage in model_rows:
         result = _json(os.path.join(run_dir, f"evaluate_{stage}", "eval.json"))
         if stage == "finetune" and knn:
             rows.append({"stage": "knn", "name": names["knn"], **{s: knn["knn"][s] for s in ("val", "test")}})
@@ -86,12 +82,12 @@ def _fmt(x, pct=True):
     return f"{100 * x:.2f}" if pct else f"{x}"
 
 
-def write(run_dir: str, stage_seconds: dict, model_stages: list[str]):
-    """report.md/.json and plots of a pipeline run; `model_stages`: the stages that produce a classifier,
-    in recipe order (each scored in evaluate_<stage>)."""
-    accuracy, iterations = accuracy_table(run_dir, model_stages), iteration_table(run_dir)
+def write(run_dir: str, stage_seconds: dict, model_rows: dict):
+    """report.md/.json and plots of a pipeline run; `model_rows`: the steps that produce a classifier -> their
+    row in the table, in recipe order (each scored in evaluate_<stage>)."""
+    accuracy, iterations = accuracy_table(run_dir, model_rows), iteration_table(run_dir)
     plots = [p for p in (plot_ablation(run_dir, accuracy), plot_curves(run_dir), plot_precision(run_dir),
-                         plot_top_images(run_dir), plot_feature_maps(run_dir, model_stages)) if p]
+                         plot_top_images(run_dir), plot_feature_maps(run_dir, list(model_rows))) if p]
     lines = ["# semiscale run report", "", f"Run dir: `{os.path.abspath(run_dir)}`", "",
              "## Accuracy after each stage (top-1 %)", "", "| stage | val | test |", "|---|---|---|"]
     lines += [f"| {r['name']} | {_fmt(r.get('val'))} | {_fmt(r.get('test'))} |" for r in accuracy]
@@ -110,12 +106,10 @@ def write(run_dir: str, stage_seconds: dict, model_stages: list[str]):
     lines += [f"| {k} | {v:.0f} |" for k, v in stage_seconds.items()]
     lines += [f"| total | {sum(stage_seconds.values()):.0f} |", "", "## Plots", ""]
     lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
-    with open(os.path.join(run_dir, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(run_dir, "report.json"), "w") as f:
-        json.dump({"accuracy": accuracy, "val_drops": [b["stage"] for _, b in drops], "iterations": iterations,
-                   "stage_seconds": stage_seconds,
-                   "plots": [os.path.basename(p) for p in plots]}, f, indent=2)
+    atomic.write_text(os.path.join(run_dir, "report.md"), "\n".join(lines) + "\n")
+    atomic.write_json(os.path.join(run_dir, "report.json"),
+                      {"accuracy": accuracy, "val_drops": [b["stage"] for _, b in drops], "iterations": iterations,
+                       "stage_seconds": stage_seconds, "plots": [os.path.basename(p) for p in plots]})
     print("\n".join(lines[4:4 + 6 + len(accuracy)]), flush=True)   # the table and the verdict line
 
 

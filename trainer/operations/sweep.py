@@ -15,6 +15,7 @@ import yaml
 
 from trainer.runtime import config, rundir
 from trainer.operations.slurm import UsageError, split_assignment
+from trainer.runtime.stages import STAGES
 
 SWEEP_MANIFEST = "sweep.json"
 
@@ -59,11 +60,11 @@ def plan_runs(base: Path, overrides: dict[str, str], sweep: dict[str, list[str]]
 
 
 def check_run_configs(stage: str, config_path: str, runs: list[dict[str, str]], swept: list[str]) -> None:
-    """Every run's full config of `stage` (a key of config.STAGE_CONFIGS) loads, before anything is queued:
+    """Every run's full config of `stage` (a key of stages.STAGES) loads, before anything is queued:
     a typo in one sweep point must not surface hours later in a job."""
     for overrides in runs:
         try:
-            config.load(config.STAGE_CONFIGS[stage], config_path, [f"{k}={v}" for k, v in overrides.items()])
+            config.load(STAGES[stage].config, config_path, [f"{k}={v}" for k, v in overrides.items()])
         except config.ConfigError as error:
             point = {k: overrides[k] for k in swept}
             raise UsageError(f"{error}" + (f" (sweep point {point})" if point else "")) from None

@@ -1,7 +1,7 @@
 """Atomic checkpoints and safe loading.
 
-A checkpoint is written to a temporary file in the same folder, fsynced and renamed over the
-old one, so a crash at any moment leaves either the previous or the new checkpoint, never half.
+A checkpoint is written atomically and durably (data.atomic), so a crash at any moment leaves either the
+previous or the new checkpoint, never half.
 """
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import hashlib
 import logging
 import os
 import random
-import shutil
-import tempfile
 
 import torch
+from data import atomic
 from data.errors import InputError
 
 CHECKSUM = "checksum"
@@ -40,37 +39,9 @@ def on_cpu(obj):
 
 def save_atomic(obj, path: str):
     """Write `obj` (its tensors moved to the CPU) so that a crash leaves the old file or the new one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(on_cpu(obj), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        cause = _os_error_in(e)
-        if cause:   # a full disk, a read-only folder: the previous file is untouched
-            raise CheckpointError(f"{path}: cannot write ({cause.strerror or cause}); the previous file is kept") from None
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)   # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
-def _os_error_in(error: BaseException) -> OSError | None:
-    """The OSError behind `error`, if any: torch.save's zip writer raises its own error while closing a file
-    whose write failed."""
-    while error is not None:
-        if isinstance(error, OSError):
-            return error
-        error = error.__context__
-    return None
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic.refusing(path, CheckpointError), atomic.writing(path, "wb", durable=True) as f:
+        torch.save(on_cpu(obj), f)
 
 
 def load(path: str) -> dict:
@@ -109,12 +80,7 @@ def save_checked(state: dict, path: str):
     """save_atomic with a checksum of the contents; the file it replaces stays as PATH.prev."""
     state = on_cpu(state)
     if os.path.exists(path):
-        keep = previous(path) + ".tmp"
-        try:
-            os.link(path, keep)   # the same bytes under a second name: no copy of a large file
-        except OSError:   # filesystems without hard links
-            shutil.copyfile(path, keep)
-        os.replace(keep, previous(path))
+        atomic.copy_file(path, previous(path), link=True)   # checkpoint.pt is only ever replaced
     save_atomic({**state, CHECKSUM: digest(state)}, path)
 
 

@@ -1,79 +1,27 @@
-"""Typed stage configs: YAML file -> dataclasses, with dotted `key=value` overrides.
+"""The stage configs, declared once: every key with its type, default, range or choices, and its comment.
 
-Every error (missing file, unknown key, wrong type, value outside its choices or its range, NaN or
-infinity) is a ConfigError whose message is one line naming the key; launch scripts turn it into exit
-status 2. Every number declares its range next to its key (`number`, `nonempty`) and is checked at
-load time, defaults included, so a stage never starts work with a value it cannot use. Ranges that
-depend on the data (e.g. k <= the number of labeled images) are left to the stage.
+The comment beside a field (trailing, or on the lines just above) and a section class's docstring are
+what `python launch/STAGE.py --help` prints for it (trainer.runtime.config_fields.keys_help reads them
+from here): write them for the person setting the key. How a file and `key=value` overrides become one
+of these classes, and what makes a value refused, is trainer.runtime.config_fields; its loader and
+error are used through this module (`config.load`, `config.ConfigError`).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 
-import yaml
-from data.errors import InputError
-
-
-class ConfigError(InputError):
-    """A config problem, reported as one line naming the key."""
-
-
-def choice(default, *choices):
-    """A str field restricted to `choices`."""
-    return field(default=default, metadata={"choices": choices})
-
-
-@dataclass(frozen=True)
-class Bounds:
-    """The range of a number: low..high, each end included or not."""
-    text: str                       # as error messages write it: ">= 1", "in [0, 1)"
-    low: float
-    high: float = math.inf
-    low_open: bool = False
-    high_open: bool = False
-
-    @classmethod
-    def parse(cls, spec: str) -> Bounds:
-        """">= a", "> a", or an interval "[a, b]", "[a, b)", "(a, b]", "(a, b)"."""
-        if m := re.fullmatch(r"(>=?) *([-+.\de]+)", spec):
-            return cls(spec, float(m[2]), low_open=m[1] == ">")
-        if m := re.fullmatch(r"([\[(]) *([-+.\de]+) *, *([-+.\de]+) *([\])])", spec):
-            return cls(f"in {spec}", float(m[2]), float(m[3]), low_open=m[1] == "(", high_open=m[4] == ")")
-        raise InputError(f"bounds {spec!r}: expected '>= a', '> a' or an interval such as '[a, b)'")
-
-    def __contains__(self, x) -> bool:
-        return ((self.low < x if self.low_open else self.low <= x)
-                and (x < self.high if self.high_open else x <= self.high))
-
-
-def number(default, bounds: str):
-    """An int or float field whose value must lie in `bounds` (see Bounds.parse): ">= 1", "[0, 1)"."""
-    return field(default=default, metadata={"bounds": Bounds.parse(bounds)})
-
-
-def path(help: str, required: bool = True):
-    """A file path; a required one has no default (`""`): a stage names its inputs in its config, so
-    no run reads another's output by accident."""
-    return field(default="", metadata={"required": help} if required else {})
-
-
-def nonempty(default: list, bounds: str | None = None):
-    """A list field that needs at least one item; numeric items must lie in `bounds`."""
-    metadata = {"nonempty": True} | ({"bounds": Bounds.parse(bounds)} if bounds else {})
-    return field(default_factory=lambda: list(default), metadata=metadata)
+from trainer.algorithms.registry import SELF_SUPERVISED, SEMI_SUPERVISED
+from trainer.runtime.config_fields import Bounds, ConfigError, choice, nonempty, number, path
+# the stages load, dump and describe their configs through this module
+from trainer.runtime.config_fields import dumps, keys_help, load, to_dict  # noqa: F401 (re-exported)
 
 
 # ---- sections shared by every stage (contract: run.dir, run.seed, data.root, data.backend) ----
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/stage"
+    dir: str = "runs/stage"   # where the run writes config.yaml, metrics.jsonl, checkpoint.pt and its outputs
     seed: int = number(0, "[0, 2147483647]")      # faiss's k-means (active) takes it as a C int
     log_every: int = number(20, ">= 1")           # steps between metrics.jsonl lines / progress refreshes
     checkpoint_every: int = number(200, ">= 1")   # steps between checkpoint.pt writes (also written every epoch end)
@@ -83,8 +31,8 @@ class RunConfig:
 
 @dataclass
 class AugmentConfig:
-    """data.augment: what the training views' augmentations do, the same on the torchvision and DALI
-    backends (data.transforms.Augment, whose defaults these are: the recipe's)."""
+    """What the training views' augmentations do, the same on the torchvision and DALI backends
+    (data.transforms.Augment, whose defaults these are: the recipe's)."""
     flip: bool = True   # horizontal flip, p=0.5, in every training view; false for digits, text, documents
     # weak and strong views: shift by up to this fraction of the side (reflect padding); 0 = none
     translate: float = number(0.125, "[0, 0.5]")
@@ -100,11 +48,20 @@ class AugmentConfig:
 @dataclass
 class DataConfig:
     root: str = path("a prepared dataset folder (launch/prepare.py)")
-    backend: str = choice("auto", "auto", "dali", "torch")
+    backend: str = choice("auto", "auto", "dali", "torch")   # image loading; auto: dali when nvidia.dali imports
     image_size: int = number(28, ">= 8")   # px; three stride-2 stages leave 1 px of an 8 px image
     workers: int = number(2, ">= 0")       # loader processes; 0 = load in the training process
+    # an image that does not decode: stop naming it (error), or the next decodable image stands in (skip)
     on_bad_image: str = choice("error", "error", "skip")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class StageConfig:
+    """The sections every stage config (and the pipeline's) starts with, so a resolved config.yaml
+    always opens with run and data."""
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 @dataclass
@@ -129,12 +86,24 @@ class TrainConfig:
 
 @dataclass
 class KnnConfig:
+    """kNN top-1 of a backbone's embeddings: the labeled images vote for each image's class."""
     k: int = number(20, ">= 1")                  # at most the labeled images: checked by the stage
     temperature: float = number(0.07, "> 0")     # divides the similarities
-    every_epochs: int = number(1, ">= 0")        # 0 = only at the end
+
+
+@dataclass
+class PretrainKnnConfig(KnnConfig):
+    # epochs between kNN top-1 checks on val while pretraining (also at the start and the end); 0 = none
+    every_epochs: int = number(1, ">= 0")
 
 
 # ---- stage configs ----
+
+@dataclass
+class PretrainSection:
+    # the self-supervised method (trainer/algorithms/self_supervised.py); barlow_twins: settings in section barlow
+    method: str = choice("barlow_twins", SELF_SUPERVISED)
+
 
 @dataclass
 class BarlowTwinsConfig:
@@ -153,14 +122,13 @@ class LarsConfig:
 
 
 @dataclass
-class PretrainConfig:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+class PretrainConfig(StageConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lars: LarsConfig = field(default_factory=LarsConfig)
+    pretrain: PretrainSection = field(default_factory=PretrainSection)
     barlow: BarlowTwinsConfig = field(default_factory=BarlowTwinsConfig)
-    knn: KnnConfig = field(default_factory=KnnConfig)
+    knn: PretrainKnnConfig = field(default_factory=PretrainKnnConfig)
     RETIRED = {"optim": "renamed lars (learning rates per 256 images of global batch)"}
 
 
@@ -172,12 +140,12 @@ class SgdConfig:
     weight_decay: float = number(0.0, ">= 0")     # never applied to biases and norm parameters
     momentum: float = number(0.9, "[0, 1)")       # 1 would never forget a gradient
     nesterov: bool = False
-    warmup_epochs: float = number(0, ">= 0")
+    warmup_epochs: float = number(0, ">= 0")      # epochs of linear warmup, then a cosine down to 0
 
 
 @dataclass
 class FinetuneSection:
-    # backbone.pt, a model.pt whose backbone is reused, or "random" (random init: the supervised baseline)
+    # random: random init (the supervised baseline)
     backbone: str = path("backbone.pt, a model.pt whose backbone is reused, or random")
     labeled: str = "labeled"        # split name, or a CSV file (path,label) whose image paths are relative to data.root
     pseudo_labels: str = ""         # optional CSV (path,label[,score]) of pseudo-labels, added to labeled
@@ -189,9 +157,7 @@ class FinetuneSection:
 
 
 @dataclass
-class FinetuneConfig:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+class FinetuneConfig(StageConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sgd: SgdConfig = field(default_factory=SgdConfig)
@@ -249,9 +215,7 @@ class PropagationConfig:
 
 
 @dataclass
-class PseudolabelConfig:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+class PseudolabelConfig(StageConfig):
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     pseudo: PseudoSection = field(default_factory=PseudoSection)
     propagation: PropagationConfig = field(default_factory=PropagationConfig)
@@ -263,10 +227,9 @@ class FixmatchSection:
     labeled: str = "labeled"        # split name or CSV
     pseudo_labels: str = ""         # CSV of pseudo-labels added to the labeled set (the K=10, P=16 selection)
     mu: int = number(7, ">= 1")                   # unlabeled batch = mu x labeled batch
-    # which images' pseudo-labels count, and how much: fixmatch (a fixed threshold), flexmatch (class-wise
-    # thresholds from each class's learning status), freematch (self-adaptive global and class thresholds),
-    # softmatch (a truncated-Gaussian weight of the confidence); trainer/algorithms/fixmatch.py has each formula
-    variant: str = choice("fixmatch", "fixmatch", "flexmatch", "freematch", "softmatch")
+    # the semi-supervised algorithm (trainer/algorithms/semi_supervised.py): FixMatch or a variant, which differ in
+    # which images' pseudo-labels count and how much (trainer/algorithms/fixmatch.py has each formula)
+    variant: str = choice("fixmatch", SEMI_SUPERVISED)
     # weak-view probabilities x (uniform / running mean of the predictions), renormalised, before the variant
     distribution_alignment: bool = False
     threshold: float = number(0.95, "(0, 1]")     # fixmatch, flexmatch: confidence needed for a pseudo-label
@@ -280,9 +243,7 @@ class FixmatchSection:
 
 
 @dataclass
-class FixmatchConfig:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+class FixmatchConfig(StageConfig):
     train: TrainConfig = field(default_factory=TrainConfig)   # batch_size = labeled batch (global)
     sgd: SgdConfig = field(default_factory=lambda: SgdConfig(lr_backbone=0.01, lr_head=0.01,
                                                              weight_decay=5e-4, nesterov=True))
@@ -292,8 +253,8 @@ class FixmatchConfig:
 
 @dataclass
 class EvaluateSection:
-    # What is scored is what is given (at least one): a model.pt -> top-1/top-5 per scale and with
-    # TTA; a backbone.pt -> kNN top-1 of its embeddings with the labeled images as references.
+    """What is scored is what is given (at least one): a model.pt -> top-1/top-5 per scale and with
+    TTA; a backbone.pt -> kNN top-1 of its embeddings (section knn)."""
     model: str = path("a model.pt", required=False)
     scales: list[int] = nonempty([28, 36], ">= 8")   # px, as data.image_size; TTA averages their probabilities
     tta: str = choice("all", "all", "val")   # TTA over all the scales, or over the subset best on val
@@ -301,17 +262,16 @@ class EvaluateSection:
     mirror: bool = False
     splits: list[str] = nonempty(["val", "test"])
     backbone: str = path("a backbone.pt", required=False)
-    RETIRED = {"knn": "kNN scores are computed when evaluate.backbone is given, TTA scores when evaluate.model is"}
-    k: int = number(20, ">= 1")                # at most the labeled images: checked by the stage
-    temperature: float = number(0.07, "> 0")
+    RETIRED = {"knn": "kNN scores are computed when evaluate.backbone is given, TTA scores when evaluate.model is",
+               "k": "moved to knn.k (the knn section, as in pretrain)",
+               "temperature": "moved to knn.temperature (the knn section, as in pretrain)"}
 
 
 @dataclass
-class EvaluateConfig:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+class EvaluateConfig(StageConfig):
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+    knn: KnnConfig = field(default_factory=KnnConfig)   # scores evaluate.backbone
     RETIRED = {"model": "the backbone's architecture is read from backbone.json next to evaluate.backbone; "
                         "drop the model section"}
 
@@ -332,9 +292,7 @@ class ActiveSection:
 
 
 @dataclass
-class ActiveConfig:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+class ActiveConfig(StageConfig):
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     active: ActiveSection = field(default_factory=ActiveSection)
     RETIRED = {"model": "the backbone's architecture is read from backbone.json next to active.backbone; "
@@ -357,8 +315,7 @@ class PredictSection:
 
 
 @dataclass
-class PredictConfig:
-    run: RunConfig = field(default_factory=RunConfig)
+class PredictConfig(StageConfig):
     # skip: unreadable images are listed in bad_images.txt; error: stop at the first chunk holding one
     data: DataConfig = field(default_factory=lambda: DataConfig(on_bad_image="skip"))
     inference: InferenceConfig = field(default_factory=InferenceConfig)
@@ -380,7 +337,8 @@ class PipelineSection:
     pseudolabel: StageSpec = field(default_factory=StageSpec)
     fixmatch: StageSpec = field(default_factory=StageSpec)
     active: StageSpec = field(default_factory=StageSpec)
-    fixmatch_active_overrides: list[str] = field(default_factory=list)   # after fixmatch's, see below
+    # the FixMatch after active learning: pipeline.fixmatch's config and overrides, then these
+    fixmatch_active_overrides: list[str] = field(default_factory=list)
     evaluate: StageSpec = field(default_factory=StageSpec)
     predict: StageSpec = field(default_factory=StageSpec)   # labels the unlabeled pile with the final model
     # false: no active learning (stages active, fixmatch_active and its evaluation); FixMatch's model is final
@@ -398,148 +356,6 @@ class PipelineSection:
 
 
 @dataclass
-class PipelineConfig:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+class PipelineConfig(StageConfig):
     pipeline: PipelineSection = field(default_factory=PipelineSection)
 
-
-# the config each launch/ stage script reads
-STAGE_CONFIGS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "pseudolabel": PseudolabelConfig,
-                 "fixmatch": FixmatchConfig, "active": ActiveConfig, "evaluate": EvaluateConfig,
-                 "predict": PredictConfig, "pipeline": PipelineConfig}
-
-
-# ---- loading ----
-
-def load(cls, path: str | None, overrides: list[str] = ()):
-    """Build `cls` from the YAML at `path` (may be None) and `key.sub=value` overrides."""
-    tree = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path}: not found")
-        try:
-            with open(path) as f:
-                tree = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected dotted.key=value")
-        try:
-            value = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError:
-            value = text
-        _set_dotted(tree, key.split("."), value)
-    return _build(cls, tree, prefix="")
-
-
-def _set_dotted(tree: dict, keys: list[str], value):
-    for k in keys[:-1]:
-        node = tree.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {'.'.join(keys)}: {k} is not a section")
-        tree = node
-    tree[keys[-1]] = value
-
-
-def _build(cls, tree, prefix: str, base=None):
-    """`base` (default: cls()) with the values in `tree`; sections keep their own defaults."""
-    base = cls() if base is None else base
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a section (mapping), got {tree!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(tree) - set(fields))
-    retired = [key for key in unknown if key in getattr(cls, "RETIRED", {})]
-    if retired:   # a key older configs have: say what replaced it
-        raise ConfigError(f"{prefix}{retired[0]}: {cls.RETIRED[retired[0]]}")
-    if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]}; allowed keys in "
-                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(fields)}")
-    values = {}
-    for name, f in fields.items():   # every field, not only those given: defaults are checked too
-        key, hint = prefix + name, hints[name]
-        if dataclasses.is_dataclass(hint):
-            section = tree.get(name)
-            values[name] = _build(hint, section if section is not None else {}, key + ".", getattr(base, name))
-            continue
-        value = _coerce(key, hint, tree[name]) if name in tree else getattr(base, name)
-        allowed = f.metadata.get("choices")
-        if allowed and value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
-        _check_range(key, hint, value, f.metadata)
-        if value == "" and "required" in f.metadata:
-            raise ConfigError(f"{key}: required: {f.metadata['required']}")
-        values[name] = value
-    return dataclasses.replace(base, **values)
-
-
-_KINDS = {int: ("an integer", "integers"), float: ("a finite number", "finite numbers")}
-
-
-def _check_range(key: str, hint, value, metadata):
-    """Numbers (a list's items too) finite and within the field's bounds; a `nonempty` list not empty."""
-    bounds = metadata.get("bounds")
-    if typing.get_origin(hint) is list:
-        (item,) = typing.get_args(hint)
-        if metadata.get("nonempty") and not value:
-            of = f" of {_KINDS[item][1]} {bounds.text}" if bounds else ""
-            raise ConfigError(f"{key}=[]: expected a non-empty list{of}")
-        for i, v in enumerate(value):
-            _check_number(f"{key}[{i}]", item, v, bounds)
-    else:
-        _check_number(key, hint, value, bounds)
-
-
-def _check_number(key: str, hint, value, bounds: Bounds | None):
-    if hint not in _KINDS:
-        return
-    if (hint is float and not math.isfinite(value)) or (bounds and value not in bounds):
-        expected = _KINDS[hint][0] + (f" {bounds.text}" if bounds else "")
-        raise ConfigError(f"{key}={value}: expected {expected}")
-
-
-def _coerce(key: str, hint, value):
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        hint = next(t for t in options if t is not type(None))
-        origin = typing.get_origin(hint)
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            value = [value]             # `key=5` for a one-item list
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list of {item.__name__}, got {value!r}")
-        return [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:
-            return float(value)         # YAML 1.1 reads 1e-4, nan and inf as text
-        except ValueError:
-            pass                        # not a number: the type error below
-    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)               # e.g. run.dir=2024 stays a path
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def dumps(cfg) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def dump(cfg, path: str):
-    with open(path, "w") as f:
-        f.write(dumps(cfg))

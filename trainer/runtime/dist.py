@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,7 @@ import torch.nn as nn
 from data.errors import InputError
 
 DEVICES = ("auto", "cuda", "cpu")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,41 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src, device=group_device())
     return box[0]
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    """An InputError on its way from rank 0: its class and state, rebuilt on the other ranks without its
+    constructor, whose parameters need not match its args (BadRowError builds its message from three)."""
+    kind: type
+    args: tuple
+    state: dict
+
+    def rebuild(self) -> InputError:
+        refusal = self.kind.__new__(self.kind)
+        refusal.args = self.args
+        refusal.__dict__.update(self.state)
+        return refusal
+
+
+def rank0_decides(decide: Callable[[], T]) -> T:
+    """Rank 0 alone runs `decide` (a check of the run dir, a scan of the files); every rank gets its result.
+    An InputError it raises is raised on every rank, the same class with the same message, so that the
+    other ranks stop with rank 0's one line instead of waiting in the next collective. Any other exception
+    is a bug: rank 0 keeps its traceback and torchrun stops the others."""
+    if not grouped():
+        return decide()
+    if dist.get_rank() != 0:
+        decision = broadcast_object(None)
+        if isinstance(decision, _Refusal):
+            raise decision.rebuild()
+        return decision
+    try:
+        decision = decide()
+    except InputError as e:
+        broadcast_object(_Refusal(type(e), e.args, vars(e)))
+        raise
+    return broadcast_object(decision)
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):

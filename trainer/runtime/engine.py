@@ -1,14 +1,11 @@
-"""What every stage shares: command line, run dir, metrics, progress, precision, resume.
+"""What every stage shares: command line, run dir, metrics, progress, resume.
 
 A stage script stays a readable recipe; this file holds the plumbing around its loop.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import json
-import logging
 import os
 import random
 import sys
@@ -17,12 +14,10 @@ import time
 import torch
 from tqdm import tqdm
 
-from data import datasets
+from data import atomic, datasets
 from data.errors import InputError
 from trainer.runtime import checkpoint, config, dist, rundir
 from trainer.runtime.dist import Runtime, barrier, shutdown
-
-log = logging.getLogger(__name__)
 
 
 class StageError(InputError):
@@ -30,8 +25,9 @@ class StageError(InputError):
 
 
 def parse(cls, argv, description: str):
-    """`--config FILE [dotted.key=value ...]` -> a config of type `cls`."""
-    parser = argparse.ArgumentParser(description=description)
+    """`--config FILE [dotted.key=value ...]` -> a config of type `cls`; --help lists every key of `cls`."""
+    parser = argparse.ArgumentParser(description=description, epilog=config.keys_help(cls),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (defaults apply to what it leaves out)")
     parser.add_argument("--restart", action="store_true",
                         help="run.dir holds a previous run: move it aside (to run.dir/replaced/) and start over")
@@ -70,15 +66,7 @@ class Run:
         self.dir = cfg.run.dir
         self.checkpoint_path = os.path.join(self.dir, "checkpoint.pt")
         self._lock = None
-        refusal = None
-        if rt.is_main:
-            try:
-                self._claim()
-            except rundir.RunDirError as e:
-                refusal = str(e)
-        refusal = dist.broadcast_object(refusal)   # every rank stops with rank 0's one line
-        if refusal:
-            raise rundir.RunDirError(refusal)
+        dist.rank0_decides(self._claim)   # a refusal stops every rank with rank 0's one line
         self._t0 = time.time()
 
     def _claim(self):
@@ -148,20 +136,14 @@ class Run:
 # ---- small files ----
 
 def write_text(path: str, text: str):
-    """Atomically: a reader never sees half a file, a failed write leaves the old one."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise rundir.RunDirError(f"{path}: cannot write ({e.strerror}); the previous file is kept") from None
+    """data.atomic.write_text; a write the filesystem refuses stops the stage with one line."""
+    with atomic.refusing(path, rundir.RunDirError):
+        atomic.write_text(path, text)
 
 
 def write_json(path: str, obj):
-    write_text(path, json.dumps(obj, indent=2))
+    with atomic.refusing(path, rundir.RunDirError):
+        atomic.write_json(path, obj)
 
 
 def read_json(path: str):
@@ -175,78 +157,6 @@ def read_done(run_dir: str) -> dict:
     if not done:
         raise StageError(f"{run_dir}/metrics.jsonl: the stage has not finished (no 'done' event)")
     return done[-1]
-
-
-# ---- precision ----
-
-def resolve_precision(precision: str, model: torch.nn.Module, batch: tuple[int, ...], rt: Runtime
-                      ) -> tuple[str, dict[str, float]]:
-    """train.precision=auto -> (a concrete precision, the seconds per step measured, if any). On a GPU:
-    bf16 (fp16 where bf16 is unsupported). On a CPU: whichever of fp32 and bf16 autocast runs a training
-    step of `model` (a copy: its weights and BatchNorm statistics stay untouched) on a random batch of
-    this rank's `batch` shape faster, best of 3 after a warm-up; CPUs differ by 2x either way. Every rank
-    measures (a synchronised BatchNorm's collectives stay in step) and takes rank 0's answer."""
-    if precision != "auto":
-        return precision, {}
-    if rt.device.type == "cuda":
-        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16"), {}
-    trial, x = copy.deepcopy(model).train(), torch.randn(batch, device=rt.device)
-    seconds = {}
-    for candidate in ("fp32", "bf16"):
-        times = []
-        for _ in range(4):
-            t0 = time.perf_counter()
-            with autocast(candidate, rt.device):
-                trial(x).float().square().mean().backward()
-            times.append(time.perf_counter() - t0)
-        seconds[candidate] = min(times[1:])
-    seconds = dist.broadcast_object(seconds)
-    return min(seconds, key=seconds.get), seconds
-
-
-def describe_precision(precision: str, measured: dict[str, float]) -> str:
-    """For the stage's opening line: the precision, and what auto measured to choose it."""
-    if not measured:
-        return f"precision {precision}"
-    return f"precision auto -> {precision} (" + ", ".join(f"{p} {1e3 * s:.0f} ms/step" for p, s in measured.items()) + ")"
-
-
-def autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise config.ConfigError("train.precision: fp16 needs CUDA; use bf16 on CPU")
-    return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
-
-
-def grad_scaler(precision: str, device: torch.device):
-    """Loss scaling only for fp16 (bf16 has fp32's range); disabled scalers pass through."""
-    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-
-class NonFiniteLoss(StageError):
-    """A loss that is NaN or infinite with train.on_nan=stop."""
-
-
-def step_optimizer(loss, optimizer, scaler, step: int, on_nan: str = "stop") -> bool:
-    """One update from `loss`; False when it was skipped. A loss that is not finite on any rank stops the
-    run with one line naming the step (on_nan=stop) or skips the update on every rank (on_nan=skip,
-    logged). Checked before backward, so that no rank enters DDP's gradient all-reduce alone."""
-    bad = dist.all_reduce_((~torch.isfinite(loss.detach())).float().reshape(1)).item()
-    if bad:
-        if on_nan == "stop":
-            raise NonFiniteLoss(f"step {step + 1}: the loss is {loss.item()} on {int(bad)} rank(s); stopping "
-                                "(lower the learning rate, or train.on_nan=skip to skip such steps)")
-        log.warning("step %d: the loss is %s: update skipped (train.on_nan=skip)", step + 1, loss.item())
-        return False
-    if isinstance(optimizer, torch.optim.Optimizer):
-        optimizer.zero_grad(set_to_none=True)
-    else:   # apex's LARC wraps an optimizer and its zero_grad() takes no arguments
-        optimizer.zero_grad()
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return True
 
 
 def seed_everything(seed: int):

@@ -16,9 +16,9 @@ from trainer.runtime import dist
 from trainer.runtime.dist import Runtime
 
 
-def scan_for_dali(split: Split, workers: int, rt: Runtime) -> dict:
+def scan_for_dali(split: Split, workers: int) -> dict:
     from data.dali import scan_files   # DALI is optional: imported only when it is the backend
-    found = dist.broadcast_object(scan_files(split.paths, workers) if rt.is_main else None)
+    found = dist.rank0_decides(lambda: scan_files(split.paths, workers))
     # converted copies live in rank 0's cache folder: a node that does not share it converts its own
     if any("converted" in entry and not os.path.exists(entry["converted"]) for entry in found.values()):
         found = scan_files(split.paths, workers)
@@ -34,7 +34,7 @@ def loader(split: Split, kind: str, cfg, rt: Runtime, *, global_batch: int, seed
            shuffle: bool = True, drop_last: bool = True, scales: list[int] | None = None):
     """This rank's loader of `split` for augmentation `kind`; eval loaders pass shuffle/drop_last False."""
     backend = resolve_backend(cfg.data.backend)
-    scanned = scan_for_dali(split, cfg.data.workers, rt) if backend == "dali" else None
+    scanned = scan_for_dali(split, cfg.data.workers) if backend == "dali" else None
     return build_loader(split, kind, image_size=cfg.data.image_size, global_batch=global_batch, rank=rt.rank,
                         world=rt.world, seed=cfg.run.seed if seed is None else seed, shuffle=shuffle,
                         drop_last=drop_last, workers=cfg.data.workers, backend=backend,

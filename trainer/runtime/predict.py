@@ -1,14 +1,16 @@
 """Sharded inference: every rank runs its share of a split through a model."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
 import numpy as np
 import torch
 
+from data import atomic
+from trainer.runtime.amp import autocast
 from trainer.runtime.dist import Runtime, all_gather_object, all_reduce_, barrier, world_size
-from trainer.runtime.engine import autocast
 
 log = logging.getLogger(__name__)
 
@@ -115,26 +117,26 @@ def stream_rows(fn, loader, rt: Runtime, columns, num_rows: int, precision: str 
 
 
 def _merge(columns, world: int, num_rows: int, stand_ins: bool) -> np.ndarray:
-    merged = [np.lib.format.open_memmap(path + ".tmp", "w+", dtype, (num_rows, width)) for path, width, dtype in columns]
-    covered = np.zeros(num_rows, bool)
-    for rank in range(world):
-        index_file = f"{columns[0][0]}.rank-{rank}.index"
-        index = np.fromfile(index_file, np.int64)
-        covered[index] = True
-        for array, (path, width, dtype) in zip(merged, columns):
-            shard = np.memmap(f"{path}.rank-{rank}", dtype, "r", shape=(len(index), width)) if len(index) else []
-            for start in range(0, len(index), MERGE_ROWS):
-                array[index[start:start + MERGE_ROWS]] = shard[start:start + MERGE_ROWS]
-            del shard
-            os.remove(f"{path}.rank-{rank}")
-        os.remove(index_file)
-    if stand_ins:
-        fill_from_stand_ins(covered, *merged)
-    for array in merged:
-        array.flush()
-    del merged
-    for path, _, _ in columns:
-        os.replace(path + ".tmp", path)
+    with contextlib.ExitStack() as temporaries:   # every file appears once all are whole
+        merged = [np.lib.format.open_memmap(temporaries.enter_context(atomic.replacing(path)), "w+", dtype,
+                                            (num_rows, width)) for path, width, dtype in columns]
+        covered = np.zeros(num_rows, bool)
+        for rank in range(world):
+            index_file = f"{columns[0][0]}.rank-{rank}.index"
+            index = np.fromfile(index_file, np.int64)
+            covered[index] = True
+            for array, (path, width, dtype) in zip(merged, columns):
+                shard = np.memmap(f"{path}.rank-{rank}", dtype, "r", shape=(len(index), width)) if len(index) else []
+                for start in range(0, len(index), MERGE_ROWS):
+                    array[index[start:start + MERGE_ROWS]] = shard[start:start + MERGE_ROWS]
+                del shard
+                os.remove(f"{path}.rank-{rank}")
+            os.remove(index_file)
+        if stand_ins:
+            fill_from_stand_ins(covered, *merged)
+        for array in merged:
+            array.flush()
+        del merged
     return covered
 
 

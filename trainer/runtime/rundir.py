@@ -22,6 +22,7 @@ import os
 import shutil
 
 import yaml
+from data import atomic
 from data.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -160,14 +161,14 @@ def move_aside(run_dir: str) -> str:
 
 
 def remove_stray_temporaries(run_dir: str) -> int:
-    """Delete the *.tmp files that a write killed halfway left (every atomic write here goes through one).
+    """Delete the temporary files that a write killed halfway left (every write here is data.atomic's).
     Sub-runs (folders with their own lock, e.g. pseudolabel's fine-tunes) clean up after themselves."""
     removed = 0
     for folder, subfolders, files in os.walk(run_dir):
         subfolders[:] = [s for s in subfolders
                          if s != REPLACED and not os.path.exists(os.path.join(folder, s, LOCK))]
         for name in files:
-            if name.endswith(".tmp"):
+            if name.endswith(atomic.TEMPORARY):
                 os.remove(os.path.join(folder, name))
                 removed += 1
     return removed

@@ -1,0 +1,56 @@
+"""The pieces of one balanced pseudo-label iteration (launch/pseudolabel.py is the recipe): a model's
+predictions of the unlabeled (and labeled) images on disk and the configured scorer's top-K, its val top-1,
+and the balanced top-P selection written as a CSV with its summary."""
+import os
+
+from data.datasets import read_classes, read_split
+from trainer.algorithms import balanced_selection, label_propagation
+from trainer.algorithms.knn import faiss_gpu
+from trainer.runtime import dist, engine
+from trainer.runtime.loading import eval_loader
+from trainer.runtime.models import load_classifier
+from trainer.runtime.predict import accuracy, write_predictions
+
+
+def predict(model_path, unlabeled, labeled, cfg, rt, out_dir):
+    """out_dir: the model's top-K and embeddings of the unlabeled images (and, for a scorer that propagates,
+    the labeled images' in out_dir/labeled), then the scorer's top-K in out_dir/<scorer>/."""
+    model = None
+    for split, folder in ((unlabeled, out_dir), (labeled, os.path.join(out_dir, "labeled"))):
+        if folder != out_dir and cfg.pseudo.scorer == "classifier":
+            break
+        if not os.path.exists(os.path.join(folder, "embeddings.npy")):
+            model = model or rt.place(load_classifier(model_path)[0])
+            write_predictions(model, eval_loader(split, cfg, rt, cfg.inference.batch_size), rt, folder, len(split),
+                              cfg.pseudo.top_k, cfg.inference.precision)
+    scored = os.path.join(out_dir, cfg.pseudo.scorer)
+    if cfg.pseudo.scorer != "classifier" and rt.is_main and not os.path.exists(os.path.join(scored, "topk_prob.npy")):
+        p = cfg.propagation
+        label_propagation.write_scores(out_dir, labeled.labels, len(read_classes(cfg.data.root)), cfg.pseudo.scorer,
+                                       cfg.pseudo.top_k, p.k, p.alpha, p.iterations, p.gamma, faiss_gpu(rt.device),
+                                       scored)
+    dist.barrier()
+    return scored if cfg.pseudo.scorer != "classifier" else out_dir
+
+
+def val_top1(model_path, cfg, rt) -> float:
+    model, _ = load_classifier(model_path)
+    return accuracy(rt.place(model), eval_loader(read_split(cfg.data.root, "val"), cfg, rt, cfg.inference.batch_size), rt,
+                    cfg.inference.precision)["top1"]
+
+
+def select(pred_dir, unlabeled, num_classes, p, cfg, out_csv, out_json, p_given=None) -> dict:
+    """Top-p images per class from the predictions; writes the CSV (path,label,score) and a summary
+    (p: the images per class used, p_given: the configured value it was resolved from)."""
+    chosen = balanced_selection.select_balanced_from_npy(os.path.join(pred_dir, "topk_class.npy"),
+                                                         os.path.join(pred_dir, "topk_prob.npy"), num_classes, p,
+                                                         chunk=cfg.pseudo.chunk)
+    if cfg.pseudo.class_adaptive:
+        chosen = balanced_selection.confidence_adapted(chosen, num_classes)
+    summary = {"p": p, "p_given": balanced_selection.as_given(p if p_given is None else p_given), "top_k": cfg.pseudo.top_k,
+               **chosen.summary()}
+    if unlabeled.hidden_labels is not None:
+        summary.update(balanced_selection.selection_precision(chosen, unlabeled.hidden_labels, num_classes))
+    balanced_selection.write_pseudo_labels(out_csv, chosen, unlabeled)
+    engine.write_json(out_json, summary)
+    return summary

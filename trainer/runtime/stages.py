@@ -1,0 +1,192 @@
+"""The stage contract: every stage semiscale runs, declared once, and the pipeline's recipe built from them.
+
+A `Stage` is a script in launch/ with a config: its name, config class, the file that marks a run of it
+finished, and how it runs (`main(argv)` of launch/<name>.py) and what it checks before any write
+(`check(cfg)` there, where it has one). The pipeline, pseudo-labels' inner fine-tunes, launch/submit.py,
+the GPU smoke and the tests read STAGES; nothing else lists stages.
+
+A `Step` is one run of a stage inside the pipeline (`RECIPE`): which stage, which pipeline.<spec>
+configures it, and its inputs, wired from earlier steps' outputs.
+
+Settings that a run passes down to the runs it starts (the pipeline to its stages, pseudolabel to its
+fine-tunes) go through `shared_overrides`, the one place that forwards them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import yaml
+
+from trainer.runtime import engine
+from trainer.runtime.config import (ActiveConfig, EvaluateConfig, FinetuneConfig, FixmatchConfig, PipelineConfig,
+                                    PredictConfig, PretrainConfig, PseudolabelConfig)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str           # launch/<name>.py
+    config: type        # its config class
+    done: str           # the file in run.dir that marks a finished run
+    description: str
+
+    @property
+    def module(self):
+        return importlib.import_module(f"launch.{self.name}")
+
+    def run(self, argv: list[str], nproc: int = 1):
+        """In this process (nproc=1: a killed caller leaves no orphan behind), or under torchrun with nproc ranks."""
+        if nproc == 1:
+            self.module.main(argv)
+            return
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               self.module.__file__, *argv]
+        if subprocess.run(cmd).returncode != 0:
+            raise engine.StageError(f"stage {self.name} failed under torchrun (command: {' '.join(cmd)})")
+
+    def parse(self, argv: list[str]):
+        """The resolved config this stage would run with (`--config FILE key=value ...`)."""
+        return engine.parse(self.config, argv, self.description)
+
+    def check(self, cfg):
+        """Every check the stage can make before its inputs exist (the stage calls it too)."""
+        check = getattr(self.module, "check", None)
+        if check:
+            check(cfg)
+
+
+STAGES = {s.name: s for s in [
+    Stage("pretrain", PretrainConfig, "backbone.pt", "Self-supervised pretraining (pretrain.method: Barlow Twins by default)"),
+    Stage("finetune", FinetuneConfig, "model.pt", "Fine-tune backbone + linear head"),
+    Stage("pseudolabel", PseudolabelConfig, "selection.json", "Balanced pseudo-label iterations"),
+    Stage("fixmatch", FixmatchConfig, "model.pt", "FixMatch with an EMA of the weights"),
+    # labeled.csv is written once the queries are answered: queries.csv alone is a run waiting for answers
+    Stage("active", ActiveConfig, "labeled.csv", "Active learning: margin queries per cluster, then their answers"),
+    Stage("evaluate", EvaluateConfig, "eval.json", "Top-1/top-5 per scale and with multi-scale TTA, and/or kNN top-1"),
+    Stage("predict", PredictConfig, "summary.json", "A classifier's class, confidence and top-k for every image of a "
+                                                  "split, a CSV or a folder, written to run.dir/predictions.csv"),
+    Stage("pipeline", PipelineConfig, "report.md", "Run the whole semiscale recipe"),
+]}
+
+
+# ---- settings a run passes down ----
+
+# Forwarded always: where the data is, how it is read, on what, with which seed.
+ALWAYS = ("run.seed", "run.device", "data.root", "data.backend")
+# Forwarded where the parent's value differs from the default: a child config's own setting otherwise stays
+# (the demo's FixMatch config sets its own strong view).
+WHERE_SET = ("data.augment", "train.precision")
+
+
+def _declared(cfg_or_cls, dotted: str):
+    """The value (or default) at `dotted` in a config or config class; a missing key -> KeyError."""
+    node = cfg_or_cls() if isinstance(cfg_or_cls, type) else cfg_or_cls
+    for key in dotted.split("."):
+        if not dataclasses.is_dataclass(node) or key not in {f.name for f in dataclasses.fields(node)}:
+            raise KeyError(dotted)
+        node = getattr(node, key)
+    return node
+
+
+def _leaves(node, prefix: str):
+    if not dataclasses.is_dataclass(node):
+        yield prefix, node
+        return
+    for f in dataclasses.fields(node):
+        yield from _leaves(getattr(node, f.name), f"{prefix}.{f.name}")
+
+
+def override_text(value) -> str:
+    """`value` as the text of a key=value override that reads back as the same value."""
+    return yaml.safe_dump(value, default_flow_style=True, width=math.inf).removesuffix("\n...\n").strip()
+
+
+def shared_overrides(parent, child: type) -> list[str]:
+    """`key=value` overrides that carry the shared settings of the running config `parent` into a run of the
+    config class `child`: ALWAYS keys, and WHERE_SET keys whose value is not the default; only keys both
+    declare."""
+    defaults, out = type(parent)(), []
+    for group in ALWAYS + WHERE_SET:
+        try:
+            value, default = _declared(parent, group), _declared(defaults, group)
+            _declared(child, group)
+        except KeyError:
+            continue
+        for (key, v), (_, d) in zip(_leaves(value, group), _leaves(default, group)):
+            if group in ALWAYS or v != d:
+                out.append(f"{key}={override_text(v)}")
+    return out
+
+
+# ---- the pipeline's recipe ----
+
+@dataclass(frozen=True)
+class Step:
+    name: str                       # run.dir/<name>
+    stage: str                      # a key of STAGES
+    spec: str                       # pipeline.<spec> names its config and overrides
+    # config key -> "<step>/<file>" of an earlier step ("{final}": the pipeline's final model step), or "" to clear
+    inputs: dict = field(default_factory=dict)
+    row: str = ""                   # the report's row for a step whose model is scored (evaluate_<name>)
+    active_learning: bool = False   # left out with pipeline.active_learning=false
+
+    @property
+    def done(self) -> str:
+        return STAGES[self.stage].done
+
+
+def _evaluation(model_step: str, active_learning: bool = False) -> Step:
+    return Step(f"evaluate_{model_step}", "evaluate", "evaluate",
+                {"evaluate.model": f"{model_step}/model.pt", "evaluate.backbone": ""}, active_learning=active_learning)
+
+
+# ({labels}: the labeled images the run started with; {queries}: the answers active learning added)
+_MODEL_STEPS = [
+    Step("supervised", "finetune", "supervised", row="Supervised only ({labels} labels, random init)"),
+    Step("pretrain", "pretrain", "pretrain"),
+    Step("finetune", "finetune", "finetune", {"finetune.backbone": "pretrain/backbone.pt"},
+         row="+ fine-tune (backbone + linear head)"),
+    Step("pseudolabel", "pseudolabel", "pseudolabel",
+         {"pseudo.model": "finetune/model.pt", "pseudo.backbone": "pretrain/backbone.pt"},
+         row="+ balanced pseudo-label iterations"),
+    Step("fixmatch", "fixmatch", "fixmatch",
+         {"fixmatch.model": "pseudolabel/model.pt", "fixmatch.pseudo_labels": "pseudolabel/pseudo_labels.csv"},
+         row="+ FixMatch"),
+    # who answers the queries (active.oracle / active.answers) is the pipeline's: pipeline_answers.answers_from
+    Step("active", "active", "active", {"active.model": "fixmatch/model.pt", "active.backbone": "pretrain/backbone.pt"},
+         active_learning=True),
+    Step("fixmatch_active", "fixmatch", "fixmatch_active",
+         {"fixmatch.model": "fixmatch/model.pt", "fixmatch.labeled": "active/labeled.csv",
+          "fixmatch.pseudo_labels": "pseudolabel/pseudo_labels.csv"},
+         row="+ active learning ({queries} answers), FixMatch again", active_learning=True),
+]
+RECIPE = [
+    *_MODEL_STEPS,
+    Step("evaluate_knn", "evaluate", "evaluate", {"evaluate.model": "", "evaluate.backbone": "pretrain/backbone.pt"}),
+    *(_evaluation(s.name, s.active_learning) for s in _MODEL_STEPS if s.row),
+    # the final model labels predict.input (the demo and paper configs: the unlabeled pile) with the TTA
+    # scales and mirrors its evaluation chose on val
+    Step("predict", "predict", "predict", {"predict.model": "{final}/model.pt", "predict.tta_from": "evaluate_{final}"}),
+]
+
+
+def recipe(active_learning: bool) -> list[Step]:
+    """The pipeline's steps in order, less those of active learning when it is off."""
+    return [s for s in RECIPE if active_learning or not s.active_learning]
+
+
+def final_step(active_learning: bool) -> str:
+    """The step whose model is the pipeline's result: FixMatch after active learning, or FixMatch without it."""
+    return "fixmatch_active" if active_learning else "fixmatch"
+
+
+def wired_inputs(step: Step, run_dir: str, active_learning: bool) -> list[str]:
+    """`key=path` overrides that point a step's inputs at the earlier steps' folders in run_dir."""
+    final = final_step(active_learning)
+    return [f"{key}={os.path.join(run_dir, source.format(final=final)) if source else ''}"
+            for key, source in step.inputs.items()]
