@@ -2,9 +2,10 @@
 
 The new contents go to a temporary file beside the target (the same folder: the same filesystem, where a
 rename is atomic), renamed over the target once whole, so that a reader, a crash or a full disk leaves
-the old file or the new one, never half of one. Temporary names end in TEMPORARY, which is how
-trainer.runtime.rundir.remove_stray_temporaries finds those a killed write left, and differ per write, so
-that processes writing the same target (ranks, nodes sharing a cache) never write into one file.
+the old file or the new one, never half of one. Temporary names are `<target>.<8 hex digits>.tmp`: they
+differ per write, so that processes writing the same target (ranks, nodes sharing a cache) never write
+into one file, and `temporary_target` tells them from a user's own *.tmp files, so that clean-ups
+(trainer.runtime.rundir.remove_stray_temporaries, export's) remove only those a killed write left.
 
 Here in data/, the bottom layer, because data/ writes files too and never imports trainer/.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import uuid
 from typing import IO, Iterator
@@ -20,6 +22,14 @@ from typing import IO, Iterator
 import numpy as np
 
 TEMPORARY = ".tmp"
+_TEMPORARY_NAME = re.compile(r"(.+)\.[0-9a-f]{8}" + re.escape(TEMPORARY))
+
+
+def temporary_target(name: str) -> str | None:
+    """The file name that `name` is a temporary of, when `name` is one `replacing` makes; None for any
+    other name, *.tmp or not (a user's own)."""
+    match = _TEMPORARY_NAME.fullmatch(name)
+    return match.group(1) if match else None
 
 
 @contextlib.contextmanager

@@ -2,11 +2,11 @@
 
 ROOT/classes.txt lists one class per line (line number = class id); ROOT/{labeled,val,test}.csv
 hold `path,label`, ROOT/unlabeled.csv holds `path` and optionally a hidden `label`. Paths are
-relative to ROOT and must stay inside it.
+relative to ROOT and must stay inside it; labels are class ids (spaces around them ignored). Files are
+read through data.labels: UTF-8, a byte-order mark accepted, class names cleaned.
 """
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import posixpath
@@ -14,8 +14,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
+from data import same_content
 from data.errors import InputError
+from data.labels import read_class_list, read_csv
 
 log = logging.getLogger(__name__)
 
@@ -47,25 +49,6 @@ class Split:
 
 def read_classes(root) -> list[str]:
     return read_class_list(os.path.join(root, "classes.txt"))
-
-
-def read_class_list(path: str) -> list[str]:
-    """One class name per line (classes.txt, prepare's --classes), each once, none empty."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read the class list ({getattr(e, 'strerror', None) or e})") from None
-    seen = {}
-    for lineno, name in enumerate(lines, start=1):
-        if not name.strip():
-            raise InputError(f"{path}:{lineno}: expected a class name, got an empty line")
-        if name in seen:
-            raise InputError(f"{path}:{lineno}: class {name!r} already named on line {seen[name]}")
-        seen[name] = lineno
-    if not lines:
-        raise InputError(f"{path}: expected at least one class name, the file is empty")
-    return lines
 
 
 def _escapes_root(rel: str) -> bool:
@@ -112,11 +95,7 @@ def read_split(root, name) -> Split:
     csv_path = split_csv(root, name)
     split_name = name if name in SPLITS else os.path.splitext(os.path.basename(csv_path))[0]
     num_classes = len(read_classes(root))
-    try:
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            header, *rows = list(csv.reader(f)) or [None]
-    except OSError as e:
-        raise InputError(f"{csv_path}: cannot read the split ({e.strerror})") from None
+    header, rows = read_csv(csv_path, "the split")
     if not header or header[0] != "path":
         raise InputError(f"{csv_path}:1: expected a header starting with 'path' (path,label), got {header}")
     label_col = header.index("label") if "label" in header else None
@@ -217,8 +196,9 @@ def check_dataset(root, labeled: str = "labeled") -> list[str]:
     or test files missing on disk (the first named, with the count; unlabeled files are left to
     data.on_bad_image, as a split may hold 500k of them). Warnings: labeled images also in unlabeled.csv
     (normal: FixMatch and active learning take them out of the unlabeled pool); classes without a
-    labeled image; val/test images of such classes. Sets and numpy over whole columns; rows are rescanned
-    only to name one.
+    labeled image; val/test images of such classes; val/test images with a copy under another name in
+    another split (the same bytes: data.same_content; skipped where prepare compared them). Sets and
+    numpy over whole columns; rows are rescanned only to name one.
     """
     root = os.path.abspath(root)
     classes = read_classes(root)
@@ -279,6 +259,30 @@ def check_dataset(root, labeled: str = "labeled") -> list[str]:
             found = np.unique(splits[role].labels[orphans])
             warnings.append(f"{csvs[role]}: {int(orphans.sum())} image(s) of {len(found)} class(es) that no labeled "
                             f"image has ({_some([classes[c] for c in found])}), which training cannot learn")
+    return warnings + _copies_across(root, keys, csvs)
+
+
+def _copies_across(root: str, keys: dict[str, list[str]], csvs: dict[str, str]) -> list[str]:
+    """A warning per pair of splits where val or test images have a byte-identical copy under another name
+    (data.same_content), leaving out the rows prepare compared (its record; the CSVs unchanged since)."""
+    recorded = same_content.checked_csvs(root)
+    checked = {role for role in keys if f"{role}.csv" in recorded and csvs[role] == os.path.join(root, f"{role}.csv")}
+    compared = keys
+    if checked >= {"val", "test", "unlabeled"} and "labeled.csv" in recorded:
+        if "labeled" in checked:
+            return []
+        # active learning's labeled CSV: its rows from labeled.csv or unlabeled.csv were compared by prepare
+        known = set(_canonical(read_split(root, "labeled"))) | set(keys["unlabeled"])
+        compared = {"val": keys["val"], "test": keys["test"], "labeled": [p for p in keys["labeled"] if p not in known]}
+        if not compared["labeled"]:
+            return []
+    warnings = []
+    for (scored, other), (n, first, copy) in same_content.byte_copies(compared).items():
+        harm = f"training sees them, so the score on {scored} can be inflated" if other not in same_content.SCORED \
+            else "both splits score them"
+        warnings.append(f"{n} image(s) of {csvs[scored]} have a copy with the same bytes under another name in "
+                        f"{csvs[other]} (the first: {_relative(root, first)} and {_relative(root, copy)}): {harm}; "
+                        "`prepare own` and `prepare folder` leave such copies out")
     return warnings
 
 
@@ -309,7 +313,17 @@ def load_image(path) -> Image.Image:
     except FileNotFoundError:
         raise BadImageError(path, "file not found") from None
     except Exception as e:  # PIL reports corrupt data through many exception types
-        raise BadImageError(path, f"cannot decode ({type(e).__name__}: {e})") from None
+        raise BadImageError(path, _undecodable(path, e)) from None
+
+
+def _undecodable(path, error: Exception) -> str:
+    """Why Pillow could not decode `path`: a format it has no plugin for here (HEIC without a HEIF plugin,
+    AVIF without libavif), or the error of a corrupt file."""
+    extension = os.path.splitext(os.fspath(path))[1].lower()
+    if isinstance(error, UnidentifiedImageError) and extension not in Image.registered_extensions():
+        return (f"cannot decode: this Pillow has no decoder for {extension or 'extension-less'} files (a plugin "
+                "can add one); expected it converted to PNG or JPEG")
+    return f"cannot decode ({type(error).__name__}: {error})"
 
 
 def check_on_bad_image(on_bad_image: str) -> None:

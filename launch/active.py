@@ -63,7 +63,7 @@ def query_inputs(cfg, rt, classes):
     """(candidate pool, query count, cluster count, classifier, SSL backbone, loader), every check done,
     nothing written."""
     pool, count, clusters = check(cfg)
-    model, _ = load_classifier(cfg.active.model, num_classes=len(classes))
+    model, _ = load_classifier(cfg.active.model, cfg.data.root)
     ssl = load_backbone(cfg.active.backbone)
     return pool, count, clusters, model, ssl, eval_loader(pool, cfg, rt, cfg.inference.batch_size)
 

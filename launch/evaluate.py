@@ -37,7 +37,7 @@ def labeled_splits(cfg) -> dict:
 
 
 def classifier(cfg):
-    return load_classifier(cfg.evaluate.model, num_classes=len(read_classes(cfg.data.root)))[0]
+    return load_classifier(cfg.evaluate.model, cfg.data.root)[0]
 
 
 def evaluate_classifier(cfg, model, splits, rt, run) -> dict:

@@ -8,9 +8,11 @@ multi-scale TTA inside the graph.
 
 Writes DIR/model.ts (TorchScript), DIR/model.onnx (ONNX, opset 17), DIR/classes.txt (ROOT's class names,
 one a line, in index order), DIR/README (the contract below, and how to run both files) and, last,
-DIR/export.json (what was exported, and the parity check): a folder without export.json holds an
-unfinished export. Each file is written to a temporary name and renamed. DIR must be new, empty or a
-previous export.
+DIR/export.json (what was exported, the parity check, and the other files' sizes and sha256): a folder
+without export.json holds an unfinished export. Each file is written to a temporary name and renamed.
+DIR must be new, empty or a previous export, finished or killed, whose files are as it wrote them: an
+export replaces only files its export.json (or, while it writes, export.partial.json) records, byte for
+byte; a folder holding anything else (a README of yours, an exported file you edited) is refused.
 
 The exported model's input `images`: float32 N x 3 x H x W, RGB in [0, 1] (the 8-bit values / 255, as
 torchvision's to_tensor gives them); N is free, H x W is fixed at export (--image-size; default: the size
@@ -35,16 +37,14 @@ Bad input ends with one line `export.py: error: ...` and exit status 2.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 
 from data.datasets import read_classes
 from data.pillow_resize import build_views
-from trainer.operations.export import (OUTPUTS, ExportedClassifier, as_input, check_images, check_out, check_parity,
-                                       chosen_views, clear_previous, describe, input_size, random_images, readme,
-                                       to_torchscript, write_onnx, write_text, write_torchscript)
+from trainer.operations.export import (ExportedClassifier, ExportFolder, as_input, check_images, check_parity,
+                                       chosen_views, describe, input_size, random_images, readme, to_torchscript,
+                                       write_onnx, write_torchscript)
 from trainer.runtime import engine
 from trainer.runtime.models import load_classifier
 
@@ -73,9 +73,9 @@ def main(argv=None):
     classes = read_classes(args.data_root)
     scales, mirror = chosen_views(args.scales, args.mirror, args.scales_from, args.model)
     size = input_size(args.image_size)
-    model, arch = load_classifier(args.model, num_classes=len(classes))
+    model, arch = load_classifier(args.model, args.data_root)
     model.eval()
-    check_out(args.out)
+    folder = ExportFolder(args.out)
     (height, width), val_images = check_images(args.data_root, size)
 
     noise = random_images(height, width)
@@ -86,17 +86,16 @@ def main(argv=None):
         p.requires_grad_(False)
     scripted = to_torchscript(exported)
 
-    clear_previous(args.out)   # from here on, the folder holds no complete export
-    path = {name: os.path.join(args.out, name) for name in OUTPUTS}
-    write_torchscript(scripted, path["model.ts"])
-    write_onnx(exported, as_input(noise[:2]), path["model.onnx"])
-    write_text(path["classes.txt"], "".join(f"{name}\n" for name in classes))
-    gaps = check_parity(path["model.ts"], path["model.onnx"], model, images, scales, mirror)
+    folder.start()   # from here on, the folder holds no complete export
+    write_torchscript(scripted, folder)
+    write_onnx(exported, as_input(noise[:2]), folder)
+    folder.write_text("classes.txt", "".join(f"{name}\n" for name in classes))
+    gaps = check_parity(folder.path("model.ts"), folder.path("model.onnx"), model, images, scales, mirror)
     info = describe(exported, exact, args.model, arch, classes, args.data_root, check={
         "images": len(images), "val_images": len(val_images), "random_images": len(noise),
         "torchscript_max_abs_diff": gaps["torchscript"], "onnx_max_abs_diff": gaps["onnx"]})
-    write_text(path["README"], readme(info))
-    write_text(path["export.json"], json.dumps(info, indent=2) + "\n")
+    folder.write_text("README", readme(info))
+    folder.finish(info)
     print(f"[export] {args.out}: model.ts, model.onnx for {height}x{width} RGB input, TTA over {list(scales)} px"
           f"{' and their mirrors' if mirror else ''} ({time.time() - start:.1f} s); max |difference| from "
           f"semiscale's probabilities on {len(images)} images: TorchScript {gaps['torchscript']:.1e}, "

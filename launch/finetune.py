@@ -8,7 +8,7 @@ Writes run.dir/model.pt: the weights of the epoch with the best val top-1.
 import torch.nn.functional as F
 
 from data.datasets import labeled_with_pseudo_labels, read_classes, read_split
-from trainer.runtime import amp, dist, engine, optim, schedule
+from trainer.runtime import amp, batch, dist, engine, optim, schedule
 from trainer.runtime.loading import eval_loader, loader
 from trainer.runtime.stages import STAGES
 from trainer.runtime.loop import BestModel, Loop
@@ -16,18 +16,25 @@ from trainer.runtime.models import Classifier, build_backbone, classifier_arch, 
 from trainer.runtime.predict import accuracy
 
 
-def main(argv=None):
-    cfg = STAGES["finetune"].parse(argv)
-    rt = dist.init(cfg.run.device)
-    engine.check_dataset(cfg, rt, cfg.finetune.labeled)
-    engine.seed_everything(cfg.run.seed)
+def batch_limits(train, note: str = "") -> list[tuple[int, str]]:
+    return [(len(train), f"a batch is drawn from the {len(train)} training images ({train.name}){note}")]
 
-    num_classes = len(read_classes(cfg.data.root))
+
+def check(cfg):
+    """train.batch_size against the training images written so far, before any work (the pipeline runs it
+    before every stage; a pseudolabel run for each fine-tune of its iterations)."""
+    train, note = batch.written_training_split(cfg.data.root, cfg.finetune.labeled, cfg.finetune.pseudo_labels)
+    if train is not None:
+        batch.fit(cfg, batch_limits(train, note))
+
+
+def main(argv=None):
+    cfg, rt = STAGES["finetune"].start(argv)
+
+    classes = read_classes(cfg.data.root)
+    num_classes = len(classes)
     train = labeled_with_pseudo_labels(cfg.data.root, cfg.finetune.labeled, cfg.finetune.pseudo_labels)
-    B = cfg.train.batch_size
-    if B % rt.world or B > len(train.paths):
-        raise engine.StageError(f"train.batch_size={B}: must divide by {rt.world} rank(s) and be at most "
-                                f"the {len(train.paths)} training images")
+    B, lowered = batch.fit(cfg, batch_limits(train), rt.world)
     train_loader = loader(train, cfg.finetune.augment, cfg, rt, global_batch=B)
     val_loader = eval_loader(read_split(cfg.data.root, "val"), cfg, rt, B)
 
@@ -40,7 +47,7 @@ def main(argv=None):
     size = cfg.data.image_size
     precision, measured = amp.resolve_precision(cfg.train.precision, model, (B // rt.world, 3, size, size), rt)
     scaler = amp.grad_scaler(precision, rt.device)
-    run = engine.Run("finetune", cfg, rt)   # every check has passed: the first write
+    run = engine.Run("finetune", cfg, rt, lowered)   # every check has passed: the first write
     total, warmup = schedule.plan(cfg.train.epochs, cfg.train.max_steps, cfg.sgd.warmup_epochs,
                                   train_loader.steps_per_epoch)
     best = BestModel()
@@ -72,7 +79,7 @@ def main(argv=None):
     model.load_state_dict(best.weights)
     run.log(event="done", best_epoch=best.epoch, val_top1=best.top1)   # before model.pt: see pipeline
     if rt.is_main:
-        save_classifier(model, classifier_arch(cfg.model, num_classes), run.path("model.pt"))
+        save_classifier(model, classifier_arch(cfg.model, num_classes), classes, run.path("model.pt"))
     dist.barrier()   # in-process callers (pseudolabel) read model.pt on every rank next
     run.say(f"best val top-1 {best.top1:.4f} at epoch {best.epoch}; wrote {run.path('model.pt')}")
 

@@ -17,7 +17,7 @@ import torch
 from data.datasets import labeled_with_pseudo_labels, read_classes, read_split, without
 from data.loaders import resolve_backend
 from trainer.algorithms import semi_supervised
-from trainer.runtime import amp, dist, engine, optim, schedule
+from trainer.runtime import amp, batch, dist, engine, optim, schedule
 from trainer.runtime.stages import STAGES
 from trainer.runtime.loading import eval_loader, loader
 from trainer.runtime.loop import BestModel, Loop
@@ -25,25 +25,32 @@ from trainer.runtime.models import load_classifier, save_classifier
 from trainer.runtime.predict import accuracy
 
 
-def splits(cfg):
-    """(labeled + pseudo-labeled, unlabeled without the pseudo-labeled images)."""
-    train = labeled_with_pseudo_labels(cfg.data.root, cfg.fixmatch.labeled, cfg.fixmatch.pseudo_labels)
-    return train, without(read_split(cfg.data.root, "unlabeled"), train.paths)
+def batch_limits(cfg, train, unlabeled, note: str = "") -> list[tuple[int, str]]:
+    """The labeled batch's limits: its labeled images (when known), and the unlabeled images mu batches draw on."""
+    mu = cfg.fixmatch.mu
+    limits = [(len(unlabeled) // mu, f"fixmatch.mu={mu} times the batch is drawn from the {len(unlabeled)} "
+                                     "unlabeled images")]
+    if train is not None:
+        limits.append((len(train), f"a batch is drawn from the {len(train)} labeled images ({train.name}){note}"))
+    return limits
+
+
+def check(cfg):
+    """The batches against the images written so far, before any work (the pipeline runs it before every
+    stage). A labeled CSV not written yet leaves the unlabeled images whole, an upper bound."""
+    train, note = batch.written_training_split(cfg.data.root, cfg.fixmatch.labeled, cfg.fixmatch.pseudo_labels)
+    unlabeled = read_split(cfg.data.root, "unlabeled")
+    batch.fit(cfg, batch_limits(cfg, train, unlabeled if train is None else without(unlabeled, train.paths), note))
 
 
 def main(argv=None):
-    cfg = STAGES["fixmatch"].parse(argv)
-    rt = dist.init(cfg.run.device)
-    engine.check_dataset(cfg, rt, cfg.fixmatch.labeled)
-    engine.seed_everything(cfg.run.seed)
+    cfg, rt = STAGES["fixmatch"].start(argv)
 
-    num_classes = len(read_classes(cfg.data.root))
-    train, unlabeled = splits(cfg)
-    B, U = cfg.train.batch_size, cfg.fixmatch.mu * cfg.train.batch_size
-    if B % rt.world or B > len(train.paths) or U > len(unlabeled.paths):
-        raise engine.StageError(f"train.batch_size={B}: must divide by {rt.world} rank(s), be at most the "
-                                f"{len(train.paths)} labeled images and, times fixmatch.mu={cfg.fixmatch.mu}, "
-                                f"at most the {len(unlabeled.paths)} unlabeled images")
+    classes = read_classes(cfg.data.root)
+    train = labeled_with_pseudo_labels(cfg.data.root, cfg.fixmatch.labeled, cfg.fixmatch.pseudo_labels)
+    unlabeled = without(read_split(cfg.data.root, "unlabeled"), train.paths)   # pseudo-labeled: trained as labeled
+    B, lowered = batch.fit(cfg, batch_limits(cfg, train, unlabeled), rt.world)
+    U = cfg.fixmatch.mu * B
     labeled_loader = loader(train, "weak", cfg, rt, global_batch=B)   # FixMatch: ℓs on weak views
     # Another seed for the unlabeled loader: its augmentations are not drawn in step with the labeled ones.
     unlabeled_loader = loader(unlabeled, "weak_strong", cfg, rt, global_batch=U, seed=cfg.run.seed + 1)
@@ -52,7 +59,7 @@ def main(argv=None):
                  if cfg.fixmatch.bn_batches else None)
     hidden = None if unlabeled.hidden_labels is None else torch.as_tensor(unlabeled.hidden_labels).to(rt.device)
 
-    model, arch = load_classifier(cfg.fixmatch.model, num_classes=num_classes)
+    model, arch = load_classifier(cfg.fixmatch.model, cfg.data.root)
     model = rt.place(dist.sync_batchnorm(model))
     optimizer = optim.classifier_sgd(model, cfg.sgd.lr_backbone, cfg.sgd.lr_head, cfg.sgd.weight_decay,
                                      cfg.sgd.momentum, cfg.sgd.nesterov)
@@ -60,8 +67,8 @@ def main(argv=None):
     precision, measured = amp.resolve_precision(cfg.train.precision, model, rank_batch, rt)
     scaler = amp.grad_scaler(precision, rt.device)
     algorithm = semi_supervised.ALGORITHMS[cfg.fixmatch.variant](semi_supervised.Setup(
-        cfg, rt, model, optimizer, scaler, precision, num_classes, len(unlabeled.paths), hidden))
-    run = engine.Run("fixmatch", cfg, rt)   # every check has passed: the first write
+        cfg, rt, model, optimizer, scaler, precision, len(classes), len(unlabeled.paths), hidden))
+    run = engine.Run("fixmatch", cfg, rt, lowered)   # every check has passed: the first write
     total, warmup = schedule.plan(cfg.train.epochs, cfg.train.max_steps, cfg.sgd.warmup_epochs,
                                   unlabeled_loader.steps_per_epoch)
     best = BestModel()
@@ -96,7 +103,7 @@ def main(argv=None):
     model.load_state_dict(best.weights)
     run.log(event="done", best_epoch=best.epoch, best_weights=best.source, val_top1=best.top1)   # before model.pt: see pipeline
     if rt.is_main:
-        save_classifier(model, arch, run.path("model.pt"))
+        save_classifier(model, arch, classes, run.path("model.pt"))
     dist.barrier()   # in-process callers read model.pt on every rank next
     which = f"epoch {best.epoch}, {best.source} weights" if best.epoch else "the starting model (no epoch beat it)"
     run.say(f"best val top-1 {best.top1:.4f}: {which}; wrote {run.path('model.pt')}")

@@ -10,7 +10,9 @@ and a stage that was killed resumes from its checkpoint, so rerunning the comman
 Active learning's queries are answered by unlabeled.csv's hidden labels with pipeline.oracle=true (the
 demo's simulation). With pipeline.oracle=false (your own images) the run stops once
 run.dir/active/queries.csv is written, with one line saying what to label and the command that goes on:
-the same one with pipeline.answers=ANSWERS.csv (path,label), which imports them and runs the rest.
+the same one with pipeline.answers=ANSWERS.csv (path,label), which imports them and runs the rest. Every
+row of ANSWERS.csv is checked before any stage runs; answers corrected after the run finished are imported
+again and the steps that read them (FixMatch after active learning, its evaluation, predict) rerun.
 pipeline.active_learning=false leaves active learning out: FixMatch's model is then the final one.
 """
 import argparse
@@ -18,22 +20,10 @@ import os
 import shutil
 import time
 
-from data.errors import InputError
 from trainer.operations import pipeline_answers, report
 from trainer.runtime import config, engine, rundir, stages
 from trainer.runtime.config import PipelineConfig
 from trainer.runtime.stages import STAGES
-
-
-def check_stages(todo: list[tuple[stages.Step, list[str]]]):
-    """Every step that will run has a valid config and passes its stage's checks, before anything is
-    deleted or run: a typo must not cost a finished stage."""
-    for step, argv in todo:
-        stage = STAGES[step.stage]
-        try:
-            stage.check(stage.parse(argv))
-        except InputError as e:
-            raise config.ConfigError(f"stage {step.name}: {e}") from None
 
 
 def main(argv=None):
@@ -53,6 +43,7 @@ def main(argv=None):
     if unknown:
         off = " (pipeline.active_learning=false leaves it out)" if unknown[0] in [s.name for s in stages.RECIPE] else ""
         raise config.ConfigError(f"--force {unknown[0]}: expected 'all' or one of {', '.join(names)}{off}")
+    rundir.check_owner(cfg.run.dir, "pipeline")   # a folder of the user's, before the stage dirs in it
 
     def stage_dir(name):
         return os.path.join(cfg.run.dir, name)
@@ -66,23 +57,31 @@ def main(argv=None):
 
     forced = len(names) if not args.force else min(
         0 if "all" in args.force else names.index(f) for f in args.force)
+    changed = pipeline_answers.check_answers(cfg, stage_dir("active"),
+                                             step_argv(steps[names.index("active")]) if "active" in names else None,
+                                             "active" in names and names.index("active") >= forced)
+    # answers other than those imported: active imports them again (its queries stay), what read them reruns
+    again = ["active", *stages.readers("active", p.active_learning)] if changed else []
     todo = [(step, step_argv(step)) for i, step in enumerate(steps)
-            if i >= forced or not os.path.exists(os.path.join(stage_dir(step.name), step.done))]
-    active_argv = next((argv for step, argv in todo if step.name == "active"), None)
-    pipeline_answers.check_answers(cfg, stage_dir("active"), active_argv,
-                                   "active" in names and names.index("active") >= forced)
-    check_stages(todo)
+            if i >= forced or step.name in again or not os.path.exists(os.path.join(stage_dir(step.name), step.done))]
+    stages.check_steps(todo)
     lock = rundir.claim_pipeline(cfg.run.dir)   # every check has passed: the first write
     if not os.path.exists(os.path.join(cfg.run.dir, rundir.RUN_RECORD)):
         engine.write_json(os.path.join(cfg.run.dir, rundir.RUN_RECORD), {"stage": "pipeline"})
     engine.write_text(os.path.join(cfg.run.dir, rundir.CONFIG), config.dumps(cfg))
     times_path = os.path.join(cfg.run.dir, "stage_times.json")
     times = engine.read_json(times_path) if os.path.exists(times_path) else {}
+    if again:
+        print(f"[pipeline] active: {p.answers} changes {changed} of the answers in {stage_dir('active')}/labeled.csv: "
+              f"importing them again, then rerunning {', '.join(again[1:])}", flush=True)
+        for name in again[1:]:   # before the import: a run killed in between finds them missing, not stale
+            if os.path.exists(stage_dir(name)):
+                shutil.rmtree(stage_dir(name))
     for i, step in enumerate(steps):
         folder = stage_dir(step.name)
         if i >= forced and os.path.exists(folder):
             shutil.rmtree(folder)
-        if os.path.exists(os.path.join(folder, step.done)):
+        if os.path.exists(os.path.join(folder, step.done)) and step.name not in again:
             print(f"[pipeline] {step.name}: done, skipped ({folder}/{step.done} exists)", flush=True)
             continue
         argv = step_argv(step)
@@ -99,7 +98,7 @@ def main(argv=None):
             lock.release()
             print(pipeline_answers.pause_line(os.path.abspath(__file__), args, cfg, folder), flush=True)
             return
-    report.write(cfg.run.dir, times, {s.name: s.row for s in steps if s.row})
+    report.write(cfg.run.dir, times, steps)
     lock.release()
     final = stages.final_step(p.active_learning)
     print(f"[pipeline] labels: {os.path.join(stage_dir('predict'), 'predictions.csv')} (model: "

@@ -9,9 +9,9 @@ of images or of a folder of images.
 predict.model: a model.pt, or the run dir that holds one (config.yaml records the model.pt). predict.input:
 a split name (labeled, val, test, unlabeled: data.root/<name>.csv; ./test is a folder of that name); a CSV
 file (ending in .csv) with a `path` column whose paths are relative to data.root, as a split's (an optional
-`label` column of class ids scores the predictions); or a folder: every image in its tree (.jpg .jpeg .png
-.bmp .gif .tif .tiff .webp .ppm .pgm, any case; names starting with '.' skipped), paths written relative to
-it. A symlink that leads out of the folder refuses the run. data.root/classes.txt names the classes.
+`label` column of class ids scores the predictions); or a folder: every image in its tree (.jpg .jpeg .jfif
+.png .bmp .gif .tif .tiff .webp .ppm .pgm .avif .heic .heif, any case; names starting with '.' skipped; one
+this Pillow cannot decode is listed in bad_images.txt with why), paths written relative to it. A symlink that leads out of the folder refuses the run. data.root/classes.txt names the classes.
 
 TTA views, averaged with trainer.algorithms.tta's functions (evaluate's): predict.scales=[28,36] averages the softmax
 over the image's views at those sizes, predict.mirror=true adds each view's horizontal mirror;
@@ -82,7 +82,7 @@ def main(argv=None):
     if cfg.inference.batch_size % rt.world:
         raise ConfigError(f"inference.batch_size={cfg.inference.batch_size}: expected a multiple of the "
                           f"{rt.world} ranks")
-    model, _ = load_classifier(cfg.predict.model, num_classes=len(names))
+    model, _ = load_classifier(cfg.predict.model, cfg.data.root)
     model = rt.place(model).eval()
     count = -(-len(split) // cfg.predict.chunk_size)
     inputs = fingerprint(split, cfg.predict.model, scales, mirror) if rt.is_main else None

@@ -11,10 +11,10 @@ class-balanced and seeded, and unlabeled.csv keeps the true label as a hidden co
 your own data as it is: unlabeled.csv lists the images of the --unlabeled folders (no label column),
 labeled.csv those of --labeled (DIR/<class>/<images>, or a CSV path,label whose paths are relative to
 the CSV's folder or absolute, and whose labels are class names or, names winning, ids into the
-class list). Given --val/--test splits are kept as they are; otherwise N images per class are drawn
-(seeded) from the labeled ones, and every class keeps at least one labeled image. One file (symlinks,
-'..' and hard links resolved) listed twice, in one split or in two, a class that the labeled set (or
---classes) does not have, and an unknown class id are errors.
+class list). Given --val/--test splits are kept as they are (less copies of labeled pictures);
+otherwise N images per class are drawn (seeded) from the labeled ones, and every class keeps at least
+one labeled image. One file (symlinks, '..' and hard links resolved) listed twice, in one split or in
+two, a class that the labeled set (or --classes) does not have, and an unknown class id are errors.
 Images are copied into ROOT/images (own: images/<split>/..., images/unlabeled/<folder name>/...), or
 symlinked there with --link, so every path in the CSVs stays inside ROOT (own --link: one link per
 source folder, ROOT/images/unlabeled/<folder name> -> the folder, and one per image a CSV lists).
@@ -24,8 +24,13 @@ A rebuild (--force, or after an interrupted run) removes only the files prepare 
 data.prepare.dataset_folder), and the sources and --out must not lie inside one another.
 Images that cannot be read, or whose names the dataset's files cannot hold (a line break: DALI's file
 lists are one path per line; not UTF-8: the CSVs are), are skipped and listed with the reason in
-ROOT/bad_images.txt (own: or stop the run, with --on-bad-image error). Images are decoded in --workers
-processes, nothing but paths held in memory.
+ROOT/bad_images.txt (own: or stop the run, with --on-bad-image error), as are the files and folders the
+walks do not take (hidden ones, symlinked sub-folders, images in no class folder).
+own and folder keep each picture (its decoded pixels) once, in the first of labeled, val, test and
+unlabeled that has it: other copies are left out and listed in ROOT/duplicates.txt with the copy kept
+(copies within the unlabeled pool all stay; a picture with two labels is an error); prepare.json then
+records the CSVs so checked (data.prepare.same_pictures, data.same_content). Images are decoded in
+--workers processes, nothing but paths and a 16-byte digest per image held in memory.
 Bad input ends with one line `prepare: error: ...` on stderr and exit status 2.
 Each mode's options and run: data.prepare.from_fashion_mnist, from_folder and from_own.
 """

@@ -11,7 +11,8 @@ import dataclasses
 from data.datasets import read_classes, read_split
 from data.loaders import resolve_backend
 from data.views import views_of
-from trainer.runtime import amp, checkpoint, dist, engine, optim, schedule
+from trainer.runtime import amp, batch, checkpoint, dist, engine, optim, schedule
+from trainer.runtime.config import ConfigError
 from trainer.algorithms import knn, self_supervised
 from trainer.runtime.loop import Loop
 from trainer.runtime.loading import eval_loader, loader
@@ -41,20 +42,29 @@ def train_step(model, views, optimizer, scaler, precision, device, step=0, on_na
     return loss
 
 
+def batch_limits(images: int) -> list[tuple[int, str]]:
+    return [(images, f"a batch is drawn from the {images} labeled + unlabeled images")]
+
+
+def check(cfg):
+    """The batch against the images, and the kNN monitor's k against the labeled images that vote, before
+    any work (the pipeline runs it before every stage)."""
+    labeled, unlabeled = read_split(cfg.data.root, "labeled"), read_split(cfg.data.root, "unlabeled")
+    batch.fit(cfg, batch_limits(len(labeled) + len(unlabeled)))
+    if cfg.knn.every_epochs and cfg.knn.k > len(labeled):
+        raise ConfigError(f"knn.k={cfg.knn.k}: expected 1..{len(labeled)} (the labeled images, which vote in the "
+                          "kNN monitor; knn.every_epochs=0 turns it off)")
+
+
 def main(argv=None):
-    cfg = STAGES["pretrain"].parse(argv)
-    rt = dist.init(cfg.run.device)
-    engine.check_dataset(cfg, rt)
-    engine.seed_everything(cfg.run.seed)
+    cfg, rt = STAGES["pretrain"].start(argv)
 
     # data: every image without a label plus the labeled ones (their labels are not used here)
     labeled, val = read_split(cfg.data.root, "labeled"), read_split(cfg.data.root, "val")
     unlabeled = read_split(cfg.data.root, "unlabeled")
     images = dataclasses.replace(unlabeled, name="pretrain", paths=unlabeled.paths + labeled.paths,
                                  labels=None, hidden_labels=None)
-    B = cfg.train.batch_size
-    if B % rt.world:
-        raise engine.StageError(f"train.batch_size={B} must be divisible by the {rt.world} ranks")
+    B, lowered = batch.fit(cfg, batch_limits(len(images.paths)), rt.world)
     method = self_supervised.METHODS[cfg.pretrain.method]
     train_loader = loader(images, method.views, cfg, rt, global_batch=B)
 
@@ -72,7 +82,7 @@ def main(argv=None):
     precision, measured = amp.resolve_precision(cfg.train.precision, backbone,
                                                 (views * B // rt.world, 3, size, size), rt)
     scaler = amp.grad_scaler(precision, rt.device)
-    run = engine.Run("pretrain", cfg, rt)   # every check has passed: the first write
+    run = engine.Run("pretrain", cfg, rt, lowered)   # every check has passed: the first write
     total, warmup = schedule.plan(cfg.train.epochs, cfg.train.max_steps, cfg.lars.warmup_epochs,
                                   train_loader.steps_per_epoch)
     loop = Loop(run, train_loader, optimizer, {"model": model, "optimizer": optimizer, "scaler": scaler},

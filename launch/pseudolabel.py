@@ -1,25 +1,27 @@
 """Balanced pseudo-label iterations: predict -> top-P per class -> fine-tune on pseudo + labeled,
-then on labeled only (head re-initialised); P grows each iteration; the best model by val wins. A P
-below 1 is a fraction of the unlabeled images per class (balanced_selection.resolve_p), so one config suits any dataset size.
+then on labeled only (head re-initialised); P grows each iteration; the best model by val wins. P is a
+number of images per class (pseudo.schedule, pseudo.fixmatch_p) or a fraction of the unlabeled images per
+class (pseudo.schedule_fraction, pseudo.fixmatch_fraction: balanced_selection.ConfiguredP), so that one
+config suits any dataset size.
 With pseudo.reinitialise=true each iteration's first fine-tune starts from the pretrained pseudo.backbone
 instead of the model before it.
 
     python launch/pseudolabel.py --config configs/demo/pseudolabel.yaml [key=value ...]
 
 Writes in run.dir: iter<i>/ (predictions, pseudo_labels.csv, selection.json, the two fine-tune runs),
-model.pt (the best by val), predictions/ of that model, pseudo_labels.csv (its top_k x fixmatch_p
-selection, for FixMatch) and selection.json (every iteration's figures; p is the P used, p_given the
-configured value it was resolved from).
+model.pt (the best by val), predictions/ of that model, pseudo_labels.csv (its top_k x P selection of
+pseudo.fixmatch_p or pseudo.fixmatch_fraction, for FixMatch) and selection.json (every iteration's
+figures; p is the P used, p_given the configured value it was resolved from).
 """
 import os
 
-from data import atomic
 from data.datasets import read_classes, read_split
+from data.errors import InputError
 from trainer.algorithms import balanced_selection
 from trainer.operations import pseudo_labeling
 from trainer.runtime import config, dist, engine, stages
 from trainer.runtime.config import FinetuneConfig
-from trainer.runtime.models import load_classifier
+from trainer.runtime.models import load_classifier, save_classifier
 from trainer.runtime.stages import STAGES
 
 
@@ -45,43 +47,43 @@ def check(cfg):
     if cfg.pseudo.reinitialise and not cfg.pseudo.backbone:
         raise config.ConfigError("pseudo.backbone: required with pseudo.reinitialise=true: "
                                  "the pretrained backbone.pt each iteration starts from")
+    images = len(read_split(cfg.data.root, "unlabeled")) + len(read_split(cfg.data.root, "labeled"))
+    if cfg.pseudo.scorer != "classifier" and cfg.propagation.k >= images:
+        raise config.ConfigError(f"propagation.k={cfg.propagation.k}: expected fewer than the {images} labeled + "
+                                 "unlabeled images")
     # the iterations' fine-tune recipe, with this run's shared settings, is checked now, not after the first predictions
     nested = STAGES["finetune"]
-    nested.check(nested.parse(finetune_argv(cfg, cfg.run.dir, cfg.pseudo.model, cfg.pseudo.pseudo_epochs)))
+    try:
+        nested.check(nested.parse(finetune_argv(cfg, cfg.run.dir, cfg.pseudo.model, cfg.pseudo.pseudo_epochs)))
+    except InputError as e:   # its keys are the fine-tunes', set in pseudo.finetune_config and _overrides
+        raise config.ConfigError(f"the iterations' fine-tunes ({cfg.pseudo.finetune_config} + "
+                                 f"pseudo.finetune_overrides): {e}") from None
 
 
 def main(argv=None):
-    cfg = STAGES["pseudolabel"].parse(argv)
-    check(cfg)
-    num_classes = len(read_classes(cfg.data.root))
-    rt = dist.init(cfg.run.device)
-    engine.check_dataset(cfg, rt)
+    cfg, rt = STAGES["pseudolabel"].start(argv)
+    classes = read_classes(cfg.data.root)
+    num_classes = len(classes)
     unlabeled, labeled = read_split(cfg.data.root, "unlabeled"), read_split(cfg.data.root, "labeled")
-    if cfg.pseudo.scorer != "classifier" and cfg.propagation.k >= len(unlabeled) + len(labeled):
-        raise config.ConfigError(f"propagation.k={cfg.propagation.k}: expected fewer than the "
-                                 f"{len(unlabeled) + len(labeled)} labeled + unlabeled images")
-    load_classifier(cfg.pseudo.model, num_classes=num_classes)   # a model for this dataset's classes
-    # P as images per class: fractions of the unlabeled images per class resolved against this dataset
-    schedule = [balanced_selection.resolve_p(given, len(unlabeled), num_classes, f"pseudo.schedule[{i}]")
-                for i, given in enumerate(cfg.pseudo.schedule)]
-    fixmatch_p = balanced_selection.resolve_p(cfg.pseudo.fixmatch_p, len(unlabeled), num_classes, "pseudo.fixmatch_p") \
-        if cfg.pseudo.fixmatch_p else 0
+    load_classifier(cfg.pseudo.model, cfg.data.root)   # a model for this dataset's classes
+    schedule, fixmatch_given = balanced_selection.configured_p(cfg.pseudo)
     run = engine.Run("pseudolabel", cfg, rt)   # every check has passed: the first write
 
     start_val = pseudo_labeling.val_top1(cfg.pseudo.model, cfg, rt)
     iterations = [{"iteration": 0, "model": cfg.pseudo.model, "val_top1": start_val}]
     run.log(iteration=0, val_top1=start_val)
     current = cfg.pseudo.model
-    for it, (p, given) in enumerate(zip(schedule, cfg.pseudo.schedule), start=1):
+    for it, given in enumerate(schedule, start=1):
+        p = given.images(len(unlabeled), num_classes)   # fractions resolved against this dataset
         folder = run.path(f"iter{it}")
         pred_dir, csv_path = os.path.join(folder, "predictions"), os.path.join(folder, "pseudo_labels.csv")
         scores = pseudo_labeling.predict(current, unlabeled, labeled, cfg, rt, pred_dir)
         if rt.is_main and not os.path.exists(csv_path):
-            pseudo_labeling.select(scores, unlabeled, num_classes, p, cfg, csv_path,
-                                 os.path.join(folder, "selection.json"), given)
+            pseudo_labeling.select(scores, unlabeled, num_classes, given, cfg, csv_path,
+                                   os.path.join(folder, "selection.json"))
         dist.barrier()
         summary = engine.read_json(os.path.join(folder, "selection.json"))
-        run.say(f"iteration {it}: {balanced_selection.describe_p(p, given, f'pseudo.schedule[{it - 1}]', len(unlabeled), num_classes)}, "
+        run.say(f"iteration {it}: {given.describe(p, len(unlabeled), num_classes)}, "
                 f"{summary['selected']} pseudo-labels, {summary['duplicates']} images "
                 f"chosen for >1 class, precision {summary.get('precision')}")
         start = cfg.pseudo.backbone if cfg.pseudo.reinitialise else current
@@ -89,23 +91,23 @@ def main(argv=None):
         val = finetune(cfg, os.path.join(folder, "labeled"),
                        os.path.join(folder, "pseudo", "model.pt"), cfg.pseudo.labeled_epochs)
         current = os.path.join(folder, "labeled", "model.pt")
-        iterations.append({"iteration": it, "p": p, "p_given": balanced_selection.as_given(given), "selected": summary["selected"],
+        iterations.append({"iteration": it, "p": p, "p_given": given.recorded(), "selected": summary["selected"],
                            "duplicates": summary["duplicates"], "precision": summary.get("precision"),
                            "model": current, "val_top1": val})
         run.log(**{k: v for k, v in iterations[-1].items() if k != "model"})
 
     best = max(iterations, key=lambda r: r["val_top1"])
     run.say(f"best model by val: iteration {best['iteration']} ({best['val_top1']:.4f})")
-    if rt.is_main:
-        atomic.copy_file(best["model"], run.path("model.pt"))
+    if rt.is_main:   # saved anew, not copied: an old pseudo.model without class names (iteration 0) gains them
+        model, arch = load_classifier(best["model"], cfg.data.root)
+        save_classifier(model, arch, classes, run.path("model.pt"))
     dist.barrier()
     scores = pseudo_labeling.predict(run.path("model.pt"), unlabeled, labeled, cfg, rt, run.path("predictions"))
     fixmatch = None
-    if rt.is_main and fixmatch_p:
-        run.say("FixMatch selection: " + balanced_selection.describe_p(fixmatch_p, cfg.pseudo.fixmatch_p, "pseudo.fixmatch_p",
-                                                   len(unlabeled), num_classes))
-        fixmatch = pseudo_labeling.select(scores, unlabeled, num_classes, fixmatch_p, cfg, run.path("pseudo_labels.csv"),
-                                        run.path("fixmatch_selection.json"), cfg.pseudo.fixmatch_p)
+    if rt.is_main and fixmatch_given:
+        fixmatch = pseudo_labeling.select(scores, unlabeled, num_classes, fixmatch_given, cfg,
+                                          run.path("pseudo_labels.csv"), run.path("fixmatch_selection.json"))
+        run.say("FixMatch selection: " + fixmatch_given.describe(fixmatch["p"], len(unlabeled), num_classes))
     if rt.is_main:
         engine.write_json(run.path("selection.json"), {"iterations": iterations, "best_iteration": best["iteration"],
                                                        "fixmatch_selection": fixmatch})

@@ -25,8 +25,10 @@ from pathlib import Path
 import submitit
 import yaml
 
+from data import atomic
 from trainer.operations import slurm, sweep
 from trainer.operations.slurm import UsageError
+from trainer.runtime import rundir
 from trainer.runtime.stages import STAGES
 
 LAUNCH_DIR = Path(__file__).resolve().parent
@@ -161,12 +163,35 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, str]]:
     return sweep.plan_runs(base_run_dir(args), args.overrides, args.sweep)
 
 
-def check_configs(args: argparse.Namespace, runs: list[dict[str, str]]) -> None:
-    """Every run's config loads before anything is queued. Scripts given by path are not semiscale
-    stages and are not checked."""
+def semiscale_stage(args: argparse.Namespace) -> str | None:
+    """The stage that args.script is; None for a script given by path, which is not a semiscale stage."""
     stage = Path(args.script).stem
-    if Path(args.script).parent == LAUNCH_DIR and stage in STAGES:
+    return stage if Path(args.script).parent == LAUNCH_DIR and stage in STAGES else None
+
+
+def check_configs(args: argparse.Namespace, runs: list[dict[str, str]]) -> None:
+    """Every run's config loads before anything is queued. Scripts given by path are not checked."""
+    stage = semiscale_stage(args)
+    if stage:
         sweep.check_run_configs(stage, args.config, runs, list(args.sweep))
+
+
+def claim_run_dir(args: argparse.Namespace, base: Path) -> None:
+    """submitit writes into RUN_DIR/submitit/ before the stage starts, so a stage's run dir is checked and
+    recorded as the stage's here first (trainer.runtime.rundir), as the stage would: the stage then finds a
+    run dir of its own, and a folder of the user's is refused before anything is queued. A sweep's points
+    get run dirs of their own below RUN_DIR, which their stages claim."""
+    stage = semiscale_stage(args)
+    if stage is None or args.sweep:
+        return
+    try:
+        if not rundir.check_owner(str(base), stage):
+            base.mkdir(parents=True, exist_ok=True)
+            atomic.write_json(str(base / rundir.RUN_RECORD), {"stage": stage})
+    except rundir.RunDirError as error:
+        raise UsageError(str(error)) from None
+    except OSError as error:
+        raise UsageError(f"run.dir={base}: cannot write there ({error.strerror})") from None
 
 
 def stage_argv(args: argparse.Namespace, overrides: dict[str, str]) -> list[str]:
@@ -187,6 +212,7 @@ def submit(args: argparse.Namespace) -> list[submitit.Job]:
         for index, job in enumerate(jobs_to_run):
             print(f"# task {index}: {Path(args.script).stem} {' '.join(job.argv)}")
         return []
+    claim_run_dir(args, base)
     with executor.batch():
         jobs = [executor.submit(job) for job in jobs_to_run]
     if args.sweep:

@@ -5,6 +5,13 @@ import pytest
 from PIL import Image
 
 from slurm_harness.slurm import ClusterUnavailable, SlurmCluster
+from tiny import fashion
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A small Fashion-MNIST dataset (tiny.fashion) for a test module; a module may define its own `data`."""
+    return fashion(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -11,10 +11,11 @@ from PIL import Image
 
 from tiny import ROOT, TINY_INFERENCE, fashion, pixels, save_backbone, stage, tiny_classifier
 from data.datasets import read_classes, read_split
+from data.errors import InputError
 from launch import active
 from trainer.algorithms import active_learning
 from trainer.operations import annotations
-from trainer.runtime import config, engine
+from trainer.runtime import config
 from trainer.algorithms.cluster import split_budget
 from trainer.runtime.models import build_backbone
 
@@ -116,12 +117,13 @@ def answers_file(path, lines):
     return str(path)
 
 
-def test_import_merges_names_ids_and_skips_blanks(oracle_run, tmp_path):
+def test_import_merges_names_and_skips_blanks(oracle_run, tmp_path):
     data, _, _, run, args = oracle_run
-    shutil.copy(run / "queries.csv", tmp_path / "queries.csv")
+    for name in ("run.json", "queries.csv"):   # an active run dir's record and queries
+        shutil.copy(run / name, tmp_path / name)
     queries = rows(run / "queries.csv")
     answers = answers_file(tmp_path / "answers.csv", ["label,path,note", f"Bag,{queries[0]['path']},sure",
-                                                      f"3,./{queries[1]['path']},", f",{queries[2]['path']},no idea"])
+                                                      f" Dress ,./{queries[1]['path']},", f",{queries[2]['path']},no idea"])
     active.main(["import", answers, *args, f"run.dir={tmp_path}"])
     merged = rows(tmp_path / "labeled.csv")
     assert merged[-2:] == [{"path": queries[0]["path"], "label": "8"}, {"path": queries[1]["path"], "label": "3"}]
@@ -137,6 +139,8 @@ def test_import_merges_names_ids_and_skips_blanks(oracle_run, tmp_path):
     ("/etc/passwd,1", "escapes the dataset"),
     ("QUERY,Dragon", "label 'Dragon' is neither a class name"),
     ("QUERY,10", "label '10' is neither a class name"),
+    ("QUERY,Bag", "label 'Bag' is a class name, but line 2's '1' is a class id: expected a column of class names or "
+                  "of class ids, not both"),
     ("FIRST_QUERY,2", "is already answered on line 2"),
     ("QUERY,1,extra", "expected 2 fields"),
 ])
@@ -147,7 +151,7 @@ def test_import_names_the_bad_line(oracle_run, tmp_path, row, message):
     row = (row.replace("FIRST_LABELED", rows(os.path.join(data, "labeled.csv"))[0]["path"])
            .replace("FIRST_QUERY", queries[0]["path"]).replace("QUERY", queries[1]["path"]))
     answers = answers_file(tmp_path / "answers.csv", ["path,label", f"{queries[0]['path']},1", row])
-    with pytest.raises(engine.StageError, match=f"^{re.escape(answers)}:3: .*{re.escape(message)}"):
+    with pytest.raises(InputError, match=f"^{re.escape(answers)}:3: .*{re.escape(message)}"):
         active.main(["import", answers, *args, f"run.dir={tmp_path}"])
     assert not os.path.exists(tmp_path / "labeled.csv")
 

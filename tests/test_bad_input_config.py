@@ -95,16 +95,33 @@ def load_stage(stage, *overrides):
     ("fixmatch", "fixmatch.bn_batches=-1", "fixmatch.bn_batches=-1: expected an integer >= 0"),
     # pseudolabel
     ("pseudolabel", "pseudo.top_k=0", "pseudo.top_k=0: expected an integer >= 1"),
-    ("pseudolabel", "pseudo.schedule=[]", "pseudo.schedule=[]: expected a non-empty list of finite numbers > 0"),
-    ("pseudolabel", "pseudo.schedule=[1700,-1]", "pseudo.schedule[1]=-1.0: expected a finite number > 0"),
-    ("pseudolabel", "pseudo.schedule=[0.3,0]", "pseudo.schedule[1]=0.0: expected a finite number > 0"),
-    ("pseudolabel", "pseudo.schedule=[0.3,.nan]", "pseudo.schedule[1]=nan: expected a finite number > 0"),
-    # P >= 1 is a number of images: whole
-    ("pseudolabel", "pseudo.schedule=[0.3,2.5]",
-     "pseudo.schedule[1]=2.5: expected a fraction < 1 or a whole number of images"),
-    ("pseudolabel", "pseudo.fixmatch_p=16.5", "pseudo.fixmatch_p=16.5: expected a fraction < 1 or a whole number of images"),
-    ("pseudolabel", "pseudo.fixmatch_p=-1", "pseudo.fixmatch_p=-1.0: expected a finite number >= 0"),
-    ("pseudolabel", "pseudo.schedule=[ten]", "pseudo.schedule[0]: expected float, got str 'ten'"),
+    # P: numbers of images in pseudo.schedule / pseudo.fixmatch_p, fractions in *_fraction, one key of each pair
+    ("pseudolabel", "pseudo.schedule=[]", "pseudo.schedule=[] and pseudo.schedule_fraction=[]: expected P per "
+                                          "iteration in one of them (numbers of images per class, or fractions of "
+                                          "the unlabeled images per class)"),
+    ("pseudolabel", "pseudo.schedule=[1700,-1]", "pseudo.schedule[1]=-1: expected an integer >= 1"),
+    ("pseudolabel", "pseudo.schedule=[3,0]", "pseudo.schedule[1]=0: expected an integer >= 1"),
+    ("pseudolabel", "pseudo.schedule=[3,2.5]",
+     "pseudo.schedule[1]=2.5: expected a whole number of images; fractions moved to pseudo.schedule_fraction"),
+    ("pseudolabel", "pseudo.fixmatch_p=16.5",
+     "pseudo.fixmatch_p=16.5: expected a whole number of images; fractions moved to pseudo.fixmatch_fraction"),
+    ("pseudolabel", "pseudo.fixmatch_p=-1", "pseudo.fixmatch_p=-1: expected an integer >= 0"),
+    ("pseudolabel", "pseudo.schedule=[ten]", "pseudo.schedule[0]: expected int, got str 'ten'"),
+    # the retired form: a fraction in the key of numbers of images names the key that took fractions over
+    ("pseudolabel", "pseudo.schedule=[0.3108,0.6216]",
+     "pseudo.schedule[0]=0.3108: expected a whole number of images; fractions moved to pseudo.schedule_fraction"),
+    ("pseudolabel", "pseudo.fixmatch_p=0.0256",
+     "pseudo.fixmatch_p=0.0256: expected a whole number of images; fractions moved to pseudo.fixmatch_fraction"),
+    ("pseudolabel", "pseudo.schedule_fraction=[0.5,1.5]",
+     "pseudo.schedule_fraction[1]=1.5: expected a finite number in (0, 1]"),
+    ("pseudolabel", "pseudo.schedule_fraction=[0]",
+     "pseudo.schedule_fraction[0]=0.0: expected a finite number in (0, 1]"),
+    ("pseudolabel", "pseudo.schedule_fraction=[0.3,.nan]",
+     "pseudo.schedule_fraction[1]=nan: expected a finite number in (0, 1]"),
+    ("pseudolabel", "pseudo.fixmatch_fraction=2", "pseudo.fixmatch_fraction=2.0: expected a finite number in [0, 1]"),
+    # label propagation: alpha 0 spreads no label (every unlabeled image scores 0), 1 never converges
+    ("pseudolabel", "propagation.alpha=0", "propagation.alpha=0.0: expected a finite number in (0, 1)"),
+    ("pseudolabel", "propagation.alpha=1", "propagation.alpha=1.0: expected a finite number in (0, 1)"),
     ("pseudolabel", "pseudo.pseudo_epochs=0", "pseudo.pseudo_epochs=0: expected an integer >= 1"),
     ("pseudolabel", "pseudo.labeled_epochs=-2", "pseudo.labeled_epochs=-2: expected an integer >= 1"),
     ("pseudolabel", "pseudo.chunk=0", "pseudo.chunk=0: expected an integer >= 1"),
@@ -166,8 +183,11 @@ def test_bad_values_are_refused_naming_the_key(stage, override, message):
     ("pretrain", "data.image_size=8", "data.image_size", 8),
     ("active", "run.seed=2147483647", "run.seed", 2147483647),
     ("pseudolabel", "pseudo.fixmatch_p=0", "pseudo.fixmatch_p", 0),
-    ("pseudolabel", "pseudo.fixmatch_p=0.0256", "pseudo.fixmatch_p", 0.0256),   # < 1: a fraction per class
-    ("pseudolabel", "pseudo.schedule=[0.999,1,1700]", "pseudo.schedule", [0.999, 1.0, 1700.0]),
+    ("pseudolabel", "pseudo.fixmatch_fraction=0.0256", "pseudo.fixmatch_fraction", 0.0256),
+    ("pseudolabel", "pseudo.schedule_fraction=[0.999,1]", "pseudo.schedule_fraction", [0.999, 1.0]),   # 1: all
+    ("pseudolabel", "pseudo.schedule=[1,1700]", "pseudo.schedule", [1, 1700]),     # 1: one image per class
+    ("pseudolabel", "pseudo.fixmatch_p=16.0", "pseudo.fixmatch_p", 16),           # an older config.yaml's count
+    ("pseudolabel", "propagation.alpha=0.999", "propagation.alpha", 0.999),
     ("active", "active.budget=12", "active.budget", 12.0),              # >= 1: a number of queries
     ("finetune", "sgd.lr_backbone=0", "sgd.lr_backbone", 0.0),      # a frozen backbone
     ("finetune", "sgd.weight_decay=5e-4", "sgd.weight_decay", 5e-4),   # YAML 1.1 reads 5e-4 as text
@@ -177,6 +197,61 @@ def test_values_at_the_edges_are_accepted(stage, override, key, value):
     cfg = load_stage(stage, override)
     section, name = key.split(".")
     assert getattr(getattr(cfg, section), name) == value
+
+
+@pytest.mark.parametrize("file, overrides, message", [
+    # in one file, or both on one command line: neither wins silently
+    ({"schedule": [200], "schedule_fraction": [0.3]}, [],
+     "pseudo.schedule and pseudo.schedule_fraction: expected one of the two (a number of images, or a fraction of "
+     "them), got both"),
+    ({"fixmatch_p": 16, "fixmatch_fraction": 0.03}, [],
+     "pseudo.fixmatch_p and pseudo.fixmatch_fraction: expected one of the two (a number of images, or a fraction of "
+     "them), got both"),
+    ({}, ["pseudo.schedule=[5]", "pseudo.schedule_fraction=[0.1]"],
+     "pseudo.schedule and pseudo.schedule_fraction: expected one of the two (a number of images, or a fraction of "
+     "them), got both"),
+])
+def test_a_count_and_a_fraction_of_one_p_are_refused_together(tmp_path, file, overrides, message):
+    import yaml
+    path = tmp_path / "pseudolabel.yaml"
+    path.write_text(yaml.safe_dump({"data": {"root": "x"}, "pseudo": {"model": "m.pt", "finetune_config": "f.yaml",
+                                                                      **file}}))
+    with pytest.raises(ConfigError) as e:
+        load(config.PseudolabelConfig, str(path), overrides)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("overrides, schedule, fixmatch", [
+    ([], ([], [0.3108, 0.6216]), (0, 0.0256)),                                    # the demo's fractions
+    (["pseudo.schedule=[5]", "pseudo.fixmatch_p=2"], ([5], []), (2, 0.0)),        # an override of the other key
+    (["pseudo.fixmatch_p=0"], ([], [0.3108, 0.6216]), (0, 0.0)),                  # no FixMatch selection
+])
+def test_an_override_of_one_key_of_a_pair_replaces_the_files_other(overrides, schedule, fixmatch):
+    pseudo = load_stage("pseudolabel", *overrides).pseudo
+    assert ((pseudo.schedule, pseudo.schedule_fraction), (pseudo.fixmatch_p, pseudo.fixmatch_fraction)) == \
+        (schedule, fixmatch)
+
+
+@pytest.mark.parametrize("path, overrides, p, fixmatch_p", [
+    ("configs/demo/pseudolabel.yaml", [], [1700, 3400], 140),
+    ("configs/demo/pseudolabel.yaml", ["pseudo.schedule_fraction=[0.3108,0.4662,0.6216,0.777]"],   # pipeline_full
+     [1700, 2550, 3400, 4250], 140),
+    ("configs/paper/pseudolabel.yaml", [], [200, 300, 400, 500], 16),
+])
+def test_the_shipped_configs_resolve_the_same_p_as_before(path, overrides, p, fixmatch_p):
+    """On prepared Fashion-MNIST (54,700 unlabeled images, 10 classes) the demo's P are those of docs/results.md."""
+    from trainer.algorithms.balanced_selection import configured_p
+    cfg = load(config.PseudolabelConfig, os.path.join(ROOT, path), ["data.root=x", "pseudo.model=m.pt", *overrides])
+    schedule, fixmatch = configured_p(cfg.pseudo)
+    assert [given.images(54700, 10) for given in schedule] == p and fixmatch.images(54700, 10) == fixmatch_p
+
+
+def test_pipeline_full_gives_the_schedule_as_fractions():
+    import yaml
+    with open(os.path.join(ROOT, "configs/demo/pipeline_full.yaml")) as f:
+        overrides = yaml.safe_load(f)["pipeline"]["pseudolabel"]["overrides"]
+    assert "pseudo.schedule_fraction=[0.3108,0.4662,0.6216,0.777]" in overrides
+    load_stage("pseudolabel", *overrides)
 
 
 @pytest.mark.parametrize("stage, override, key, value", [
@@ -278,8 +353,8 @@ def test_bounds_specs():
     ("fixmatch.py", "fixmatch.threshold=1.5", "fixmatch.threshold=1.5: expected a finite number in (0, 1]"),
     ("evaluate.py", "evaluate.scales=[28,0]", "evaluate.scales[1]=0: expected an integer >= 8"),
     ("fixmatch.py", "data.augment.cutout=1", "data.augment.cutout=1.0: expected a finite number in [0, 0.9]"),
-    ("pseudolabel.py", "pseudo.schedule=[0.3,2.5]",
-     "pseudo.schedule[1]=2.5: expected a fraction < 1 or a whole number of images"),
+    ("pseudolabel.py", "pseudo.schedule=[0.3108,0.6216]",
+     "pseudo.schedule[0]=0.3108: expected a whole number of images; fractions moved to pseudo.schedule_fraction"),
 ])
 def test_cli_refuses_before_creating_the_run_dir(tmp_path, script, override, message):
     stage = script[:-3]

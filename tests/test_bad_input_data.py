@@ -15,11 +15,15 @@ import pytest
 import torch
 from PIL import Image
 
-from data.datasets import BadImageError, check_dataset, read_split
+from data.datasets import BadImageError, check_dataset, labeled_with_pseudo_labels, read_classes, read_split
+from data.errors import InputError
 from data.loaders import build_loader
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from data.prepare.dataset_folder import MANIFEST, OUTPUTS
 from launch import prepare
+from trainer.algorithms import label_propagation
+from trainer.operations import annotations
+from trainer.runtime import batch, config
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -215,8 +219,8 @@ def write_layout(root, labeled, val, test, unlabeled, classes=CLASSES):
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / "classes.txt").write_text("".join(f"{c}\n" for c in classes))
-    for name in {n for n, _ in labeled + val + test} | set(unlabeled):
-        png(root / "images" / name, len(name))
+    for value, name in enumerate(sorted({n for n, _ in labeled + val + test} | set(unlabeled))):
+        png(root / "images" / name, value)   # a picture of its own: copies are a warning
     for split, rows in (("labeled", labeled), ("val", val), ("test", test)):
         (root / f"{split}.csv").write_text("path,label\n" + "".join(f"images/{n},{c}\n" for n, c in rows))
     (root / "unlabeled.csv").write_text("path\n" + "".join(f"images/{n}\n" for n in unlabeled))
@@ -479,3 +483,276 @@ def test_a_dali_failure_with_no_changed_file_keeps_dalis_error(photos, dali, mon
         next(loader.epoch(0))
     assert sorted(rescanned) == read_split(photos, "labeled").paths[:4 * dali.READ_AHEAD_STEPS]
     assert (loader.stand_in == np.arange(24)).all() and loader.files == read_split(photos, "labeled").paths
+
+
+# ---- labels as people write them: spaces, byte-order marks, Unicode forms, ids and names mixed ----
+
+NFC, NFD = "caf\u00e9", "cafe\u0301"   # 'café' typed, and as a macOS folder name spells it
+
+
+def own_pile(base, labels, val=None) -> list:
+    """prepare own's sources under `base`: 4 unlabeled PNGs and labeled.csv listing a PNG per label of
+    `labels` (val.csv too when `val` gives its labels); the arguments of a run with --out base/out."""
+    for i in range(4):
+        png(base / "pile" / f"u{i}.png", 200 + i)
+    rows = []
+    for i, label in enumerate(labels):
+        png(base / "labeled" / f"l{i}.png", i)
+        rows.append(f"labeled/l{i}.png,{label}\n")
+    (base / "labeled.csv").write_text("path,label\n" + "".join(rows), encoding="utf-8")
+    split = ["--val-per-class", 1]
+    if val is not None:
+        for i in range(len(val)):
+            png(base / "val" / f"v{i}.png", 100 + i)
+        (base / "val.csv").write_text("path,label\n" + "".join(f"val/v{i}.png,{v}\n" for i, v in enumerate(val)),
+                                      encoding="utf-8")
+        split = ["--val", base / "val.csv"]
+    return ["own", "--out", base / "out", "--unlabeled", base / "pile", "--labeled", base / "labeled.csv", *split,
+            "--test-per-class", 1]
+
+
+def labeled_classes(root) -> list:
+    """Each labeled image's class name, in labeled.csv's order."""
+    classes = (root / "classes.txt").read_text(encoding="utf-8").splitlines()
+    return [classes[label] for label in read_split(root, "labeled").labels]
+
+
+@pytest.mark.parametrize("labels, classes", [
+    (["cat", "cat ", " cat", "dog", "dog\t", " dog "] * 2, ["cat", "dog"]),     # spaces around a label
+    ([NFC, NFD, NFC, "dog", "dog", "dog"] * 2, [NFC, "dog"]),                  # two Unicode forms of one name
+])
+def test_labels_that_print_alike_make_one_class_in_prepare_own(tmp_path, capsys, labels, classes):
+    status, _, err = run_prepare(capsys, *own_pile(tmp_path, labels))
+    assert status == 0, err
+    assert (tmp_path / "out" / "classes.txt").read_text(encoding="utf-8").splitlines() == classes
+    assert check_dataset(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("text, message", [
+    ("cat\ncat \n", "classes.txt:2: class 'cat ' already named on line 1 as 'cat' (U+0063 U+0061 U+0074 and U+0063 "
+                    "U+0061 U+0074 U+0020: one name once the spaces around it are dropped and its Unicode is "
+                    "normalised to NFC)"),
+    (f"{NFC}\nbee\n{NFD}\n", f"classes.txt:3: class '{NFD}' already named on line 1 as '{NFC}' (U+0063 U+0061 U+0066 "
+                             "U+00E9 and U+0063 U+0061 U+0066 U+0065 U+0301: one name once the spaces around it are "
+                             "dropped and its Unicode is normalised to NFC)"),
+])
+def test_classes_txt_naming_a_class_twice_in_two_spellings_shows_both(tmp_path, text, message):
+    root = layout(tmp_path)
+    (root / "classes.txt").write_text(text + "".join(f"{c}\n" for c in CLASSES[3:]), encoding="utf-8")
+    assert checked_error(root) == f"{root / message}"
+
+
+def test_class_folders_in_two_unicode_forms_are_refused_before_any_decoding(tmp_path, capsys):
+    src = make_source(tmp_path / "src", classes=(NFC, NFD, "dog"))
+    before = snapshot(tmp_path)
+    status, _, err = run_prepare(capsys, *folder_args(src, tmp_path / "out"))
+    assert status == 2
+    # sorted, the NFD folder comes first: 'e' (U+0065) sorts before 'é' (U+00E9)
+    assert_one_line_error(err, f"source {src}: classes '{NFD}' and '{NFC}' are one class (U+0063 U+0061 U+0066 U+0065 "
+                               "U+0301 and U+0063 U+0061 U+0066 U+00E9: one name once the spaces around it are dropped "
+                               "and its Unicode is normalised to NFC); expected one name for it")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_label_column_of_ids_and_names_is_refused_in_prepare_own(tmp_path, capsys):
+    args = own_pile(tmp_path, ["cat", "dog"] * 3, val=["dog", "cat", "1"])
+    before = snapshot(tmp_path)
+    status, _, err = run_prepare(capsys, *args)
+    assert status == 2
+    assert_one_line_error(err, f"{tmp_path / 'val.csv'}:4: label '1' is a class id, but line 2's 'dog' is a class "
+                               "name: expected a column of class names or of class ids, not both")
+    assert snapshot(tmp_path) == before
+
+
+def answers_setup(tmp_path, label_lines, encoding="utf-8"):
+    """(answers CSV, queries, root, classes) for annotations.import_answers: queries of three unlabeled images."""
+    root = layout(tmp_path)
+    queries = [{"path": f"images/u{i}.png"} for i in range(3)]
+    answers = tmp_path / "answers.csv"
+    answers.write_text("path,label\n" + "".join(f"images/u{i}.png,{label}\n" for i, label in enumerate(label_lines)),
+                       encoding=encoding)
+    return str(answers), queries, str(root), [*CLASSES[:2], NFC, *CLASSES[3:]]
+
+
+@pytest.mark.parametrize("labels, expected", [
+    (["ant", " bee ", NFD], [0, 1, 2]),   # names: spaces dropped, the NFD spelling of class 2's NFC name
+    (["0", " 1", ""], [0, 1]),             # ids; an empty label: the annotator could not tell
+])
+def test_answers_match_classes_after_spaces_and_unicode_form(tmp_path, labels, expected):
+    answers, queries, root, classes = answers_setup(tmp_path, labels)
+    got = annotations.import_answers(answers, queries, "queries.csv", root, classes)
+    assert got == {f"images/u{i}.png": c for i, c in enumerate(expected)}
+
+
+def test_an_answers_column_of_names_and_ids_is_refused(tmp_path):
+    answers, queries, root, classes = answers_setup(tmp_path, ["ant", "", "3"])
+    with pytest.raises(InputError) as caught:
+        annotations.import_answers(answers, queries, "queries.csv", root, classes)
+    assert str(caught.value) == (f"{answers}:4: label '3' is a class id, but line 2's 'ant' is a class name: "
+                                 "expected a column of class names or of class ids, not both")
+
+
+BOM = "\ufeff"
+
+
+def with_bom(path):
+    path = Path(path)
+    path.write_text(BOM + path.read_text(encoding="utf-8"), encoding="utf-8")
+
+
+@pytest.mark.parametrize("reader", ["split", "classes.txt", "pseudo-labels", "answers", "queries", "prepare own"])
+def test_a_byte_order_mark_is_read_past_by_every_reader(tmp_path, capsys, reader):
+    if reader == "prepare own":
+        args = own_pile(tmp_path, ["cat", "dog"] * 3, val=["cat", "dog"])
+        for name in ("labeled.csv", "val.csv"):
+            with_bom(tmp_path / name)
+        assert run_prepare(capsys, *args)[0] == 0
+        assert sorted(labeled_classes(tmp_path / "out")) == ["cat", "cat", "dog", "dog"]   # one each drawn for test
+        return
+    if reader in ("answers", "queries"):
+        answers, queries, root, classes = answers_setup(tmp_path, ["bee", "dog", "ant"])
+        queries_csv = tmp_path / "queries.csv"
+        queries_csv.write_text("path,cluster,margin,guess\n" + "".join(f"{q['path']},0,0.1,ant\n" for q in queries))
+        with_bom(answers if reader == "answers" else queries_csv)
+        read = annotations.read_queries(str(queries_csv))
+        assert [q["path"] for q in read] == [q["path"] for q in queries]
+        assert annotations.import_answers(answers, read, str(queries_csv), root, classes) == {
+            "images/u0.png": 1, "images/u1.png": 3, "images/u2.png": 0}
+        return
+    root = layout(tmp_path)
+    pseudo = tmp_path / "pseudo.csv"
+    pseudo.write_text("path,label,score\nimages/u0.png,4,0.9\nimages/u1.png,5,0.8\n")
+    with_bom({"split": root / "labeled.csv", "classes.txt": root / "classes.txt", "pseudo-labels": pseudo}[reader])
+    assert checked_warnings(root) == []
+    assert read_classes(root) == CLASSES
+    split = labeled_with_pseudo_labels(root, "labeled", str(pseudo))
+    assert split.labels.tolist() == [*range(7), 4, 5]
+
+
+def test_label_ids_with_spaces_around_them_are_the_ids(tmp_path):
+    root = layout(tmp_path)
+    (root / "labeled.csv").write_text("path,label\n" + "".join(f"images/l{i}.png, {i} \n" for i in range(7)))
+    assert read_split(root, "labeled").labels.tolist() == list(range(7))
+
+
+# ---- scorers that tell no image from another ----
+
+@pytest.mark.parametrize("labels, k, iterations, message", [
+    # labels of one class only: every image it reaches gets that class for certain
+    ([0, 0, 0, 0], 8, 20, "label propagation gave the 12 unlabeled images it reached one and the same class "
+                          "distribution (1, 0): every score would be equal"),
+    # one conjugate-gradient step spreads nothing beyond the labeled images
+    ([0, 1, 0, 1], 3, 1, "label propagation reached none of the 12 unlabeled images from the labeled ones "
+                         "(propagation.k=3, propagation.iterations=1): every score would be 0"),
+])
+def test_a_propagation_that_ranks_nothing_is_refused(tmp_path, labels, k, iterations, message):
+    # close to one direction: every cosine similarity near 1, so the kNN graph is connected
+    x = 1 + 0.05 * np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    (tmp_path / "labeled").mkdir()
+    np.save(tmp_path / "embeddings.npy", x[:12])
+    np.save(tmp_path / "labeled" / "embeddings.npy", x[12:])
+    with pytest.raises(InputError) as caught:
+        label_propagation.write_scores(str(tmp_path), np.array(labels), 2, "propagation", 2, k, 0.99, iterations,
+                                       3.0, None, str(tmp_path / "scores"))
+    assert str(caught.value).startswith(message) and "the selection the first files in order" in str(caught.value)
+    assert not (tmp_path / "scores").exists()
+
+
+@pytest.mark.parametrize("stage, overrides, message", [
+    # more neighbours than images: every image's neighbourhood is the whole pile
+    ("pseudolabel", ["pseudo.top_k=2", "propagation.k=17"],
+     "propagation.k=17: expected fewer than the 17 labeled + unlabeled images"),
+    # more queries (each cluster gives one) than candidates: every image would be queried, none chosen
+    ("active", ["active.budget=12", "active.clusters=46"],
+     "active.clusters=12, active.budget -> 12 queries: expected 1 <= clusters <= queries <= the 10 candidate images"),
+])
+def test_a_selection_with_nothing_to_choose_is_refused_by_the_stage_check(tmp_path, stage, overrides, message):
+    from trainer.runtime.stages import STAGES
+    inputs = {"pseudolabel": ["pseudo.model=m.pt"],
+              "active": ["active.model=m.pt", "active.backbone=b.pt", "active.oracle=false"]}[stage]
+    cfg = config.load(STAGES[stage].config, str(PROJECT / "configs" / "demo" / f"{stage}.yaml"),
+                      [f"data.root={layout(tmp_path)}", *inputs, *overrides])
+    with pytest.raises(config.ConfigError) as caught:
+        STAGES[stage].check(cfg)
+    assert str(caught.value) == message
+
+
+# ---- training batches against the images they are drawn from ----
+
+def stage_config(stage, root, *overrides):
+    """The demo config of `stage` on the dataset `root`, its inputs set to files that need not exist."""
+    from trainer.runtime.stages import STAGES
+    inputs = {"finetune": ["finetune.backbone=random"], "fixmatch": ["fixmatch.model=m.pt", "fixmatch.pseudo_labels="],
+              "pretrain": [], "pseudolabel": ["pseudo.model=m.pt", "pseudo.top_k=2", "propagation.k=5"]}[stage]
+    return config.load(STAGES[stage].config, str(PROJECT / "configs" / "demo" / f"{stage}.yaml"),
+                       [f"data.root={root}", *inputs, *overrides])
+
+
+@pytest.mark.parametrize("stage, overrides, message", [
+    ("finetune", [], "train.batch_size=64: expected at most 7: a batch is drawn from the 7 training images (labeled)"),
+    ("fixmatch", [], "train.batch_size=32: expected at most 1: fixmatch.mu=7 times the batch is drawn from the 10 "
+                     "unlabeled images"),
+    ("fixmatch", ["fixmatch.mu=1", "train.batch_size=8", "fixmatch.pseudo_labels=PSEUDO"],
+     "train.batch_size=8: expected at most 7: a batch is drawn from the 7 labeled images (labeled), not counting the "
+     "pseudo-labels of PSEUDO (not written yet)"),
+    ("pretrain", [], "train.batch_size=256: expected at most 17: a batch is drawn from the 17 labeled + unlabeled "
+                     "images"),
+    ("pretrain", ["train.batch_size=16"], "knn.k=20: expected 1..7 (the labeled images, which vote in the kNN "
+                                          "monitor; knn.every_epochs=0 turns it off)"),
+    # pseudolabel's fine-tunes on the labeled images alone, checked before its first predictions
+    ("pseudolabel", [], "the iterations' fine-tunes (configs/demo/finetune.yaml + pseudo.finetune_overrides): "
+                        "train.batch_size=64: expected at most 7: a batch is drawn from the 7 training images (labeled)"),
+])
+def test_a_batch_larger_than_its_images_is_refused_by_the_stage_check(tmp_path, stage, overrides, message):
+    from trainer.runtime.stages import STAGES
+    root = layout(tmp_path)
+    pseudo = str(tmp_path / "pseudolabel" / "pseudo_labels.csv")
+    cfg = stage_config(stage, root, *(o.replace("PSEUDO", pseudo) for o in overrides))
+    with pytest.raises(config.ConfigError) as caught:
+        STAGES[stage].check(cfg)
+    expected = message.replace("PSEUDO", pseudo)
+    assert str(caught.value) in (expected, f"{expected}; lower it, or set train.fit_batch=true to train with the "
+                                           "largest batch the images allow")
+
+
+@pytest.mark.parametrize("stage, world, fitted", [("finetune", 1, 7), ("finetune", 2, 6), ("fixmatch", 1, 1),
+                                                  ("pretrain", 4, 16)])
+def test_fit_batch_lowers_the_batch_to_what_the_images_allow(tmp_path, stage, world, fitted):
+    from launch import finetune, fixmatch, pretrain
+    from trainer.runtime.stages import STAGES
+    root = layout(tmp_path)
+    cfg = stage_config(stage, root, "train.fit_batch=true", "knn.k=5" if stage == "pretrain" else "run.seed=0")
+    STAGES[stage].check(cfg)   # passes: the images allow a batch
+    labeled, unlabeled = read_split(root, "labeled"), read_split(root, "unlabeled")
+    limits = {"finetune": lambda: finetune.batch_limits(labeled),
+              "fixmatch": lambda: fixmatch.batch_limits(cfg, labeled, unlabeled),
+              "pretrain": lambda: pretrain.batch_limits(len(labeled) + len(unlabeled))}[stage]()
+    chosen, said = batch.fit(cfg, limits, world)
+    assert chosen == fitted and said.startswith(f"train.batch_size={cfg.train.batch_size} lowered to {fitted} "
+                                                "(train.fit_batch=true): ")
+
+
+def test_a_later_stages_batch_is_refused_before_the_pipeline_runs_its_first(tmp_path):
+    import yaml
+    root = write_layout(tmp_path / "data", labeled=[(f"l{i}.png", i % 2) for i in range(8)],
+                        val=[("v0.png", 0), ("v1.png", 1)], test=[("t0.png", 0), ("t1.png", 1)],
+                        unlabeled=[f"u{i}.png" for i in range(40)], classes=["ant", "bee"])
+    demo = PROJECT / "configs" / "demo"
+    spec = {name: {"config": str(demo / f"{name}.yaml")} for name in
+            ("supervised", "pretrain", "finetune", "pseudolabel", "fixmatch", "active", "evaluate", "predict")}
+    spec["supervised"]["overrides"] = spec["finetune"]["overrides"] = ["train.batch_size=8"]
+    spec["pretrain"]["overrides"] = ["train.batch_size=16", "knn.k=4"]
+    spec["pseudolabel"]["overrides"] = ["pseudo.top_k=2", "pseudo.finetune_overrides=[train.batch_size=8]"]
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({
+        "run": {"dir": str(tmp_path / "run")}, "data": {"root": str(root)},
+        "pipeline": {**spec, "active_learning": False}}))
+    before = snapshot(tmp_path)
+    proc = subprocess.run([sys.executable, str(PROJECT / "launch" / "pipeline.py"), "--config",
+                           str(tmp_path / "pipeline.yaml")], capture_output=True, text=True, timeout=300,
+                          cwd=PROJECT)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "pipeline.py: error: stage fixmatch: train.batch_size=32: expected at most 5: fixmatch.mu=7 times the batch "
+        "is drawn from the 40 unlabeled images; lower it, or set train.fit_batch=true to train with the largest batch "
+        "the images allow"]
+    assert not (tmp_path / "run").exists() and snapshot(tmp_path) == before

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from tiny import ENV, ROOT, TINY_FINETUNE, TINY_PRETRAIN, fashion, kill_after_checkpoint, stage
+from tiny import ENV, ROOT, TINY_FINETUNE, TINY_PRETRAIN, kill_after_checkpoint, stage
 from trainer.runtime import checkpoint, rundir
 
 PRETRAIN = os.path.join(ROOT, "configs", "demo", "pretrain.yaml")
@@ -51,11 +51,6 @@ def refused(proc, script: str, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in last, last
     return last
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return fashion(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -157,17 +152,28 @@ def test_a_folder_with_results_but_no_record_is_not_reused(data, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
-    refused(pretrain(data, run_dir, check=False), "pretrain", "holds results but no run.json or config.yaml")
+    refused(pretrain(data, run_dir, check=False), "pretrain", "holds files semiscale did not write (metrics.jsonl")
     assert os.listdir(run_dir) == ["metrics.jsonl"]
 
 
 def test_stray_temporaries_of_a_killed_write_are_removed(data, finished_pretrain, tmp_path):
+    """Only data.atomic's temporaries (<name>.<8 hex>.tmp) go, and only in the run's own folders: a *.tmp
+    of the user's stays, as do the temporaries of a sub-run and of a replaced run."""
     run_dir = copy_of(finished_pretrain, tmp_path)
-    (run_dir / "checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpoint")
-    (run_dir / "config.yaml.tmp").write_text("run:")
+    (run_dir / "checkpoint.pt.abc12345.tmp").write_bytes(b"half a checkpoint")
+    (run_dir / "own").mkdir()
+    (run_dir / "own" / "chunk.json.0123abcd.tmp").write_text("{")
+    theirs = {"config.yaml.tmp": "run:", "notes.tmp": "mine", "notes.abc123.tmp": "mine too",
+              "own/notes.tmp": "mine", "replaced/20240101T000000.000000Z/checkpoint.pt.abc12345.tmp": "an old run's",
+              "sub/run.json": '{"stage": "finetune"}', "sub/model.pt.abc12345.tmp": "a sub-run's"}
+    for name, text in theirs.items():
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text(text)
     out = pretrain(data, run_dir)
     assert "removed 2 temporary file(s)" in out.stdout
-    assert not [n for n in os.listdir(run_dir) if n.endswith(".tmp")]
+    assert not (run_dir / "checkpoint.pt.abc12345.tmp").exists()
+    assert not (run_dir / "own" / "chunk.json.0123abcd.tmp").exists()
+    assert {name: (run_dir / name).read_text() for name in theirs} == theirs
 
 
 @pytest.mark.parametrize("script, args", [
@@ -384,6 +390,8 @@ def test_pipeline_force_with_a_bad_override_deletes_nothing(data, tmp_path):
     import test_pipeline
     run = tmp_path / "run"
     (run / "supervised").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"stage": "pipeline"}))
+    (run / "supervised" / "run.json").write_text(json.dumps({"stage": "finetune"}))
     (run / "supervised" / "model.pt").write_bytes(b"a finished stage")
     for bad, message in ((dict(supervised=["train.epochs=-3"]), "stage supervised: train.epochs=-3: expected an integer >= 1"),
                          (dict(active=["active.budget=100000"]), "stage active: active.clusters=3, active.budget -> 100000 queries")):

@@ -72,12 +72,15 @@ def test_mirrored_tta_matches_an_independent_computation(classifier_run, tmp_pat
     assert result["test"]["tta"] != plain["test"]["tta"]   # the mirrors changed the figure: the check above bites
 
 
-def test_a_model_for_another_number_of_classes_is_refused(classifier_run):
-    model = json.load(open(classifier_run[2] / "eval.json"))["model"]
-    assert load_classifier(model, num_classes=10)[1]["num_classes"] == 10
+def test_a_model_for_another_number_of_classes_is_refused(classifier_run, tmp_path):
+    data, _, run = classifier_run
+    model = json.load(open(run / "eval.json"))["model"]
+    assert load_classifier(model, data)[1]["num_classes"] == 10
+    (tmp_path / "classes.txt").write_text("".join(f"c{i}\n" for i in range(12)))
     with pytest.raises(checkpoint.CheckpointError,
-                       match=r": a 10-class model, but the dataset's classes.txt names 12 classes$"):
-        load_classifier(model, num_classes=12)
+                       match=rf": a model of other classes than {tmp_path}/classes.txt names: class 0 is 'T-shirt/top' "
+                             r"in the model, 'c0' in classes.txt; label a dataset with a model trained on its classes$"):
+        load_classifier(model, str(tmp_path))
 
 
 def test_eval_json_matches_an_independent_computation(classifier_run):

@@ -1,6 +1,7 @@
 """launch/export.py: the exported TorchScript and ONNX models, run in a process where semiscale cannot be
 imported, give semiscale's own probabilities for the dataset's images."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tiny import ENV, ROOT, fashion, stage, tiny_classifier
+from tiny import ENV, ROOT, fashion, other_dataset, stage, tiny_classifier, without_class_names
 from data.datasets import load_image, read_classes, read_split
 from data.pillow_resize import build_views
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, evaluate
@@ -87,7 +88,7 @@ def exported_mirrored(exported, tmp_path_factory):
 def semiscale_probabilities(model_path, data, split, scales, mirrored=False):
     """What semiscale computes: the model.pt's classifier on data.transforms.evaluate views (and, mirrored,
     their horizontal mirrors after them), softmax, mean."""
-    model = load_classifier(model_path, num_classes=len(read_classes(data)))[0].eval()
+    model = load_classifier(model_path, data)[0].eval()
     images = [load_image(p) for p in read_split(data, split).paths]
     with torch.no_grad():
         per_scale = scale_probabilities(model, [torch.stack([evaluate(s)(im) for im in images]) for s in scales],
@@ -215,7 +216,7 @@ def test_other_bad_input_is_refused_before_anything_is_written(exported, tmp_pat
     crowded = tmp_path / "crowded"
     crowded.mkdir()
     (crowded / "notes.txt").write_text("mine")
-    with pytest.raises(engine.StageError, match=r"^--out .*crowded: holds notes.txt, which no export writes"):
+    with pytest.raises(engine.StageError, match=r"^--out .*crowded: holds notes.txt, which no export wrote there"):
         export.main(["--model", model, "--data-root", data, "--out", str(crowded), "--scales", "28"])
     knn = tmp_path / "knn_eval.json"
     knn.write_text(json.dumps({"backbone": "b.pt", "k": 20, "knn": {"val": 0.5}}))
@@ -241,3 +242,27 @@ def test_mirror_bad_input_is_refused_before_anything_is_written(exported, tmp_pa
         export.main(["--model", model, "--data-root", data, "--out", str(tmp_path / "o"), "--scales-from",
                      str(eval_json), "--mirror"])
     assert os.listdir(tmp_path) == ["eval.json"]
+
+
+def test_a_model_of_another_datasets_classes_is_refused(exported, tmp_path):
+    """As many classes under other names: the export's classes.txt would name its outputs wrongly."""
+    data, model, _, _ = exported
+    other = other_dataset(data, tmp_path / "other", [f"kind{i}" for i in range(10)])
+    proc = stage("export", "--model", model, "--data-root", other, "--out", str(tmp_path / "out"), "--scales", "28",
+                 check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"export.py: error: {model}: a model of other classes than {other}/classes.txt names: class 0 is "
+        "'T-shirt/top' in the model, 'kind0' in classes.txt; label a dataset with a model trained on its classes"]
+    assert sorted(os.listdir(tmp_path)) == ["other"]
+
+
+def test_a_model_saved_without_class_names_still_exports(exported, tmp_path, caplog):
+    data, model, _, _ = exported
+    old = without_class_names(model, tmp_path / "old.pt")
+    with caplog.at_level(logging.WARNING):
+        export.main(["--model", old, "--data-root", data, "--out", str(tmp_path / "out"), "--scales", "28"])
+    assert f"{old} records no class names (saved by an older semiscale)" in caplog.text
+    assert (tmp_path / "out" / "classes.txt").read_text().splitlines() == read_classes(data)
+    info = json.load(open(tmp_path / "out" / "export.json"))
+    assert info["check"]["torchscript_max_abs_diff"] <= 1e-4 and info["check"]["onnx_max_abs_diff"] <= 1e-4

@@ -141,7 +141,8 @@ def test_graph_is_symmetric_without_self_loops_even_for_duplicates():
     (dict(labels=np.array([0.0, 1.0])), r"labels must be a 1-D integer array"),
     (dict(k=181), r"k=181 neighbours .* from 181 embeddings: need 1 <= k <= 180"),
     (dict(k=0), r"k=0 neighbours"),
-    (dict(alpha=1.0), r"alpha must be in \[0, 1\)"),
+    (dict(alpha=1.0), r"alpha must be in \(0, 1\), got 1.0: .* singular"),
+    (dict(alpha=0.0), r"alpha must be in \(0, 1\), got 0.0: 0 spreads no label beyond the labelled images"),
     (dict(num_classes=1), r"num_classes must be >= 2"),
 ])
 def test_bad_inputs_name_the_argument(change, message):

@@ -143,3 +143,11 @@ def test_pipeline_with_two_ranks_per_stage(tmp_path_factory, tmp_path):
         assert recorded["run"]["seed"] == 7 and augment["flip"] is False, where
         # the pipeline-wide key joins each stage's own augment keys (the demo's FixMatch sets cutout 0)
         assert augment["cutout"] == (0 if where.startswith("fixmatch") else 0.5), where
+
+
+def test_what_reruns_when_active_learnings_answers_change():
+    """The steps that read active learning's labels, directly or through another step: those a rerun with
+    corrected answers redoes (launch/pipeline.py), and no other."""
+    assert stages.readers("active", True) == ["fixmatch_active", "evaluate_fixmatch_active", "predict"]
+    assert stages.readers("fixmatch", False) == ["evaluate_fixmatch", "predict"]
+    assert stages.readers("predict", True) == []

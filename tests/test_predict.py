@@ -1,5 +1,6 @@
 import csv
 import json
+import logging
 import os
 import re
 import shutil
@@ -13,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from tiny import ENV, ROOT, fashion, pixels, stage, tiny_classifier
+from tiny import ENV, ROOT, fashion, other_dataset, pixels, stage, tiny_classifier, without_class_names
 from data.datasets import read_classes, read_split
 from launch import predict
 from trainer.runtime.engine import StageError
@@ -355,3 +356,24 @@ def test_cli_exit_status_2_with_one_line(reference, tmp_path):
                  check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["predict.py: error: predict.top_k=-1: expected an integer >= 1"]
+
+
+def test_a_model_of_another_datasets_classes_is_refused(reference, tmp_path):
+    """As many classes under other names: its outputs would be labeled with the wrong names."""
+    data, _, model, _ = reference
+    other = other_dataset(data, tmp_path / "other", read_classes(data)[::-1])
+    proc = stage("predict", *options(other, *predicting(model, "test", tmp_path / "out", TWO_SCALES)), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"predict.py: error: {model}: a model of other classes than {other}/classes.txt names: class 0 is "
+        "'T-shirt/top' in the model, 'Ankle boot' in classes.txt; label a dataset with a model trained on its classes"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_saved_without_class_names_still_labels(reference, tmp_path, caplog):
+    data, _, model, out = reference
+    old = without_class_names(model, tmp_path / "old.pt")
+    with caplog.at_level(logging.WARNING):
+        predict.main(options(data, *predicting(old, "test", tmp_path / "out", TWO_SCALES)))
+    assert f"{old} records no class names (saved by an older semiscale)" in caplog.text
+    assert_same_predictions(rows(str(tmp_path / "out")), rows(out))

@@ -126,8 +126,10 @@ def test_folder_skips_and_lists_bad_images_and_splits_per_class(tmp_path, capsys
     assert prepare_folder(src, out, *placement) == 0
     assert "skipped 3 unreadable images" in capsys.readouterr().out
     bad = dict(line.split("\t") for line in (out / "bad_images.txt").read_text().splitlines())
-    assert sorted(bad) == ["cat/corrupt.jpg", "cat/empty.png", "dog/truncated.png"]
+    assert sorted(bad) == ["cat/.hidden.png", "cat/corrupt.jpg", "cat/empty.png", "dog/.hidden.png",
+                           "dog/truncated.png", "fish/.hidden.png"]
     assert "empty" in bad["cat/empty.png"] and "truncated" in bad["dog/truncated.png"]
+    assert bad["fish/.hidden.png"].startswith("hidden")
     assert (out / "classes.txt").read_text() == "cat\ndog\nfish\n"
     good = {f"images/{c}/{f}" for c in ("cat", "dog", "fish")
             for f in ("rgb.jpg", "grey.png", "rgba.png", "cmyk.jpg", "palette.PNG", "nested/grey16.png")}

@@ -124,8 +124,12 @@ def test_splits_hold_the_given_images_and_a_seeded_test_draw(prepared, capsys):
     assert sorted(r["path"] for r in unlabeled) == sorted(
         [f"images/unlabeled/photos/{p}" for p in ("a/1.png", "a/2.jpg", "a/b/c/3.png", "a/b/4.png", "5.png")]
         + [f"images/unlabeled/photos-2/{p}" for p in ("x/1.png", "2.png")])
-    bad = (out / "bad_images.txt").read_text().splitlines()
-    assert len(bad) == 1 and bad[0].startswith(f"{base / 'photos' / 'a' / 'corrupt.png'}\t")
+    bad = dict(line.split("\t") for line in (out / "bad_images.txt").read_text().splitlines())
+    assert sorted(bad) == [str(base / "labeled" / "loose.png"), str(base / "photos" / ".cache") + "/",
+                           str(base / "photos" / "a" / "corrupt.png")]
+    assert "cannot decode" in bad[str(base / "photos" / "a" / "corrupt.png")]
+    assert "no class folder" in bad[str(base / "labeled" / "loose.png")]
+    assert "hidden folder" in bad[str(base / "photos" / ".cache") + "/"]
 
     # no image in two splits, by ROOT path and by the user's file
     paths = [r["path"] for split in (labeled, val, test, unlabeled) for r in split]
@@ -198,17 +202,18 @@ def test_bad_input_is_one_line_naming_the_file_or_class(tmp_path, capsys):
 
     # a class the labeled set does not have
     write_csv(val_csv, val_rows[:1] + [("../valimgs/cat_1.png", "zebra")])
-    expect_error(capsys, own(base, out), f"{val_csv}:3", "'zebra'", "not a class of the labeled set")
+    expect_error(capsys, own(base, out), f"{val_csv}:3", "label 'zebra' is neither a class name of the labeled set")
     # a class id out of range; an id in range names that class
     write_csv(val_csv, val_rows[:1] + [("../valimgs/cat_1.png", "7")])
-    expect_error(capsys, own(base, out), f"{val_csv}:3", "label 7 is neither a class name nor a class id in [0, 3)")
+    expect_error(capsys, own(base, out), f"{val_csv}:3", "label '7' is neither a class name of the labeled set",
+                 "nor a class id in [0, 3)")
     # one image listed twice (another spelling of the same file)
     write_csv(val_csv, val_rows[:2] + [("../lists/../valimgs/cat_0.png", "cat")])
     expect_error(capsys, own(base, out), str(base / "valimgs" / "cat_0.png"), "listed twice",
                  f"--val {base / 'lists/val.csv'}:2", f"--val {base / 'lists/val.csv'}:4")
     # one image in two splits: val lists a labeled image (through a symlink)
     os.symlink(base / "labeled" / "dog" / "0.png", base / "valimgs" / "alias.png")
-    write_csv(val_csv, val_rows + [("../valimgs/alias.png", "1")])
+    write_csv(val_csv, val_rows + [("../valimgs/alias.png", "dog")])
     expect_error(capsys, own(base, out), str(base / "valimgs" / "alias.png"),
                  f"the same file as {base / 'labeled' / 'dog' / '0.png'}", "in two splits", "--labeled", "--val")
     # an unlabeled tree that holds the labeled one

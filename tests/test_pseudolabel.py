@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from multiproc import run_ranks
-from tiny import ROOT, TINY_FINETUNE, fashion, kill_after_checkpoint, pretrained_backbone, stage
-from trainer.algorithms.balanced_selection import resolve_p
+from tiny import (ROOT, TINY_FINETUNE, fashion, kill_after_checkpoint, pretrained_backbone, stage, tiny_classifier,
+                  without_class_names)
+from data.datasets import read_classes
+from trainer.algorithms.balanced_selection import ConfiguredP
 from trainer.runtime import checkpoint
-from trainer.runtime.config import ConfigError
 
 FINETUNE = os.path.join(ROOT, "configs", "demo", "finetune.yaml")
 PSEUDO = os.path.join(ROOT, "configs", "demo", "pseudolabel.yaml")
@@ -68,7 +69,7 @@ def test_bad_pseudo_label_rows_are_named(tmp_path_factory, tmp_path):
     (0.6216, 54700, 10, 3400),    # 3400.15
     (0.4662, 54700, 10, 2550),    # 2550.11 (pipeline_full.yaml)
     (0.777, 54700, 10, 4250),     # 4250.19 (pipeline_full.yaml)
-    (0.0256, 54700, 10, 140),     # 140.03 (fixmatch_p)
+    (0.0256, 54700, 10, 140),     # 140.03 (fixmatch_fraction)
     # the same fractions on 7,400 images (740 per class)
     (0.3108, 7400, 10, 230),      # 229.99
     (0.6216, 7400, 10, 460),      # 459.98
@@ -77,43 +78,41 @@ def test_bad_pseudo_label_rows_are_named(tmp_path_factory, tmp_path):
     (0.03, 660, 10, 2),           # 1.98
     (0.001, 660, 10, 1),          # 0.066: at least one image
     (0.31, 800, 3, 83),           # 82.67: classes that do not divide the pool
-    # >= 1: a number of images, whatever the pool
-    (200, 54700, 10, 200), (200.0, 7400, 10, 200), (1.0, 660, 10, 1), (16, 512000, 800, 16),
+    (1.0, 660, 10, 66),           # 1: every unlabeled image per class, not one image
 ])
 def test_p_resolves_fractions_of_the_unlabeled_images_per_class(given, unlabeled, classes, p):
-    resolved = resolve_p(given, unlabeled, classes)
+    resolved = ConfiguredP("pseudo.schedule_fraction[0]", given, True).images(unlabeled, classes)
     assert resolved == p and type(resolved) is int
 
 
-@pytest.mark.parametrize("given", [2.5, 1700.4, 0.0, -0.2, -3.0, float("nan"), float("inf")])
-def test_p_neither_a_fraction_nor_a_whole_number_is_refused(given):
-    with pytest.raises(ConfigError) as e:
-        resolve_p(given, 54700, 10, "pseudo.schedule[1]")
-    assert str(e.value) == f"pseudo.schedule[1]={given}: expected a fraction < 1 or a whole number of images"
+@pytest.mark.parametrize("given, unlabeled, classes", [(200, 54700, 10), (1, 660, 10), (16, 512000, 800)])
+def test_a_count_is_that_many_images_whatever_the_pool(given, unlabeled, classes):
+    resolved = ConfiguredP("pseudo.schedule[0]", given, False).images(unlabeled, classes)
+    assert resolved == given and type(resolved) is int
 
 
 def test_pseudolabel_iterations(tmp_path_factory, tmp_path):
     data = fashion(tmp_path_factory)
     finetune(data, pretrained_backbone(tmp_path_factory, data), tmp_path / "ft", "train.epochs=2")
     run = tmp_path / "pl"
-    # 66 unlabeled images per class: P = 5 images, then 0.15 x 66 = 9.9 -> 10; FixMatch's 0.03 x 66 -> 2
+    # 66 unlabeled images per class: P = 0.076 x 66 = 5.02 -> 5, then 0.15 x 66 = 9.9 -> 10; FixMatch's 0.03 x 66 -> 2
     proc = stage("pseudolabel", "--config", PSEUDO, f"data.root={data}", f"run.dir={run}", "data.backend=torch",
                  "data.workers=0", f"pseudo.model={tmp_path / 'ft' / 'model.pt'}", "pseudo.top_k=3",
-                 "pseudo.schedule=[5,0.15]", "pseudo.scorer=classifier", "pseudo.class_adaptive=false",
-                 "pseudo.fixmatch_p=0.03", "pseudo.pseudo_epochs=1",
+                 "pseudo.schedule_fraction=[0.076,0.15]", "pseudo.scorer=classifier", "pseudo.class_adaptive=false",
+                 "pseudo.fixmatch_fraction=0.03", "pseudo.pseudo_epochs=1",
                  "pseudo.labeled_epochs=1", f"pseudo.finetune_config={FINETUNE}", "inference.batch_size=64",
                  f"pseudo.finetune_overrides=[{','.join(TINY_FINETUNE)}]")
     summary = json.load(open(run / "selection.json"))
     assert [r["iteration"] for r in summary["iterations"]] == [0, 1, 2]
-    assert [(r["p"], r["p_given"]) for r in summary["iterations"][1:]] == [(5, 5), (10, 0.15)]
+    assert [(r["p"], r["p_given"]) for r in summary["iterations"][1:]] == [(5, 0.076), (10, 0.15)]
     assert (summary["fixmatch_selection"]["p"], summary["fixmatch_selection"]["p_given"]) == (2, 0.03)
-    for it, p, given in ((1, 5, 5), (2, 10, 0.15)):
+    for it, p, given in ((1, 5, 0.076), (2, 10, 0.15)):
         iteration = json.load(open(run / f"iter{it}" / "selection.json"))
         assert (iteration["p"], iteration["p_given"]) == (p, given)
     said = proc.stdout + proc.stderr
-    assert "iteration 1: P=5, " in said
-    assert "iteration 2: P=10 (pseudo.schedule[1]=0.15 of 66 unlabeled images per class), " in said
-    assert "FixMatch selection: P=2 (pseudo.fixmatch_p=0.03 of 66 unlabeled images per class)" in said
+    assert "iteration 1: P=5 (pseudo.schedule_fraction[0]=0.076 of 66 unlabeled images per class), " in said
+    assert "iteration 2: P=10 (pseudo.schedule_fraction[1]=0.15 of 66 unlabeled images per class), " in said
+    assert "FixMatch selection: P=2 (pseudo.fixmatch_fraction=0.03 of 66 unlabeled images per class)" in said
     hidden = {}
     with open(os.path.join(data, "unlabeled.csv")) as f:
         rows = list(csv.DictReader(f))
@@ -260,3 +259,23 @@ def test_in_process_finetune_publishes_its_outputs_to_every_rank(tmp_path_factor
     backbone = pretrained_backbone(tmp_path_factory, data)
     val = run_ranks(_finetune_then_read_as_pseudolabel_does, 2, data, backbone, str(tmp_path / "run"))
     assert val[0] == val[1] and 0 <= val[0] <= 1
+
+
+def test_the_kept_model_carries_the_class_names_even_from_an_older_model_pt(tmp_path_factory, tmp_path):
+    """pseudo.model saved before model.pt kept class names, and frozen fine-tunes (learning rates 0: a random
+    head) that cannot beat it: run.dir/model.pt is that model, saved anew with classes.txt's names."""
+    data = fashion(tmp_path_factory)
+    tiny_classifier(data, tmp_path / "named.pt")
+    old = without_class_names(tmp_path / "named.pt", tmp_path / "old.pt")
+    run = tmp_path / "pl"
+    frozen = TINY_FINETUNE + ["sgd.lr_backbone=0", "sgd.lr_head=0"]
+    stage("pseudolabel", "--config", PSEUDO, f"data.root={data}", f"run.dir={run}", "data.backend=torch",
+          "data.workers=0", f"pseudo.model={old}", "pseudo.top_k=3", "pseudo.schedule=[5]", "pseudo.fixmatch_p=0",
+          "pseudo.scorer=classifier", "pseudo.pseudo_epochs=1", "pseudo.labeled_epochs=1",
+          f"pseudo.finetune_config={FINETUNE}", "inference.batch_size=64",
+          f"pseudo.finetune_overrides=[{','.join(frozen)}]")
+    assert json.load(open(run / "selection.json"))["best_iteration"] == 0
+    kept, given = torch.load(run / "model.pt", weights_only=True), torch.load(old, weights_only=True)
+    assert kept["classes"] == read_classes(data) and "classes" not in given
+    assert kept["model"].keys() == given["model"].keys()
+    assert all(torch.equal(kept["model"][k], given["model"][k]) for k in given["model"])

@@ -143,7 +143,7 @@ def tiny_classifier(data, path, seed=0):
     a quick classifier whose predictions depend on the image (and on its scale), saved as model.pt."""
     import torch
 
-    from data.datasets import read_split
+    from data.datasets import read_classes, read_split
     from trainer.runtime.models import Classifier, build_backbone, save_classifier
     torch.manual_seed(seed)
     model = Classifier(build_backbone("small", width=8), 10).eval()
@@ -155,5 +155,26 @@ def tiny_classifier(data, path, seed=0):
         means = torch.stack([standardised[torch.from_numpy(labeled.labels == c)].mean(0) for c in range(10)])
         model.head.weight.copy_(means / std)
         model.head.bias.copy_(-(mean / std) @ means.T)
-    save_classifier(model, {"backbone": "small", "small_stem": False, "width": 8, "num_classes": 10}, str(path))
+    save_classifier(model, {"backbone": "small", "small_stem": False, "width": 8, "num_classes": 10},
+                    read_classes(data), str(path))
     return model
+
+
+def other_dataset(data, folder, classes) -> str:
+    """`data` under other class names (`classes`, as many): every file linked but classes.txt, written anew.
+    A model trained on `data` must not label it."""
+    os.makedirs(folder)
+    for name in os.listdir(data):
+        if name != "classes.txt":
+            os.symlink(os.path.join(data, name), os.path.join(folder, name))
+    with open(os.path.join(folder, "classes.txt"), "w", encoding="utf-8") as f:
+        f.write("".join(f"{name}\n" for name in classes))
+    return str(folder)
+
+
+def without_class_names(model_pt, path) -> str:
+    """`model_pt` as semiscale saved it before model.pt kept the class names: arch and weights only."""
+    import torch
+    state = torch.load(model_pt, weights_only=True)
+    torch.save({"arch": state["arch"], "model": state["model"]}, path)
+    return str(path)

@@ -9,9 +9,12 @@ import shutil
 
 from data import atomic
 from data.prepare_messages import PrepareError
+from data.same_content import CHECKED, MANIFEST, csv_digests
 
-MANIFEST, INCOMPLETE = "prepare.json", ".prepare-incomplete"
+INCOMPLETE, DUPLICATES = ".prepare-incomplete", "duplicates.txt"
 OUTPUTS = ("images", "classes.txt", "labeled.csv", "val.csv", "test.csv", "unlabeled.csv", "bad_images.txt", MANIFEST)
+# written by the modes that compare pictures (own, folder) alone: removed by a rebuild, not required of a dataset
+OPTIONAL_OUTPUTS = (DUPLICATES,)
 
 
 def refuse_nesting(source: str, root: str):
@@ -57,7 +60,7 @@ def start_fresh(root: str):
     a killed run's writes."""
     os.makedirs(root, exist_ok=True)
     open(os.path.join(root, INCOMPLETE), "w").close()
-    for name in OUTPUTS + tuple(n for n in os.listdir(root) if n.endswith(atomic.TEMPORARY)):
+    for name in OUTPUTS + OPTIONAL_OUTPUTS + tuple(n for n in os.listdir(root) if n.endswith(atomic.TEMPORARY)):
         path = os.path.join(root, name)
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
@@ -67,5 +70,10 @@ def start_fresh(root: str):
 
 
 def finish(root: str, params: dict, counts: dict):
-    atomic.write_text(os.path.join(root, MANIFEST), json.dumps({"params": params, "counts": counts}, indent=2) + "\n")
+    """Writes the manifest. A mode that compared the images of its splits counts the `duplicates` it left
+    out; the manifest then records the CSVs so checked, which check_dataset trusts while they are unchanged."""
+    record = {"params": params, "counts": counts}
+    if "duplicates" in counts:
+        record[CHECKED] = csv_digests(root)
+    atomic.write_text(os.path.join(root, MANIFEST), json.dumps(record, indent=2) + "\n")
     os.remove(os.path.join(root, INCOMPLETE))

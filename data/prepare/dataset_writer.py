@@ -54,14 +54,18 @@ def write_listed_dataset(root: str, classes: list[str], listing, splits: dict):
                          ([listing.out(i)] for i in splits["unlabeled"]))
 
 
-def write_bad_images(root: str, misnamed: list[tuple[str, str]], bad: list[tuple[str, str]]) -> int:
+def write_bad_images(root: str, misnamed: list[tuple[str, str]], bad: list[tuple[str, str]],
+                     skipped: list[tuple[str, str]]) -> int:
     """ROOT/bad_images.txt: one `file<TAB>reason` line per image left out (names the dataset cannot
-    hold, then unreadable images), each kind also said; returns how many."""
+    hold, unreadable images, then what the walks of the source folders did not take: hidden files
+    and folders, symlinked folders, images in no class folder), each kind also said; returns how many."""
     listing = os.path.join(root, "bad_images.txt")
     say_skipped(misnamed, "images whose names the dataset cannot hold", listing)
     say_skipped(bad, "unreadable images", listing)
-    atomic.write_text(listing, "".join(f"{shown(f)}\t{reason}\n" for f, reason in misnamed + bad))
-    return len(misnamed) + len(bad)
+    say_skipped(skipped, "files and folders not searched or not taken (hidden, symlinked folders, in no class "
+                "folder)", listing)
+    atomic.write_text(listing, "".join(f"{shown(f)}\t{reason}\n" for f, reason in misnamed + bad + skipped))
+    return len(misnamed) + len(bad) + len(skipped)
 
 
 def make_folders(root: str, names):

@@ -1,7 +1,9 @@
 """The decode check prepare runs on every image in pool workers: an image the loaders could not
-read is left out of the dataset (or stops the run), with the reason."""
+read is left out of the dataset (or stops the run), with the reason; one they can read leaves the
+digest of its pixels, by which data.prepare.same_pictures finds one picture under two names."""
 from __future__ import annotations
 
+import hashlib
 import importlib
 
 
@@ -11,11 +13,14 @@ def import_decoder():
     importlib.import_module("data.datasets")
 
 
-def decode_problem(path: str) -> str | None:
-    """A pool worker: why the image at `path` cannot be loaded, None when it can."""
+def decode_check(path: str) -> tuple[str | None, bytes]:
+    """A pool worker: (why the image at `path` cannot be loaded, b"") or (None, the 16-byte digest of its
+    size and RGB pixels as the loaders see them: the same for a copy, and for a lossless re-encoding)."""
     from data.datasets import BadImageError, load_image   # imported by import_decoder before the pool forks
     try:
-        load_image(path)
-        return None
+        image = load_image(path)
     except BadImageError as e:
-        return e.reason
+        return e.reason, b""
+    digest = hashlib.sha256(b"%dx%d:" % image.size)
+    digest.update(image.tobytes())   # sha256: twice blake2b's speed where the CPU has SHA instructions
+    return None, digest.digest()[:16]

@@ -14,7 +14,8 @@ from data.image_trees import list_folder
 from data.prepare.balanced_splits import draw_per_class
 from data.prepare.dataset_folder import already_prepared, refuse_nesting, start_fresh
 from data.prepare.dataset_writer import add_link_option, make_folders, place_images, write_bad_images, write_dataset
-from data.prepare.decode_check import decode_problem, import_decoder
+from data.prepare.decode_check import decode_check, import_decoder
+from data.prepare.same_pictures import find_copies, write_duplicates
 from data.prepare_messages import PrepareError, say
 
 HELP = ("an ImageFolder-style tree SRC/<class>/<images>, all labeled, split here (a simulation: unlabeled.csv "
@@ -38,7 +39,7 @@ def prepare(args) -> tuple[dict, dict] | None:
     if min(args.labels_per_class, args.val_per_class, args.test_per_class) < 0 or args.labels_per_class < 1:
         raise PrepareError("--labels-per-class must be >= 1, --val-per-class and --test-per-class >= 0")
     refuse_nesting(src, args.out)
-    classes, files, labels, misnamed = list_folder(src)
+    classes, files, labels, misnamed, skipped = list_folder(src)
     takes = {"labeled": np.full(len(classes), args.labels_per_class), "val": np.full(len(classes), args.val_per_class),
              "test": np.full(len(classes), args.test_per_class)}
     draw_per_class(labels, classes, takes, np.random.default_rng(args.seed), "image")   # fail fast, before decoding
@@ -47,14 +48,21 @@ def prepare(args) -> tuple[dict, dict] | None:
     import_decoder()
     start = time.perf_counter()
     with multiprocessing.Pool(args.workers) as pool:
-        reasons = pool.map(decode_problem, [os.path.join(src, f) for f in files], chunksize=64)
-        bad = [(f, reason) for f, reason in zip(files, reasons) if reason is not None]
+        checked = pool.map(decode_check, [os.path.join(src, f) for f in files], chunksize=64)
+        bad = [(f, reason) for f, (reason, _) in zip(files, checked) if reason is not None]
         say(f"decoded {len(files)} images in {len(classes)} classes ({time.perf_counter() - start:.1f} s)")
-        good = np.array([reason is None for reason in reasons], dtype=bool)
+        good = np.array([reason is None for reason, _ in checked], dtype=bool)
+        digests = np.zeros(len(files), "V16")   # zeros where unread
+        digests[good] = [digest for reason, digest in checked if reason is None]
+        del checked
+        listed, one_split = files, np.zeros(len(files), np.int8)   # before the draw every image is a labeled one
+        copies, twins = find_copies(digests, good, one_split, labels, lambda i: os.path.join(src, listed[i]), classes)
+        good[copies] = False
         files, labels = np.asarray(files)[good], labels[good]
         splits = draw_per_class(labels, classes, takes, np.random.default_rng(args.seed), "readable image")
         start_fresh(args.out)
-        n_bad = write_bad_images(args.out, misnamed, bad)
+        n_bad = write_bad_images(args.out, misnamed, bad, skipped)
+        n_copies = write_duplicates(args.out, copies, twins, one_split, ("the source",), listed.__getitem__)
         paths = np.array(["images/" + f.replace(os.sep, "/") for f in files])
         make_folders(args.out, paths)
         start = time.perf_counter()
@@ -63,5 +71,6 @@ def prepare(args) -> tuple[dict, dict] | None:
         f"({time.perf_counter() - start:.1f} s)")
     test_rows = np.sort(splits.pop("test"))
     write_dataset(args.out, classes, paths, labels, splits, (paths[test_rows], labels[test_rows]))
-    counts = {name: len(rows) for name, rows in splits.items()} | {"test": len(test_rows), "bad_images": n_bad}
+    counts = {name: len(rows) for name, rows in splits.items()} | {"test": len(test_rows), "bad_images": n_bad,
+                                                                  "duplicates": n_copies}
     return params, counts

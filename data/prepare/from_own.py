@@ -13,9 +13,10 @@ import numpy as np
 from data.prepare.dataset_folder import already_prepared, start_fresh
 from data.prepare.dataset_writer import (add_link_option, link_folders, make_folders, place_images, write_bad_images,
                                          write_listed_dataset)
-from data.prepare.decode_check import decode_problem, import_decoder
-from data.prepare.own_sources import list_own, split_listing
+from data.prepare.decode_check import decode_check, import_decoder
+from data.prepare.own_sources import OWN_SPLITS, list_own, split_listing
 from data.prepare.repeated_files import find_listed
+from data.prepare.same_pictures import find_copies, write_duplicates
 from data.prepare_messages import PrepareError, say, shown
 
 HELP = ("your own data: folders of unlabeled images, a labeled ImageFolder tree or CSV, and val/test given or "
@@ -66,8 +67,9 @@ def prepare(args) -> tuple[dict, dict] | None:
         todo = np.flatnonzero([r is None for r in reasons])
         say(f"found {len(todo)} of the {n} files, none listed twice ({time.perf_counter() - start:.1f} s)")
         start = time.perf_counter()
-        for i, reason in zip(todo, pool.imap(decode_problem, (listing.src(i) for i in todo), chunksize=256)):
-            reasons[i] = reason
+        digests = np.zeros(n, "V16")   # decode_check's digests of the decoded pixels; zeros where unread
+        for i, (reason, digest) in zip(todo, pool.imap(decode_check, (listing.src(i) for i in todo), chunksize=256)):
+            reasons[i], digests[i] = reason, digest
         good = np.array([r is None for r in reasons], bool)
         bad = [(listing.src(i), reasons[i]) for i in np.flatnonzero(~good)]
         seconds = time.perf_counter() - start
@@ -78,10 +80,14 @@ def prepare(args) -> tuple[dict, dict] | None:
             raise PrepareError(f"{shown(path)}: {reason} ({len(bad) + len(listing.misnamed)} images cannot be "
                                "used; pass --on-bad-image skip to leave them out, listed in bad_images.txt)")
         del reasons
+        copies, twins = find_copies(digests, good, listing.split, listing.label, listing.where, classes)
+        good[copies] = False
+        del digests
         takes = {name: getattr(args, f"{name}_per_class") for name in ("val", "test") if getattr(args, name) is None}
         splits = split_listing(listing, good, classes, takes, args.seed)
         start_fresh(args.out)
-        n_bad = write_bad_images(args.out, listing.misnamed, bad)
+        n_bad = write_bad_images(args.out, listing.misnamed, bad, listing.skipped)
+        n_copies = write_duplicates(args.out, copies, twins, listing.split, OWN_SPLITS, listing.src)
         start = time.perf_counter()
         kept, folders = good, []
         if args.link:   # a source folder: one link to it, ROOT/images/<...> -> the folder
@@ -96,4 +102,4 @@ def prepare(args) -> tuple[dict, dict] | None:
         f"({time.perf_counter() - start:.1f} s)")
     write_listed_dataset(args.out, classes, listing, splits)
     counts = {name: len(splits[name]) for name in ("labeled", "val", "test", "unlabeled")}
-    return params, counts | {"bad_images": n_bad}
+    return params, counts | {"bad_images": n_bad, "duplicates": n_copies}

@@ -3,14 +3,14 @@
 Every image is one row of a `Listing` (columns, not objects)."""
 from __future__ import annotations
 
-import csv
 import os
 
 import numpy as np
 
+from data.labels import clean, label_ids, read_class_list, read_csv, refuse_repeated_classes
 from data.prepare.balanced_splits import draw_from_labeled
 from data.prepare.dataset_folder import refuse_nesting
-from data.image_trees import IMAGE_EXTENSIONS, is_image, sub_folders, unfit_class_name, unlistable, walk_images
+from data.image_trees import IMAGE_EXTENSIONS, loose_images, sub_folders, unfit_class_name, unlistable, walk_images
 from data.prepare_messages import PrepareError, say, shown, some_names
 
 OWN_SPLITS = ("labeled", "val", "test", "unlabeled")
@@ -49,6 +49,14 @@ class Listing:
         self.rel: list[str] = []
         self.source, self.label, self.line = [], [], []
         self.misnamed: list[tuple[str, str]] = []    # (source path, reason) of names the dataset cannot hold
+        self.skipped: list[tuple[str, str]] = []     # (source path, reason) of what the walks left out
+
+    def add_tree(self, source_id: int, sub: str = "", label: int = -1):
+        """Adds the images of the source's folder `sub` ('' or 'name/'), and what it leaves out to `skipped`."""
+        source, skipped = self.sources[source_id], []
+        for rel in walk_images(source.base_slash + sub, skipped):
+            self.add(source_id, sub + rel, label)
+        self.skipped += [(source.src(sub + rel), why) for rel, why in skipped]
 
     def add(self, source_id: int, rel: str, label: int = -1, line: int = 0):
         reason = unlistable(rel)
@@ -85,43 +93,38 @@ class Listing:
         return f"{source}:{self.line[i]}" if source.is_csv else str(source)
 
 
-def class_folders(source: Source) -> list[str]:
-    names = sub_folders(source.base)
+def class_folders(listing: Listing, source: Source) -> list[str]:
+    skipped = loose_images(source.base)
+    loose = len(skipped)
+    names = sub_folders(source.base, skipped)
+    listing.skipped += [(source.src(rel), why) for rel, why in skipped]
     for name in names:
         reason = unfit_class_name(name)
         if reason:
             raise PrepareError(f"{source}: class folder '{shown(name)}': {reason}; expected it renamed")
     if not names:
         raise PrepareError(f"{source}: expected one sub-folder per class, found none")
-    loose = sum(1 for e in os.scandir(source.base) if e.is_file() and is_image(e.name))
     if loose:
         say(f"{source}: left out {loose} images that lie in no class folder")
     return names
 
 
-def read_csv_rows(source: Source):
-    """(line, path, label) of a `path,label` CSV (UTF-8, a header naming both columns)."""
-    try:
-        with open(source.given, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if not header or "path" not in header or "label" not in header:
-                raise PrepareError(f"{source.given}:1: expected a header with 'path' and 'label' columns, "
-                                   f"got {header}")
-            path_col, label_col, width = header.index("path"), header.index("label"), len(header)
-            for line, row in enumerate(reader, start=2):
-                if not row:
-                    continue
-                if len(row) != width:
-                    raise PrepareError(f"{source.given}:{line}: expected {width} fields ({','.join(header)}), "
-                                       f"got {row!r}")
-                if not row[path_col] or not row[label_col].strip():
-                    raise PrepareError(f"{source.given}:{line}: expected a path and a label, got {row!r}")
-                yield line, row[path_col], row[label_col]
-    except OSError as e:
-        raise PrepareError(f"{source}: cannot read the CSV ({e.strerror})") from None
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise PrepareError(f"{source}: cannot read the CSV ({e})") from None
+def read_csv_rows(source: Source) -> list[tuple[int, str, str]]:
+    """(line, path, label) of a `path,label` CSV (data.labels.read_csv; a header naming both columns)."""
+    header, rows = read_csv(source.given, "the CSV")
+    if "path" not in header or "label" not in header:
+        raise PrepareError(f"{source.given}:1: expected a header with 'path' and 'label' columns, got {header or None}")
+    path_col, label_col, width = header.index("path"), header.index("label"), len(header)
+    listed = []
+    for line, row in enumerate(rows, start=2):
+        if not row:
+            continue
+        if len(row) != width:
+            raise PrepareError(f"{source.given}:{line}: expected {width} fields ({','.join(header)}), got {row!r}")
+        if not row[path_col] or not row[label_col].strip():
+            raise PrepareError(f"{source.given}:{line}: expected a path and a label, got {row!r}")
+        listed.append((line, row[path_col], row[label_col]))
+    return listed
 
 
 def csv_rel(source: Source, path: str, root: tuple[str, str]) -> str:
@@ -135,28 +138,22 @@ def csv_rel(source: Source, path: str, root: tuple[str, str]) -> str:
 
 
 class ClassIds:
-    """Class names -> ids; a label names a class, or (names win) is an id into the class list."""
+    """Class names (cleaned: data.labels.clean) -> ids; a label column names classes or (names win) gives ids
+    into the class list, never both (data.labels.label_ids)."""
 
     def __init__(self, classes: list[str], origin: str):
-        for name in classes:
+        refuse_repeated_classes(classes, origin)   # class folders whose names differ in spaces or Unicode form
+        self.classes, self.origin = [clean(name) for name in classes], origin
+        for name in self.classes:
             reason = unfit_class_name(name, "it is blank")
             if reason:
                 raise PrepareError(f"{origin}: class '{shown(name)}': {reason}; expected it renamed")
-        self.classes, self.origin = classes, origin
-        self.ids = {name: c for c, name in enumerate(classes)}
+        self.ids = {name: c for c, name in enumerate(self.classes)}
 
-    def of(self, label: str, where: str) -> int:
-        if label in self.ids:
-            return self.ids[label]
-        try:
-            value = int(label)
-        except ValueError:
-            raise PrepareError(f"{where}: class {label!r} is not a class of {self.origin} "
-                               f"({some_names(self.classes)})") from None
-        if not 0 <= value < len(self.classes):
-            raise PrepareError(f"{where}: label {value} is neither a class name nor a class id in "
-                               f"[0, {len(self.classes)}) of {self.origin}")
-        return value
+    def column(self, rows: list[tuple[int, str, str]], path: str) -> list[int]:
+        """The class ids of read_csv_rows' rows of the CSV `path`."""
+        return label_ids([label for _, _, label in rows], [line for line, _, _ in rows], path, self.classes,
+                         self.origin)
 
 
 def list_labeled(listing: Listing, source_id: int, ids: ClassIds | None, root: tuple[str, str]) -> ClassIds:
@@ -166,20 +163,18 @@ def list_labeled(listing: Listing, source_id: int, ids: ClassIds | None, root: t
     if source.is_csv:
         rows = read_csv_rows(source)
         if ids is None:   # the labeled CSV names the classes
-            rows = list(rows)
-            ids = ClassIds(sorted({label for _, _, label in rows}), f"the labeled set {source.given}")
-        for line, path, label in rows:
-            listing.add(source_id, csv_rel(source, path, root), ids.of(label, f"{source.given}:{line}"), line)
+            ids = ClassIds(sorted({clean(label) for _, _, label in rows}), f"the labeled set {source.given}")
+        for (line, path, _), label in zip(rows, ids.column(rows, source.given)):
+            listing.add(source_id, csv_rel(source, path, root), label, line)
         return ids
-    folders = class_folders(source)
+    folders = class_folders(listing, source)
     if ids is None:
         ids = ClassIds(folders, f"the labeled set {source.given}")
     for name in folders:
-        if name not in ids.ids:
+        if clean(name) not in ids.ids:
             raise PrepareError(f"{source}: class folder '{shown(name)}' is not a class of {ids.origin} "
                                f"({some_names(ids.classes)})")
-        for rel in walk_images(os.path.join(source.base, name)):
-            listing.add(source_id, f"{name}/{rel}", ids.ids[name])
+        listing.add_tree(source_id, f"{name}/", ids.ids[clean(name)])
     return ids
 
 
@@ -217,7 +212,6 @@ def list_own(out: str, labeled: str, unlabeled: list[str], val: str | None = Non
     root = (os.path.abspath(out), os.path.realpath(os.path.abspath(out)))
     listing = Listing(own_sources(out, labeled, unlabeled, val, test))
     if classes_file:
-        from data.datasets import read_class_list   # torch: imported only when a class list is given
         ids = ClassIds(read_class_list(classes_file), f"--classes {classes_file}")
     else:
         ids = None
@@ -229,16 +223,18 @@ def list_own(out: str, labeled: str, unlabeled: list[str], val: str | None = Non
         raise PrepareError(f"{listing.sources[0]}: expected at least two classes, found "
                            f"{len(ids.classes)} ({some_names(ids.classes)})")
     for source_id, source in enumerate(listing.sources[1:], start=1):
-        before = len(listing.rel) + len(listing.misnamed)
+        before, skipped_before = len(listing.rel) + len(listing.misnamed), len(listing.skipped)
         if source.split == "unlabeled":
-            for rel in walk_images(source.base):
-                listing.add(source_id, rel)
+            listing.add_tree(source_id)
         else:
             list_labeled(listing, source_id, ids, root)
         if len(listing.rel) + len(listing.misnamed) == before:
+            left_out = listing.skipped[skipped_before:]
             raise PrepareError(f"{source}: " + ("the CSV lists no image" if source.is_csv else
                                f"no images found (looked for {', '.join(IMAGE_EXTENSIONS)}"
-                               f"{' in its class folders' if source.split != 'unlabeled' else ''})"))
+                               f"{' in its class folders' if source.split != 'unlabeled' else ''}"
+                               + (f"; left out {len(left_out)}, the first {shown(left_out[0][0])}: {left_out[0][1]}"
+                                  if left_out else "") + ")"))
     listing.freeze()
     clashing_names(listing)
     return listing, ids.classes

@@ -1,5 +1,6 @@
 """One file listed twice, found by device and inode (symlinks, '..' and hard links resolved): within a
-split it would weigh double, across two it would leak one split into another."""
+split it would weigh double, across two it would leak one split into another. (Two files holding one
+picture, a copy or a re-encoding, are data.prepare.same_pictures' business.)"""
 from __future__ import annotations
 
 import os

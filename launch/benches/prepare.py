@@ -1,7 +1,9 @@
-"""prepare.py own --link on a pile of generated images: images/s and peak memory.
+"""prepare.py own --link on a pile of generated images: images/s and peak memory; then check_dataset
+on the result, trusting prepare's record of the CSVs it compared, and without it (sizes, then bytes).
 
 500,000 unlabeled 16 px greyscale PNGs (--quick: 20,000) in 500 nested folders, plus a labeled
-ImageFolder of 10 classes x 100 and 5 corrupt files, written under /tmp and deleted afterwards.
+ImageFolder of 10 classes x 100, 5 corrupt files and 5 copies of labeled images among the unlabeled
+ones, written under /tmp and deleted afterwards.
 prepare runs in a fresh process (`prepare_in_child`); its peak memory is measured three ways: the
 main process's VmHWM (/proc, reset by exec, unlike ru_maxrss which Linux carries over from the
 parent), the largest pool worker's ru_maxrss (RUSAGE_CHILDREN: it counts pages shared with the main
@@ -27,7 +29,7 @@ import zlib
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FULL = dict(images=500_000, folders=500)
 QUICK = dict(images=20_000, folders=40)
-CLASSES, PER_CLASS, CORRUPT, SIDE = 10, 100, 5, 16
+CLASSES, PER_CLASS, CORRUPT, COPIES, SIDE = 10, 100, 5, 5, 16
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -39,9 +41,12 @@ TAIL = _chunk(b"IEND", b"")
 
 
 def png_bytes(i: int) -> bytes:
-    """A 16 x 16 greyscale PNG that differs with i (a gradient shifted by i), encoded by hand."""
+    """A 16 x 16 greyscale PNG of its own for each i (a gradient shifted by i, the first 4 pixels i's
+    bytes: prepare leaves out copies of one picture), encoded by hand."""
     row = bytes((x * 16 + i) % 256 for x in range(SIDE))
-    pixels = b"".join(b"\x00" + row[y:] + row[:y] for y in range(SIDE))   # filter byte 0 per row
+    rows = [row[y:] + row[:y] for y in range(SIDE)]
+    rows[0] = i.to_bytes(4, "big") + rows[0][4:]
+    pixels = b"".join(b"\x00" + r for r in rows)   # filter byte 0 per row
     return HEAD + _chunk(b"IDAT", zlib.compress(pixels, 1)) + TAIL
 
 
@@ -56,7 +61,7 @@ def _write_folder(job):
 
 def generate(base: str, images: int, folders: int) -> dict:
     """base/unlabeled/<a>/<b>/*.png (folders of images/folders each), base/labeled/<class>/*.png and
-    CORRUPT truncated files among the unlabeled ones."""
+    CORRUPT truncated files and COPIES copies of labeled images among the unlabeled ones."""
     per = images // folders
     jobs = [(os.path.join(base, "unlabeled", f"{k // 20:03d}", f"{k % 20:02d}"), k * per, per) for k in range(folders)]
     jobs += [(os.path.join(base, "labeled", f"class{c}"), 10**7 - (c + 1) * PER_CLASS, PER_CLASS)
@@ -68,6 +73,10 @@ def generate(base: str, images: int, folders: int) -> dict:
         path = os.path.join(jobs[k * (folders // CORRUPT)][0], f"{k * (folders // CORRUPT) * per:07d}.png")
         with open(path, "r+b") as f:
             f.truncate(30)
+    for k in range(COPIES):   # a labeled image over an unlabeled one: prepare leaves it out of the pool
+        folder, first, _ = jobs[k * (folders // COPIES) + 1]
+        labeled, labeled_first, _ = jobs[folders + k]
+        shutil.copyfile(os.path.join(labeled, f"{labeled_first:07d}.png"), os.path.join(folder, f"{first:07d}.png"))
     return {"written": written, "generate_s": time.perf_counter() - start}
 
 
@@ -143,7 +152,9 @@ def run(args) -> dict:
                                     "--test-per-class", "10", "--link", "--workers", str(workers)])
         with open(os.path.join(out, "prepare.json")) as f:
             counts = json.load(f)["counts"]
-        assert counts["bad_images"] == CORRUPT and counts["unlabeled"] == size["images"] - CORRUPT, counts
+        assert counts["bad_images"] == CORRUPT and counts["duplicates"] == COPIES, counts
+        assert counts["unlabeled"] == size["images"] - CORRUPT - COPIES, counts
+        checks = check_dataset_seconds(out)
         csv_mb = sum(os.path.getsize(os.path.join(out, f"{s}.csv")) for s in ("labeled", "val", "test", "unlabeled"))
         start = time.perf_counter()
         shutil.rmtree(base)
@@ -157,5 +168,24 @@ def run(args) -> dict:
         "decode_images_per_s": total / phase_seconds(log, "decoded"),
         "main_peak_rss_mb": figures["main_hwm_kib"] / 1024, "worker_peak_rss_mb": figures["worker_maxrss_kib"] / 1024,
         "total_peak_pss_mb": figures["pss_peak_kib"] / 1024, "csv_mb": csv_mb / 2**20,
-        "bad_images": float(counts["bad_images"]), "cleanup_s": cleanup,
-    }
+        "bad_images": float(counts["bad_images"]), "duplicates": float(counts["duplicates"]), "cleanup_s": cleanup,
+    } | checks
+
+
+def check_dataset_seconds(out: str) -> dict:
+    """check_dataset's seconds on the prepared dataset, with prepare's record of the CSVs it compared
+    and without it (every file's size, then the bytes of the files whose size a val or test file has)."""
+    from data import same_content
+    from data.datasets import check_dataset
+    start = time.perf_counter()
+    assert check_dataset(out) == []
+    trusted = time.perf_counter() - start
+    manifest = os.path.join(out, same_content.MANIFEST)
+    with open(manifest) as f:
+        record = json.load(f)
+    del record[same_content.CHECKED]
+    with open(manifest, "w") as f:
+        json.dump(record, f)
+    start = time.perf_counter()
+    assert check_dataset(out) == []
+    return {"check_dataset_recorded_s": trusted, "check_dataset_unrecorded_s": time.perf_counter() - start}

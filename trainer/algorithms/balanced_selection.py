@@ -25,7 +25,6 @@ from typing import Iterator
 import numpy as np
 from data import atomic
 from data.errors import InputError
-from trainer.runtime.config import ConfigError
 
 PathLike = str | os.PathLike
 
@@ -268,23 +267,41 @@ def confidence_adapted(selection: Selection, num_classes: int) -> Selection:
                      num_duplicates=selection.num_duplicates, num_dropped=selection.num_dropped + int((~keep).sum()))
 
 
-def resolve_p(given: float, unlabeled: int, num_classes: int, key: str = "pseudo.schedule") -> int:
-    """Images per class for a configured P (`key` names it in errors): < 1 is that fraction of the
-    unlabeled images per class, round(given x unlabeled / num_classes) and at least 1, so that one config
-    suits datasets of any size; >= 1 is a whole number of images, as given."""
-    if not (0 < given < 1 or (given >= 1 and float(given).is_integer())):
-        raise ConfigError(f"{key}={given}: expected a fraction < 1 or a whole number of images")
-    return int(given) if given >= 1 else max(1, round(given * unlabeled / num_classes))
+@dataclass(frozen=True)
+class ConfiguredP:
+    """A P as the config gives it: `given` images per class, or with `fraction` that fraction of the
+    unlabeled images per class; `key` names it (pseudo.schedule[0], pseudo.fixmatch_fraction)."""
+
+    key: str
+    given: float
+    fraction: bool
+
+    def images(self, unlabeled: int, num_classes: int) -> int:
+        """Images per class: a count as given; a fraction of this dataset's unlabeled images per class,
+        round(given x unlabeled / num_classes) and at least 1, so that one config suits datasets of any size."""
+        return max(1, round(self.given * unlabeled / num_classes)) if self.fraction else int(self.given)
+
+    def recorded(self):
+        """As selection.json records it (p_given): a count as an int, a fraction as it was written."""
+        return self.given if self.fraction else int(self.given)
+
+    def describe(self, p: int, unlabeled: int, num_classes: int) -> str:
+        """P=1700 (pseudo.schedule_fraction[0]=0.3108 of 5470 unlabeled images per class), or P=200 for a count."""
+        return f"P={p}" + (f" ({self.key}={self.given} of {unlabeled / num_classes:g} unlabeled images per class)"
+                           if self.fraction else "")
 
 
-def as_given(given: float):
-    """A configured P as selection.json records it: a count as an int, a fraction as it was written."""
-    return int(given) if given >= 1 else given
-
-
-def describe_p(p: int, given: float, key: str, unlabeled: int, num_classes: int) -> str:
-    """P=1700 (pseudo.schedule[0]=0.3108 of 5470 unlabeled images per class), or P=200 for a count."""
-    return f"P={p}" + (f" ({key}={given} of {unlabeled / num_classes:g} unlabeled images per class)" if given < 1 else "")
+def configured_p(pseudo) -> tuple[list[ConfiguredP], ConfiguredP | None]:
+    """(the P of each iteration, the FixMatch selection's or None) from a config's pseudo section, whichever
+    key of each pair gives them: numbers of images (pseudo.schedule, pseudo.fixmatch_p) or fractions of the
+    unlabeled images per class (pseudo.schedule_fraction, pseudo.fixmatch_fraction)."""
+    fraction = bool(pseudo.schedule_fraction)
+    key = "pseudo.schedule_fraction" if fraction else "pseudo.schedule"
+    schedule = [ConfiguredP(f"{key}[{i}]", p, fraction)
+                for i, p in enumerate(pseudo.schedule_fraction if fraction else pseudo.schedule)]
+    if pseudo.fixmatch_fraction:
+        return schedule, ConfiguredP("pseudo.fixmatch_fraction", pseudo.fixmatch_fraction, True)
+    return schedule, ConfiguredP("pseudo.fixmatch_p", pseudo.fixmatch_p, False) if pseudo.fixmatch_p else None
 
 
 def selection_precision(selection: Selection, hidden_labels: np.ndarray, num_classes: int) -> dict:

@@ -117,8 +117,9 @@ def propagate(embeddings, labeled_index, labels, num_classes: int, k: int = 20, 
         raise InputError(f"labeled_index row {row} repeats image {labeled_index[row]}")
     if not 1 <= k < n:
         raise InputError(f"k={k} neighbours per image (itself excluded) from {n} embeddings: need 1 <= k <= {n - 1}")
-    if not 0 <= alpha < 1:
-        raise InputError(f"alpha must be in [0, 1) for (I - alpha W_n) to be invertible, got {alpha}")
+    if not 0 < alpha < 1:
+        raise InputError(f"alpha must be in (0, 1), got {alpha}: 0 spreads no label beyond the labelled images, "
+                         "1 leaves (I - alpha W_n) singular")
     if gamma <= 0:
         raise InputError(f"gamma must be > 0, got {gamma}")
     if iterations < 1:
@@ -159,16 +160,36 @@ def top_k(probabilities, k: int, reached=None) -> tuple[np.ndarray, np.ndarray]:
     return classes.astype(np.int64), scores
 
 
+def uninformative(result: Propagation, unlabeled: int, k: int, iterations: int):
+    """Raises when the propagation tells the first `unlabeled` images apart by nothing: none reached (every
+    score 0), or every one reached given the same distribution. The balanced selection would then take the
+    first files in order, as if they had been ranked."""
+    reached = result.reached[:unlabeled]
+    if not reached.any():
+        raise InputError(f"label propagation reached none of the {unlabeled} unlabeled images from the labeled ones "
+                         f"(propagation.k={k}, propagation.iterations={iterations}): every score would be 0 and the "
+                         "selection the first files in order; expected a kNN graph that links them (raise "
+                         "propagation.k or propagation.iterations)")
+    spread = result.probabilities[:unlabeled][reached]
+    if len(spread) > 1 and np.ptp(spread, axis=0).max() <= 1e-6:   # float32 solves agree to ~1e-6
+        raise InputError(f"label propagation gave the {len(spread)} unlabeled images it reached one and the same "
+                         f"class distribution ({', '.join(f'{p:.3g}' for p in spread[0])}): every score would be "
+                         "equal and the selection the first files in order; expected labeled images of two or more "
+                         "classes among their neighbours")
+
+
 def write_scores(pred_dir: str, labels, num_classes: int, scorer: str, top_k_classes: int, k: int, alpha: float,
                  iterations: int, gamma: float, gpu: int | None, out_dir: str):
     """A pseudo-label scorer's top-K files (trainer.runtime.predict's layout) in out_dir, from a prediction folder:
     its embeddings.npy (the unlabeled images) and labeled/embeddings.npy (the labeled ones, whose
     `labels` propagate). scorer "propagation": the propagated distribution; "mean": its mean with the
-    classifier's (its top-K from topk_class/topk_prob.npy, zero elsewhere)."""
+    classifier's (its top-K from topk_class/topk_prob.npy, zero elsewhere). A propagation that ranks no
+    unlabeled image above another is refused (uninformative)."""
     unlabeled = np.load(os.path.join(pred_dir, "embeddings.npy"))
     embeddings = np.concatenate([unlabeled, np.load(os.path.join(pred_dir, "labeled", "embeddings.npy"))])
     result = propagate(embeddings, np.arange(len(unlabeled), len(embeddings)), labels, num_classes, k, alpha,
                        iterations, gamma, gpu=gpu)
+    uninformative(result, len(unlabeled), k, iterations)
     probs = result.probabilities[:len(unlabeled)]
     if scorer == "mean":
         classifier = np.zeros_like(probs)

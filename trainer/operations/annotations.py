@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from data import atomic
 from data.datasets import Split, load_image, read_split
+from data.labels import label_ids, read_csv
 from trainer.runtime import engine
 from trainer.runtime.config import ConfigError
 from trainer.runtime.engine import StageError
@@ -40,8 +41,8 @@ def read_queries(path) -> list[dict]:
     """queries.csv's rows as dicts keyed by QUERY_COLUMNS."""
     if not os.path.exists(path):
         raise StageError(f"{path}: not found; run `launch/active.py --config ...` with this run.dir first")
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+    header, rows = read_csv(path, "the queries")
+    return [dict(zip(header, row)) for row in rows]
 
 
 # ---- contact sheets ----
@@ -94,29 +95,15 @@ def write_contact_sheets(out_dir, image_paths, captions, per_page=COLUMNS * ROWS
 
 # ---- answers ----
 
-def class_of(text: str, classes: list[str]):
-    """A class id from a class name or an id; None when it is neither. Names win over ids."""
-    if text in classes:
-        return classes.index(text)
-    try:
-        value = int(text)
-    except ValueError:
-        return None
-    return value if 0 <= value < len(classes) else None
-
-
 def import_answers(path: str, queries: list[dict], queries_path: str, root: str, classes: list[str]) -> dict:
-    """{query path: class id} from an annotator's CSV; bad rows raise one line naming path:line."""
+    """{query path: class id} from an annotator's CSV; bad rows raise one line naming path:line. Its labels
+    are class names or class ids (data.labels.label_ids: a column of one kind)."""
     queried = {q["path"] for q in queries}
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            header, *rows = list(csv.reader(f)) or [[]]
-    except (OSError, UnicodeDecodeError) as e:
-        raise StageError(f"{path}: cannot read the answers ({e})") from None
+    header, rows = read_csv(path, "the answers")
     if "path" not in header or "label" not in header:
         raise StageError(f"{path}:1: expected a header with columns path and label, got {header}")
     path_col, label_col = header.index("path"), header.index("label")
-    answers, lines = {}, {}
+    answered, lines = [], {}   # (path, label, line) of the rows that give a label
     for lineno, row in enumerate(rows, start=2):
         if len(row) != len(header):
             raise StageError(f"{path}:{lineno}: expected {len(header)} fields ({','.join(header)}), got {row}")
@@ -129,14 +116,19 @@ def import_answers(path: str, queries: list[dict], queries_path: str, root: str,
         if rel in lines:
             raise StageError(f"{path}:{lineno}: {rel} is already answered on line {lines[rel]}")
         lines[rel] = lineno
-        if not label:   # the annotator could not tell
-            continue
-        answer = class_of(label, classes)
-        if answer is None:
-            raise StageError(f"{path}:{lineno}: label {label!r} is neither a class name in "
-                             f"{root}/classes.txt nor a class id in [0, {len(classes)})")
-        answers[rel] = answer
-    return answers
+        if label:   # empty: the annotator could not tell
+            answered.append((rel, label, lineno))
+    ids = label_ids([label for _, label, _ in answered], [line for *_, line in answered], path, classes,
+                    f"{root}/classes.txt")
+    return {rel: c for (rel, _, _), c in zip(answered, ids)}
+
+
+def imported_answers(run_dir: str) -> dict:
+    """{query path: class id} that run_dir/labeled.csv took from the answers (its rows of queried images): what
+    the steps after active learning were trained on, whatever file or oracle gave them."""
+    queried = {q["path"] for q in read_queries(os.path.join(run_dir, "queries.csv"))}
+    with open(os.path.join(run_dir, "labeled.csv"), newline="", encoding="utf-8") as f:
+        return {row["path"]: int(row["label"]) for row in csv.DictReader(f) if row["path"] in queried}
 
 
 def check_oracle(cfg, pool: Split):

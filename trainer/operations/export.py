@@ -1,14 +1,18 @@
 """A classifier as a model that runs without semiscale: the module that goes into the exported graph
 (ExportedClassifier: decoded images -> the evaluation preprocessing -> the network -> multi-scale TTA
 probabilities), its TorchScript and ONNX files, the check of both files against semiscale's own
-probabilities, and the README and export.json that describe an export (launch/export.py); and the checks
-of export.py's command line: the TTA views (--scales or an eval.json), the input size, the --out folder.
+probabilities, and the README and export.json that describe an export (launch/export.py); the --out
+folder (ExportFolder: what exports wrote there, proven by their manifest); and the checks of export.py's
+command line: the TTA views (--scales or an eval.json), the input size.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import List
 
 import numpy as np
@@ -23,7 +27,9 @@ from data.transforms import IMAGENET_MEAN, IMAGENET_STD, evaluate
 from trainer.runtime import engine
 from trainer.algorithms.tta import scale_probabilities, tta_probabilities
 
-OUTPUTS = ("model.ts", "model.onnx", "classes.txt", "README", "export.json")
+FILES = ("model.ts", "model.onnx", "classes.txt", "README")   # in export.json's "files", with size and sha256
+DESCRIPTION = "export.json"             # written last: a folder without it holds an unfinished export
+PARTIAL = "export.partial.json"         # while an export writes: every version of FILES it may have left
 OPSET = 17
 TOLERANCE = 1e-4            # max |probability difference| the check accepts
 CHECK_VAL_IMAGES = 32       # val images of the input size the check runs on,
@@ -125,40 +131,107 @@ def input_size(image_size: List[int] | None) -> tuple[int, int] | None:
     return image_size[0], image_size[-1]
 
 
-def check_out(out: str):
-    """--out is new, empty, or holds nothing but a previous export's files."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise engine.StageError(f"--out {out}: not a folder")
-    if os.path.isdir(out):
-        other = sorted(n for n in os.listdir(out) if n not in OUTPUTS and not n.endswith(atomic.TEMPORARY))
-        if other:
-            raise engine.StageError(f"--out {out}: holds {', '.join(other[:3])}{', ...' if len(other) > 3 else ''}, "
-                                    "which no export writes: expected a new or empty folder or a previous export")
-
-
 # ---- files ----
 
-def clear_previous(out: str):
-    """A previous export's export.json (it is no longer complete) and stray temporaries."""
-    try:
-        os.makedirs(out, exist_ok=True)
-        for name in os.listdir(out):
-            if name == "export.json" or name.endswith(atomic.TEMPORARY):
-                os.remove(os.path.join(out, name))
-    except OSError as e:
-        raise engine.StageError(f"--out {out}: cannot write there ({e.strerror})") from None
+class ExportFolder:
+    """--out, where an export replaces only what exports wrote: a file of FILES whose bytes are a version
+    that export.json (a finished export) or export.partial.json (one killed while writing) records, and
+    temporaries of theirs (data.atomic's names). Each new version is recorded before it takes its name, so
+    that whatever a kill leaves is provably an export's and the next export goes on; anything else (a
+    user's own README, an exported file they changed since, their *.tmp) is refused, and stays as it was."""
+
+    def __init__(self, out: str):
+        """Reads only: raises StageError unless `out` is new, empty or holds only what exports wrote."""
+        self.out = out
+        self.versions: dict[str, list[dict]] = {}   # name -> the records ({"size", "sha256"}) it may hold
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise engine.StageError(f"--out {out}: not a folder")
+        if not os.path.isdir(out):
+            return
+        recorded: dict[str, list[dict]] = {}
+        for manifest in (DESCRIPTION, PARTIAL):
+            if os.path.exists(self.path(manifest)):
+                for name, records in self._read_manifest(manifest).items():
+                    recorded.setdefault(name, []).extend(records)
+        for name in sorted(os.listdir(out)):
+            if name in (DESCRIPTION, PARTIAL) or self._temporary(name):
+                continue
+            if name not in recorded:
+                raise engine.StageError(f"--out {out}: holds {name}, which no export wrote there ({DESCRIPTION} "
+                                        "does not list it); choose a new or empty --out")
+            record = _record(self.path(name)) if os.path.isfile(self.path(name)) else None
+            if record not in recorded[name]:
+                raise engine.StageError(f"--out {out}: {name} has changed since it was exported (its sha256 is "
+                                        f"not the one {DESCRIPTION} records); move it away or choose a new or "
+                                        "empty --out")
+            self.versions[name] = [record]
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out, name)
+
+    def _read_manifest(self, name: str) -> dict[str, list[dict]]:
+        """A manifest's "files": export.json's, a record per name; export.partial.json's, a list per name."""
+        try:
+            with open(self.path(name), encoding="utf-8") as f:
+                files = json.load(f).get("files")
+        except OSError as e:
+            raise engine.StageError(f"--out {self.out}: cannot read {name} ({e.strerror})") from None
+        except (ValueError, AttributeError):   # not JSON; JSON but not an object
+            files = None
+        if isinstance(files, dict) and set(files) <= set(FILES):
+            files = {n: records if isinstance(records, list) else [records] for n, records in files.items()}
+            if all(isinstance(r, dict) and set(r) == {"size", "sha256"} for rs in files.values() for r in rs):
+                return files
+        raise engine.StageError(f"--out {self.out}: holds {name}, which does not list the files an export wrote "
+                                "there (an export made before semiscale recorded them, or not an export); choose "
+                                "a new or empty --out")
+
+    @staticmethod
+    def _temporary(name: str) -> bool:
+        return atomic.temporary_target(name) in FILES + (DESCRIPTION, PARTIAL)
+
+    def start(self):
+        """From here on --out holds no finished export: the records of the files there move from export.json
+        to export.partial.json, and the temporaries a killed export left go."""
+        try:
+            os.makedirs(self.out, exist_ok=True)
+            self._write_json(PARTIAL, {"files": self.versions})
+            for name in os.listdir(self.out):
+                if name == DESCRIPTION or self._temporary(name):
+                    os.remove(self.path(name))
+        except OSError as e:
+            raise engine.StageError(f"--out {self.out}: cannot write there ({e.strerror})") from None
+
+    def write(self, name: str, write):
+        """write(a temporary path), recorded in export.partial.json, then renamed to `name` once on the disk
+        (data.atomic): a reader sees the old file or the new one; a write the filesystem refuses is one line."""
+        path = self.path(name)
+        with atomic.refusing(path, engine.StageError), atomic.replacing(path, durable=True) as tmp:
+            write(tmp)
+            self.versions.setdefault(name, []).append(_record(tmp))
+            self._write_json(PARTIAL, {"files": self.versions})   # before the rename: a kill leaves a recorded file
+
+    def write_text(self, name: str, text: str):
+        self.write(name, lambda tmp: Path(tmp).write_bytes(text.encode("utf-8")))
+
+    def finish(self, info: dict):
+        """export.json, last: `info` and the files' sizes and sha256, by which the next export knows them."""
+        self._write_json(DESCRIPTION, {**info, "files": {name: self.versions[name][-1] for name in FILES}})
+        with atomic.refusing(self.path(PARTIAL), engine.StageError):
+            os.remove(self.path(PARTIAL))
+
+    def _write_json(self, name: str, obj):
+        with atomic.refusing(self.path(name), engine.StageError), \
+                atomic.writing(self.path(name), durable=True) as f:
+            f.write(json.dumps(obj, indent=2) + "\n")
 
 
-def write_atomic(path: str, write):
-    """write(a temporary path), renamed over `path` once on the disk (data.atomic): a reader sees the old
-    file or the new one; a write the filesystem refuses is one line."""
-    with atomic.refusing(path, engine.StageError), atomic.replacing(path, durable=True) as tmp:
-        write(tmp)
-
-
-def write_text(path: str, text: str):
-    with atomic.refusing(path, engine.StageError), atomic.writing(path, durable=True) as f:
-        f.write(text)
+def _record(path: str) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
 
 
 def to_torchscript(exported: ExportedClassifier) -> torch.jit.ScriptModule:
@@ -167,13 +240,13 @@ def to_torchscript(exported: ExportedClassifier) -> torch.jit.ScriptModule:
         return torch.jit.script(exported)
 
 
-def write_torchscript(scripted: torch.jit.ScriptModule, path: str):
+def write_torchscript(scripted: torch.jit.ScriptModule, folder: ExportFolder):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        write_atomic(path, lambda tmp: torch.jit.save(scripted, tmp))
+        folder.write("model.ts", lambda tmp: torch.jit.save(scripted, tmp))
 
 
-def write_onnx(exported: ExportedClassifier, example: torch.Tensor, path: str):
+def write_onnx(exported: ExportedClassifier, example: torch.Tensor, folder: ExportFolder):
     # The TorchScript-based exporter: the torch.export-based default needs onnxscript, which semiscale does
     # not install. It traces the module: the scale loop unrolls, N stays a dynamic axis.
     def write(tmp):
@@ -182,7 +255,7 @@ def write_onnx(exported: ExportedClassifier, example: torch.Tensor, path: str):
             torch.onnx.export(exported, (example,), tmp, dynamo=False, opset_version=OPSET, input_names=["images"],
                               output_names=["probabilities"],
                               dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}})
-    write_atomic(path, write)
+    folder.write("model.onnx", write)
 
 
 # ---- the check ----
@@ -279,7 +352,7 @@ Files
   model.ts     TorchScript (torch.jit.load; needs torch only)
   model.onnx   ONNX opset {OPSET} (onnxruntime)
   classes.txt  class names, one a line: line i is the name of output column i
-  export.json  what was exported and the parity check (written last)
+  export.json  what was exported, the parity check, the files' sizes and sha256 (written last)
 
 Input `images`: float32, N x 3 x {h} x {w}, RGB, values in [0, 1] = the 8-bit pixel values / 255
 (values are rounded to the nearest 1/255 inside). N is free; H x W is fixed. For images of another

@@ -5,7 +5,8 @@ import shlex
 
 import yaml
 
-from data.datasets import read_split
+from data.datasets import read_classes, read_split
+from trainer.operations import annotations
 from trainer.runtime import config, rundir
 from trainer.runtime.config import PipelineSection
 from trainer.runtime.stages import STAGES
@@ -32,23 +33,41 @@ def queries_waiting(folder: str, argv: list[str]) -> bool:
     return not rundir.config_differences(previous, current)
 
 
-def check_answers(cfg, active_dir: str, active_argv: list[str] | None, forced: bool):
+def check_answers(cfg, active_dir: str, active_argv: list[str] | None, forced: bool) -> int:
     """Active learning's answers can come from where the config says, before anything runs: hidden labels for
-    the oracle, queries waiting for pipeline.answers. `active_argv`: None when the stage will not run;
-    `forced`: its folder is deleted first (--force)."""
+    the oracle; for pipeline.answers, queries made with this config, and every row of the file a query and a
+    class of classes.txt (or empty). `active_argv`: the active step's, None when active learning is off;
+    `forced`: its folder is deleted first (--force). Returns how many answers differ from those a finished
+    active step imported (0 when it has imported none yet): the pipeline imports them again and reruns the
+    steps that read them."""
     p = cfg.pipeline
     if active_argv is None:
-        return
+        return 0
+    finished = not forced and os.path.exists(os.path.join(active_dir, STAGES["active"].done))
     if p.oracle and p.answers:
         raise config.ConfigError(f"pipeline.answers={p.answers}: with pipeline.oracle=true the hidden labels answer "
                                  "the queries; pass pipeline.oracle=false to use your answers")
-    if p.oracle and read_split(cfg.data.root, "unlabeled").hidden_labels is None:
+    if p.oracle and not finished and read_split(cfg.data.root, "unlabeled").hidden_labels is None:
         raise config.ConfigError(f"pipeline.oracle=true: {cfg.data.root}/unlabeled.csv has no hidden labels to answer "
                                  "active learning's queries (your own images): pass pipeline.oracle=false to label "
                                  "the queries yourself, or pipeline.active_learning=false to leave active learning out")
-    if p.answers and (forced or not queries_waiting(active_dir, active_argv)):
+    if not p.answers:
+        return 0
+    if not finished and (forced or not queries_waiting(active_dir, active_argv)):
         raise config.ConfigError(f"pipeline.answers={p.answers}: no queries to answer in {active_dir}/queries.csv yet: "
                                  "run without pipeline.answers first; it stops once they are written")
+    queries_csv = os.path.join(active_dir, "queries.csv")
+    answers = annotations.import_answers(p.answers, annotations.read_queries(queries_csv), queries_csv,
+                                         os.path.abspath(cfg.data.root), read_classes(cfg.data.root))
+    if not finished:
+        return 0
+    imported = annotations.imported_answers(active_dir)
+    changed = sum(answers.get(path) != imported.get(path) for path in answers.keys() | imported.keys())
+    if changed and not queries_waiting(active_dir, active_argv):
+        raise config.ConfigError(f"pipeline.answers={p.answers}: differs from the answers in {active_dir}/labeled.csv, "
+                                 f"but {active_dir}/queries.csv was made with another active config than this run's: "
+                                 "pass --force active to make new queries")
+    return changed
 
 
 def pause_line(script: str, args, cfg, active_dir: str) -> str:

@@ -24,11 +24,16 @@ def predict(model_path, unlabeled, labeled, cfg, rt, out_dir):
             write_predictions(model, eval_loader(split, cfg, rt, cfg.inference.batch_size), rt, folder, len(split),
                               cfg.pseudo.top_k, cfg.inference.precision)
     scored = os.path.join(out_dir, cfg.pseudo.scorer)
-    if cfg.pseudo.scorer != "classifier" and rt.is_main and not os.path.exists(os.path.join(scored, "topk_prob.npy")):
-        p = cfg.propagation
-        label_propagation.write_scores(out_dir, labeled.labels, len(read_classes(cfg.data.root)), cfg.pseudo.scorer,
-                                       cfg.pseudo.top_k, p.k, p.alpha, p.iterations, p.gamma, faiss_gpu(rt.device),
-                                       scored)
+
+    def propagated():   # rank 0's; an uninformative propagation stops every rank with its one line
+        if not os.path.exists(os.path.join(scored, "topk_prob.npy")):
+            p = cfg.propagation
+            label_propagation.write_scores(out_dir, labeled.labels, len(read_classes(cfg.data.root)), cfg.pseudo.scorer,
+                                           cfg.pseudo.top_k, p.k, p.alpha, p.iterations, p.gamma,
+                                           faiss_gpu(rt.device), scored)
+
+    if cfg.pseudo.scorer != "classifier":
+        dist.rank0_decides(propagated)
     dist.barrier()
     return scored if cfg.pseudo.scorer != "classifier" else out_dir
 
@@ -39,15 +44,17 @@ def val_top1(model_path, cfg, rt) -> float:
                     cfg.inference.precision)["top1"]
 
 
-def select(pred_dir, unlabeled, num_classes, p, cfg, out_csv, out_json, p_given=None) -> dict:
-    """Top-p images per class from the predictions; writes the CSV (path,label,score) and a summary
-    (p: the images per class used, p_given: the configured value it was resolved from)."""
+def select(pred_dir, unlabeled, num_classes, given, cfg, out_csv, out_json) -> dict:
+    """Top-P images per class from the predictions, P = `given` (a balanced_selection.ConfiguredP) resolved
+    against the unlabeled images; writes the CSV (path,label,score) and a summary (p: the images per class
+    used, p_given: the configured value it was resolved from)."""
+    p = given.images(len(unlabeled), num_classes)
     chosen = balanced_selection.select_balanced_from_npy(os.path.join(pred_dir, "topk_class.npy"),
                                                          os.path.join(pred_dir, "topk_prob.npy"), num_classes, p,
                                                          chunk=cfg.pseudo.chunk)
     if cfg.pseudo.class_adaptive:
         chosen = balanced_selection.confidence_adapted(chosen, num_classes)
-    summary = {"p": p, "p_given": balanced_selection.as_given(p if p_given is None else p_given), "top_k": cfg.pseudo.top_k,
+    summary = {"p": p, "p_given": given.recorded(), "top_k": cfg.pseudo.top_k,
                **chosen.summary()}
     if unlabeled.hidden_labels is not None:
         summary.update(balanced_selection.selection_precision(chosen, unlabeled.hidden_labels, num_classes))

@@ -82,11 +82,13 @@ def _fmt(x, pct=True):
     return f"{100 * x:.2f}" if pct else f"{x}"
 
 
-def write(run_dir: str, stage_seconds: dict, model_rows: dict):
-    """report.md/.json and plots of a pipeline run; `model_rows`: the steps that produce a classifier -> their
-    row in the table, in recipe order (each scored in evaluate_<stage>)."""
+def write(run_dir: str, stage_seconds: dict, steps: list):
+    """report.md/.json and plots of a pipeline run; `steps`: the pipeline's steps in recipe order
+    (trainer.runtime.stages.Step); those with a row produce a classifier, scored in evaluate_<step>."""
+    model_rows = {s.name: s.row for s in steps if s.row}
     accuracy, iterations = accuracy_table(run_dir, model_rows), iteration_table(run_dir)
-    plots = [p for p in (plot_ablation(run_dir, accuracy), plot_curves(run_dir), plot_precision(run_dir),
+    plots = [p for p in (plot_ablation(run_dir, accuracy), plot_curves(run_dir, [s.name for s in steps]),
+                         plot_precision(run_dir),
                          plot_top_images(run_dir), plot_feature_maps(run_dir, list(model_rows))) if p]
     lines = ["# semiscale run report", "", f"Run dir: `{os.path.abspath(run_dir)}`", "",
              "## Accuracy after each stage (top-1 %)", "", "| stage | val | test |", "|---|---|---|"]
@@ -131,10 +133,12 @@ def plot_ablation(run_dir, accuracy):
     return _save(fig, run_dir, "ablation.png")
 
 
-def plot_curves(run_dir):
+def plot_curves(run_dir, step_names):
+    """Loss and val curves of every step that trained (logged a loss)."""
     panels = []
-    for stage in ("pretrain", "finetune", "fixmatch", "fixmatch_active"):
+    for stage in step_names:
         events = _events(os.path.join(run_dir, stage))
+        events = [e for e in events if "step" in e]   # a training loop's (pseudolabel logs per iteration)
         loss = [(e["step"], e["loss"]) for e in events if "loss" in e]
         val = {k: [(e["step"], e[k]) for e in events if k in e and "event" not in e]
                for k in ("val_top1", "val_top1_ema", "knn_top1")}

@@ -8,11 +8,10 @@ error are used through this module (`config.load`, `config.ConfigError`).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from trainer.algorithms.registry import SELF_SUPERVISED, SEMI_SUPERVISED
-from trainer.runtime.config_fields import Bounds, ConfigError, choice, nonempty, number, path
+from trainer.runtime.config_fields import Bounds, ConfigError, choice, counts, fractions, nonempty, number, path
 # the stages load, dump and describe their configs through this module
 from trainer.runtime.config_fields import dumps, keys_help, load, to_dict  # noqa: F401 (re-exported)
 
@@ -75,6 +74,9 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = number(10, ">= 1")
     batch_size: int = number(256, ">= 1")   # global: each of N ranks takes batch_size / N
+    # true: batch_size is the largest batch, lowered to what the dataset's images allow (a multiple of the
+    # ranks; said in one line); false: a batch they cannot fill stops the run before any work
+    fit_batch: bool = False
     max_steps: int = number(0, ">= 0")      # 0 = no cap; a cap for smoke runs and benchmarks
     # auto: bf16 on a GPU; on a CPU the faster of fp32 and bf16 for this model and batch, measured at start
     precision: str = choice("fp32", "fp32", "bf16", "fp16", "auto")
@@ -175,9 +177,11 @@ class InferenceConfig:
 class PseudoSection:
     model: str = path("the model.pt that predicts the first iteration")
     top_k: int = number(10, ">= 1")   # classes kept per image (at most the classes: checked by the stage)
-    # P per iteration, images per class: < 1 is a fraction of the unlabeled images per class (rounded, at
-    # least 1), so that a config carries over to a dataset of another size; >= 1 is a whole number of images
-    schedule: list[float] = nonempty([200, 300, 400, 500], "> 0")
+    # P per iteration: a whole number of images per class each (or pseudo.schedule_fraction instead)
+    schedule: list[int] = counts([200, 300, 400, 500], ">= 1", fractions="schedule_fraction")
+    # P per iteration as fractions of the unlabeled images per class (rounded, at least 1 image), so that a
+    # config carries over to a dataset of another size; [] = pseudo.schedule's numbers of images
+    schedule_fraction: list[float] = fractions([], "(0, 1]", counts="schedule")
     finetune_config: str = path("the fine-tune config of each iteration's two fine-tunes")
     finetune_overrides: list[str] = field(default_factory=list)   # key=value applied to both fine-tunes
     pseudo_epochs: int = number(10, ">= 1")    # fine-tune on pseudo + labeled
@@ -188,8 +192,12 @@ class PseudoSection:
     backbone: str = path("the pretrained backbone.pt that pseudo.reinitialise=true starts each iteration from",
                          required=False)
     labeled_epochs: int = number(20, ">= 1")   # then on labeled only, head re-initialised
-    # also write the (top_k, fixmatch_p) selection for FixMatch; 0 = no; P as in schedule (< 1: a fraction)
-    fixmatch_p: float = number(16, ">= 0")
+    # also write the (top_k, P) selection for FixMatch, P = this many images per class; 0 = no selection
+    # (unless pseudo.fixmatch_fraction gives P)
+    fixmatch_p: int = counts(16, ">= 0", fractions="fixmatch_fraction")
+    # the FixMatch selection's P as a fraction of the unlabeled images per class instead (rounded, at least 1
+    # image); 0 = pseudo.fixmatch_p's number of images
+    fixmatch_fraction: float = fractions(0.0, "[0, 1]", counts="fixmatch_p")
     chunk: int = number(65536, ">= 1")         # rows per streamed chunk in selection
     # what ranks an image for a class: the model's softmax (classifier), label propagation over the kNN
     # graph of the model's embeddings from the labeled images (propagation, section propagation), or
@@ -199,17 +207,21 @@ class PseudoSection:
     class_adaptive: bool = False
 
     def __post_init__(self):
-        """A P of 1 or more is a number of images: whole (2.5 is neither a fraction nor a count)."""
-        for key, p in [*((f"pseudo.schedule[{i}]", p) for i, p in enumerate(self.schedule)),
-                       ("pseudo.fixmatch_p", self.fixmatch_p)]:
-            if isinstance(p, (int, float)) and math.isfinite(p) and p >= 1 and p != int(p):
-                raise ConfigError(f"{key}={p}: expected a fraction < 1 or a whole number of images")
+        """P per iteration comes from one key of the pair; the FixMatch selection's from at most one."""
+        if bool(self.schedule) == bool(self.schedule_fraction):
+            raise ConfigError(f"pseudo.schedule={self.schedule} and pseudo.schedule_fraction={self.schedule_fraction}: "
+                              "expected P per iteration in one of them (numbers of images per class, or fractions "
+                              "of the unlabeled images per class)")
+        if self.fixmatch_p and self.fixmatch_fraction:
+            raise ConfigError(f"pseudo.fixmatch_p={self.fixmatch_p} and pseudo.fixmatch_fraction="
+                              f"{self.fixmatch_fraction}: expected at most one of them")
 
 
 @dataclass
 class PropagationConfig:
     k: int = number(20, ">= 1")                    # neighbours per image in the graph
-    alpha: float = number(0.99, "[0, 1)")          # how far labels spread: Z = (I - alpha W)^-1 Y
+    # how far labels spread: Z = (I - alpha W)^-1 Y; 0 would spread none beyond the labeled images
+    alpha: float = number(0.99, "(0, 1)")
     iterations: int = number(20, ">= 1")           # conjugate-gradient steps
     gamma: float = number(3.0, "> 0")              # edge weight = similarity^gamma
 

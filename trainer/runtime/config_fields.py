@@ -1,4 +1,5 @@
-"""The machinery of typed configs: how a key is declared (`choice`, `number`, `path`, `nonempty`), built
+"""The machinery of typed configs: how a key is declared (`choice`, `number`, `path`, `nonempty`, and
+`counts` / `fractions`: one quantity as a number of images or as a fraction of them, in two keys), built
 from a YAML file and dotted `key=value` overrides (`load`), written back (`dumps`) and listed for --help
 (`keys_help`). The declarations themselves live in trainer.runtime.config.
 
@@ -79,6 +80,26 @@ def path(help: str, required: bool = True):
     return field(default="", metadata={"path": help} | ({"required": True} if required else {}))
 
 
+def counts(default, bounds: str, fractions: str):
+    """A whole number of images, or a list of them, whose sibling field `fractions` says the same as fractions
+    of the images: one key per unit, so that a 1 is one image and never 100%. A config sets one of the two:
+    setting one (in the file, or by an override over the file's) unsets the other, to 0 or []; setting both in
+    one place is refused, and so is a fraction given here, naming `fractions`."""
+    return _paired(default, bounds, {"partner": fractions, "counts": True})
+
+
+def fractions(default, bounds: str, counts: str):
+    """The sibling of a `counts` field named `counts`: the same quantity as fractions of the images."""
+    return _paired(default, bounds, {"partner": counts})
+
+
+def _paired(default, bounds: str, metadata: dict):
+    metadata = {"bounds": Bounds.parse(bounds)} | metadata
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 def nonempty(default: list, bounds: str | None = None):
     """A list field that needs at least one item; numeric items must lie in `bounds`."""
     metadata = {"nonempty": True} | ({"bounds": Bounds.parse(bounds)} if bounds else {})
@@ -100,6 +121,7 @@ def load(cls, path: str | None, overrides: list[str] = ()):
             raise ConfigError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    given = []
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -108,17 +130,39 @@ def load(cls, path: str | None, overrides: list[str] = ()):
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
             value = text
-        _set_dotted(tree, key.split("."), value)
+        given.append(_set_dotted(tree, key.split("."), value))
+    for section, name in given:   # an override of one of a counts/fractions pair replaces the file's other one
+        partner = _field_metadata(cls, section, name).get("partner")
+        if partner and (section, partner) not in given:
+            _section_node(tree, section).pop(partner, None)
     return _build(cls, tree, prefix="")
 
 
-def _set_dotted(tree: dict, keys: list[str], value):
+def _field_metadata(cls, section: tuple[str, ...], name: str) -> dict:
+    """The metadata of field `name` in the section of `cls` at `section` ({} when there is no such field)."""
+    for key in section:
+        cls = typing.get_type_hints(cls).get(key)
+        if not dataclasses.is_dataclass(cls):
+            return {}
+    found = [f for f in dataclasses.fields(cls) if f.name == name]
+    return dict(found[0].metadata) if found else {}
+
+
+def _section_node(tree: dict, section: tuple[str, ...]) -> dict:
+    for key in section:
+        tree = tree[key]
+    return tree
+
+
+def _set_dotted(tree: dict, keys: list[str], value) -> tuple[tuple[str, ...], str]:
+    """Sets `value` at `keys` in `tree`; returns (the section's keys, the key set)."""
     for k in keys[:-1]:
         node = tree.setdefault(k, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {'.'.join(keys)}: {k} is not a section")
         tree = node
     tree[keys[-1]] = value
+    return tuple(keys[:-1]), keys[-1]
 
 
 def _build(cls, tree, prefix: str, base=None):
@@ -137,12 +181,21 @@ def _build(cls, tree, prefix: str, base=None):
                           f"{prefix.rstrip('.') or 'the top level'}: {', '.join(fields)}")
     values = {}
     for name, f in fields.items():   # every field, not only those given: defaults are checked too
-        key, hint = prefix + name, hints[name]
+        key, hint, partner = prefix + name, hints[name], f.metadata.get("partner")
         if dataclasses.is_dataclass(hint):
             section = tree.get(name)
             values[name] = _build(hint, section if section is not None else {}, key + ".", getattr(base, name))
             continue
-        value = _coerce(key, hint, tree[name]) if name in tree else getattr(base, name)
+        if f.metadata.get("counts") and name in tree and partner in tree:
+            raise ConfigError(f"{key} and {prefix}{partner}: expected one of the two (a number of images, or a "
+                              "fraction of them), got both")
+        if name in tree:
+            given = _whole(key, tree[name], prefix + partner) if f.metadata.get("counts") else tree[name]
+            value = _coerce(key, hint, given)
+        elif partner in tree:   # its sibling is set: this one is not
+            value = [] if typing.get_origin(hint) is list else hint(0)
+        else:
+            value = getattr(base, name)
         allowed = f.metadata.get("choices")
         if allowed and value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
@@ -154,6 +207,18 @@ def _build(cls, tree, prefix: str, base=None):
 
 
 _KINDS = {int: ("an integer", "integers"), float: ("a finite number", "finite numbers")}
+
+
+def _whole(key: str, value, fractions_key: str):
+    """A `counts` field's value (a number or a list) with whole floats as ints (configs written before the
+    key took counts only have 200.0); any other number is refused, naming the key that takes fractions."""
+    if isinstance(value, list):
+        return [_whole(f"{key}[{i}]", v, fractions_key) for i, v in enumerate(value)]
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ConfigError(f"{key}={value}: expected a whole number of images; fractions moved to {fractions_key}")
+        return int(value)
+    return value
 
 
 def _check_range(key: str, hint, value, metadata):

@@ -61,13 +61,16 @@ class Run:
     """A stage's run dir (trainer.runtime.rundir): claimed before anything is written, then config.yaml,
     metrics.jsonl and checkpoint.pt; rank 0 writes. Make it after every check that can refuse the run."""
 
-    def __init__(self, stage: str, cfg, rt: Runtime):
+    def __init__(self, stage: str, cfg, rt: Runtime, note: str = ""):
+        """`note`: a line to say once the run dir is claimed (e.g. a batch lowered to fit the images)."""
         self.stage, self.cfg, self.rt = stage, cfg, rt
         self.dir = cfg.run.dir
         self.checkpoint_path = os.path.join(self.dir, "checkpoint.pt")
         self._lock = None
         dist.rank0_decides(self._claim)   # a refusal stops every rank with rank 0's one line
         self._t0 = time.time()
+        if note:
+            self.say(note)
 
     def _claim(self):
         resolved = config.to_dict(self.cfg)

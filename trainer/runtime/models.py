@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import torch
 import torch.nn as nn
 import torchvision
 
+from data import datasets
 from trainer.runtime import checkpoint
 from trainer.algorithms import losses
+
+log = logging.getLogger(__name__)
 
 
 class SmallNet(nn.Module):
@@ -88,9 +92,11 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x))
 
 
-def save_classifier(model: Classifier, arch: dict, path: str):
-    """model.pt: the weights plus what rebuilds the network (backbone name, stem, width, classes)."""
-    checkpoint.save_atomic({"arch": arch, "model": model.state_dict()}, path)
+def save_classifier(model: Classifier, arch: dict, classes: list[str], path: str):
+    """model.pt: the weights, what rebuilds the network (backbone name, stem, width, class count) and the
+    names of the classes it tells apart (its dataset's classes.txt, as a list of str so that
+    torch.load(weights_only=True) reads it): a dataset whose classes merely number the same is refused."""
+    checkpoint.save_atomic({"arch": arch, "classes": [str(c) for c in classes], "model": model.state_dict()}, path)
 
 
 def classifier_arch(model_cfg, num_classes: int) -> dict:
@@ -98,9 +104,10 @@ def classifier_arch(model_cfg, num_classes: int) -> dict:
             "width": model_cfg.width, "num_classes": num_classes}
 
 
-def load_classifier(path: str, num_classes: int | None = None) -> tuple[Classifier, dict]:
-    """(the classifier a model.pt holds, its arch); with `num_classes`, a model for another number of
-    classes (one trained on another dataset) is refused with one line."""
+def load_classifier(path: str, data_root: str | None = None) -> tuple[Classifier, dict]:
+    """(the classifier a model.pt holds, its arch); with `data_root`, a model of other classes than
+    data_root/classes.txt names (one trained on another dataset) is refused with one line. A model.pt saved
+    before the class names were kept is checked on its class count alone, with a warning."""
     state = checkpoint.load(path)
     if not isinstance(state, dict) or "arch" not in state or "model" not in state:
         raise checkpoint.CheckpointError(f"{path}: not a semiscale model.pt (expected keys arch, model)")
@@ -108,13 +115,39 @@ def load_classifier(path: str, num_classes: int | None = None) -> tuple[Classifi
     if not isinstance(arch, dict) or not {"backbone", "small_stem", "width", "num_classes"} <= set(arch):
         raise checkpoint.CheckpointError(f"{path}: not a semiscale model.pt (a training checkpoint? use the "
                                          "model.pt its stage wrote)")
-    if num_classes is not None and arch["num_classes"] != num_classes:
-        raise checkpoint.CheckpointError(f"{path}: a {arch['num_classes']}-class model, but the dataset's "
-                                         f"classes.txt names {num_classes} classes")
+    names = state.get("classes")
+    if names is not None and (not isinstance(names, list) or len(names) != arch["num_classes"]
+                              or not all(isinstance(n, str) for n in names)):
+        raise checkpoint.CheckpointError(f"{path}: not a semiscale model.pt (classes: expected the "
+                                         f"{arch['num_classes']} class names, got {names!r:.80})")
+    if data_root is not None:
+        _check_classes(path, arch["num_classes"], names, data_root)
     model = Classifier(build_backbone(arch["backbone"], arch["small_stem"], arch["width"]), arch["num_classes"])
     checkpoint.check_architecture(path, checkpoint.architecture_of(state["model"]), model)
     model.load_state_dict(state["model"])
     return model, arch
+
+
+def _check_classes(path: str, count: int, names: list[str] | None, data_root: str):
+    """The model's classes are data_root/classes.txt's, in its order: output i means line i."""
+    listed = os.path.join(data_root, "classes.txt")
+    classes = datasets.read_classes(data_root)
+    if names is None:   # a model.pt from before the names were kept: the count is all there is to check
+        if count != len(classes):
+            raise checkpoint.CheckpointError(f"{path}: a {count}-class model, but {listed} names {len(classes)} "
+                                             "classes")
+        log.warning("%s records no class names (saved by an older semiscale): only its class count (%d) is "
+                    "checked against %s", path, count, listed)
+        return
+    if names == classes:
+        return
+    i = next((i for i, (a, b) in enumerate(zip(names, classes)) if a != b), min(len(names), len(classes)))
+
+    def at(listing):
+        return repr(listing[i]) if i < len(listing) else "absent"
+    raise checkpoint.CheckpointError(
+        f"{path}: a model of other classes than {listed} names: class {i} is {at(names)} in the model, "
+        f"{at(classes)} in classes.txt; label a dataset with a model trained on its classes")
 
 
 BACKBONE_ARCH = "backbone.json"   # next to backbone.pt: what rebuilds the network (backbone.pt stays plain)

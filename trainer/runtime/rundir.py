@@ -6,10 +6,11 @@ that a crash or a full disk never leaves unreadable.
     RUN_DIR/metrics.jsonl   one JSON object per line (contract)
     RUN_DIR/.lock           held (flock) by the live writer; the file itself stays
 
-A stage claims its run dir before writing anything in it: the folder must be a run dir of the same stage
-(or new), and a run with results in it (a checkpoint, a metrics log) must have been made by a config that
-agrees on everything that changes the result, unless `--restart`, which moves the previous run's files
-aside into RUN_DIR/replaced/<time>/ instead of deleting them.
+A stage claims its run dir before writing anything in it: the folder must be new, empty or a run dir of the
+same stage (run.json names it): a folder of the user's, which semiscale did not make, is never written to,
+cleaned up or moved aside. A run with results in it (a checkpoint, a metrics log) must have been made by a
+config that agrees on everything that changes the result, unless `--restart`, which moves the previous
+run's files aside into RUN_DIR/replaced/<time>/ instead of deleting them.
 """
 from __future__ import annotations
 
@@ -70,27 +71,40 @@ def recorded_stage(run_dir: str) -> str | None:
         raise RunDirError(f"{path}: unreadable run record; is {run_dir} a semiscale run dir?") from None
 
 
-def check(run_dir: str, stage: str, resolved: dict, restart: bool, defaults: dict | None = None) -> bool:
-    """Raise RunDirError when `stage` must not write to `run_dir`; True when it holds a previous run
-    that `restart` will move aside. Reads only. `defaults`: the stage's config of defaults, resolved
-    (keys added since a previous run compare as their defaults)."""
+def check_owner(run_dir: str, stage: str) -> bool:
+    """Raise RunDirError unless `run_dir` is new, empty or a run dir of `stage`; True when the latter.
+    Empty counts what a claim killed before it wrote run.json leaves (the lock, a temporary of run.json);
+    anything else in a folder without run.json is the user's. Reads only."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise RunDirError(f"run.dir={run_dir}: exists and is not a folder")
     if not os.path.isdir(run_dir):
         return False
-    owner = recorded_stage(run_dir)
-    config_path = os.path.join(run_dir, CONFIG)
-    if owner is None and not os.path.exists(config_path):
-        if any(os.path.exists(os.path.join(run_dir, name)) for name in RESULTS):
-            raise RunDirError(f"run.dir={run_dir}: holds results but no {RUN_RECORD} or {CONFIG}: not a run dir "
-                              "this stage can reuse; choose another run.dir")
+    recorded = recorded_stage(run_dir)
+    if recorded is None:
+        theirs = sorted(name for name in os.listdir(run_dir) if not _left_by_a_claim(run_dir, name))
+        if theirs:
+            shown = ", ".join(theirs[:3]) + (", ..." if len(theirs) > 3 else "")
+            raise RunDirError(f"run.dir={run_dir}: holds files semiscale did not write ({shown}; no {RUN_RECORD}); "
+                              "choose an empty or new run.dir")
+    elif recorded != stage:
+        raise RunDirError(f"run.dir={run_dir}: a {recorded} run dir, not a {stage} one; choose another run.dir")
+    return recorded is not None
+
+
+def _left_by_a_claim(run_dir: str, name: str) -> bool:
+    path = os.path.join(run_dir, name)
+    if name == LOCK:   # Lock's file, which it never writes to
+        return os.path.isfile(path) and not os.path.islink(path) and os.path.getsize(path) == 0
+    return atomic.temporary_target(name) == RUN_RECORD
+
+
+def check(run_dir: str, stage: str, resolved: dict, restart: bool, defaults: dict | None = None) -> bool:
+    """Raise RunDirError when `stage` must not write to `run_dir`; True when it holds a previous run
+    that `restart` will move aside. Reads only. `defaults`: the stage's config of defaults, resolved
+    (keys added since a previous run compare as their defaults)."""
+    if not check_owner(run_dir, stage):
         return False
-    if owner is not None and owner != stage:
-        raise RunDirError(f"run.dir={run_dir}: a {owner} run dir, not a {stage} one; choose another run.dir")
-    previous = _read_config(config_path)
-    if owner is None and previous is not None and set(previous) != set(resolved):
-        raise RunDirError(f"run.dir={run_dir}: its {CONFIG} has sections {sorted(previous)}, not those of a "
-                          f"{stage} run ({sorted(resolved)}); choose another run.dir")
+    previous = _read_config(os.path.join(run_dir, CONFIG))
     started = any(os.path.exists(os.path.join(run_dir, name)) for name in RESULTS)
     if restart:
         return started or previous is not None
@@ -135,13 +149,9 @@ class Lock:
 
 
 def claim_pipeline(run_dir: str) -> Lock:
-    """The pipeline's own run dir: a pipeline's (or new), one live pipeline at a time. Its config may change
-    between runs: each stage's run dir refuses a changed config for itself."""
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise RunDirError(f"run.dir={run_dir}: exists and is not a folder")
-    owner = recorded_stage(run_dir) if os.path.isdir(run_dir) else None
-    if owner not in (None, "pipeline"):
-        raise RunDirError(f"run.dir={run_dir}: a {owner} run dir, not a pipeline one; choose another run.dir")
+    """The pipeline's own run dir: a pipeline's (or new, or empty), one live pipeline at a time. Its config
+    may change between runs: each stage's run dir refuses a changed config for itself."""
+    check_owner(run_dir, "pipeline")
     try:
         os.makedirs(run_dir, exist_ok=True)
         return Lock(run_dir)
@@ -161,14 +171,16 @@ def move_aside(run_dir: str) -> str:
 
 
 def remove_stray_temporaries(run_dir: str) -> int:
-    """Delete the temporary files that a write killed halfway left (every write here is data.atomic's).
-    Sub-runs (folders with their own lock, e.g. pseudolabel's fine-tunes) clean up after themselves."""
+    """Delete the temporary files that a write killed halfway left (every write here is data.atomic's,
+    whose names data.atomic.temporary_target knows: any other *.tmp is not ours) in this run's folders.
+    Not in replaced/ (earlier runs, kept as they were) nor in sub-runs (folders with their own run record
+    or lock, e.g. pseudolabel's fine-tunes), which clean up after themselves."""
     removed = 0
     for folder, subfolders, files in os.walk(run_dir):
-        subfolders[:] = [s for s in subfolders
-                         if s != REPLACED and not os.path.exists(os.path.join(folder, s, LOCK))]
+        subfolders[:] = [s for s in subfolders if s != REPLACED and not any(
+            os.path.exists(os.path.join(folder, s, name)) for name in (RUN_RECORD, LOCK))]
         for name in files:
-            if name.endswith(atomic.TEMPORARY):
+            if atomic.temporary_target(name) is not None:
                 os.remove(os.path.join(folder, name))
                 removed += 1
     return removed

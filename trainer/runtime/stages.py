@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from trainer.runtime import engine
-from trainer.runtime.config import (ActiveConfig, EvaluateConfig, FinetuneConfig, FixmatchConfig, PipelineConfig,
+from data.errors import InputError
+from trainer.runtime import dist, engine
+from trainer.runtime.config import (ActiveConfig, ConfigError, EvaluateConfig, FinetuneConfig, FixmatchConfig,
+                                    PipelineConfig,
                                     PredictConfig, PretrainConfig, PseudolabelConfig)
 
 
@@ -52,6 +54,17 @@ class Stage:
     def parse(self, argv: list[str]):
         """The resolved config this stage would run with (`--config FILE key=value ...`)."""
         return engine.parse(self.config, argv, self.description)
+
+    def start(self, argv: list[str]):
+        """A training or inference run's opening: its config, the checks before any work, the process group,
+        the dataset's splits against each other and the seed. (config, runtime)."""
+        cfg = self.parse(argv)
+        self.check(cfg)
+        rt = dist.init(cfg.run.device)
+        # the labels it trains on: its section's `labeled` (a split name or a CSV) where it has one
+        engine.check_dataset(cfg, rt, getattr(getattr(cfg, self.name, None), "labeled", "labeled"))
+        engine.seed_everything(cfg.run.seed)
+        return cfg, rt
 
     def check(self, cfg):
         """Every check the stage can make before its inputs exist (the stage calls it too)."""
@@ -175,6 +188,17 @@ RECIPE = [
 ]
 
 
+def check_steps(todo: list[tuple[Step, list[str]]]):
+    """Every step that will run (with its argv) has a valid config and passes its stage's checks, before
+    anything is deleted or run: a typo must not cost a finished stage."""
+    for step, argv in todo:
+        stage = STAGES[step.stage]
+        try:
+            stage.check(stage.parse(argv))
+        except InputError as e:
+            raise ConfigError(f"stage {step.name}: {e}") from None
+
+
 def recipe(active_learning: bool) -> list[Step]:
     """The pipeline's steps in order, less those of active learning when it is off."""
     return [s for s in RECIPE if active_learning or not s.active_learning]
@@ -190,3 +214,13 @@ def wired_inputs(step: Step, run_dir: str, active_learning: bool) -> list[str]:
     final = final_step(active_learning)
     return [f"{key}={os.path.join(run_dir, source.format(final=final)) if source else ''}"
             for key, source in step.inputs.items()]
+
+
+def readers(name: str, active_learning: bool) -> list[str]:
+    """The steps that read step `name`'s files, directly or through another reader's, in recipe order: what is
+    stale once those files change."""
+    final, stale = final_step(active_learning), {name}
+    for step in recipe(active_learning):   # a step's inputs come before it in the recipe
+        if {source.format(final=final).split("/")[0] for source in step.inputs.values()} & stale:
+            stale.add(step.name)
+    return [s.name for s in recipe(active_learning) if s.name in stale - {name}]
