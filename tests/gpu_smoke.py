@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.runtime import amp, checkpoint, dist, engine, models, optim
+from trainer.runtime import amp, checkpoint, dist, engine, models, optim, stages
 from trainer.algorithms import losses, tta
 from trainer.runtime.config import EvaluateConfig
 from trainer.algorithms.ema import EMA
@@ -116,6 +116,27 @@ def check(condition: bool, message: str):
 
 TINY_MODEL = ["model.width=8"]
 TINY_FINETUNE = [*TINY_MODEL, "train.batch_size=16", "finetune.eval_every=1"]
+
+
+def smoke_steps(smoke) -> dict[str, list[str]]:
+    """Tiny settings of the pipeline steps the smoke runs, at the smoke's precision; the steps' order, stages
+    and wiring are the registry's (trainer.runtime.stages.RECIPE). pretrain runs before them on its own: it
+    is killed and resumed."""
+    train, inference = f"train.precision={smoke.precision}", f"inference.precision={smoke.precision}"
+    finetune = [*TINY_FINETUNE, train]
+    return {
+        "finetune": [*finetune, "train.epochs=3"],
+        "pseudolabel": ["pseudo.top_k=2", "pseudo.schedule=[10]", "pseudo.fixmatch_p=4", "pseudo.pseudo_epochs=1",
+                        "pseudo.labeled_epochs=1", "inference.batch_size=64", inference,
+                        f"pseudo.finetune_overrides=[{','.join(finetune + [f'data.image_size={SIZE}'])}]"],
+        "fixmatch": ["train.batch_size=8", "fixmatch.mu=2", "train.max_steps=6", "fixmatch.bn_batches=2", train],
+        "active": ["active.clusters=2", "active.budget=4", "active.oracle=true", "inference.batch_size=64"],
+        "evaluate_knn": ["inference.batch_size=64"],
+        "evaluate_fixmatch": ["evaluate.scales=[32,40]", "evaluate.tta=val", "inference.batch_size=64", inference],
+    }
+
+
+FAISS_STEPS = ("active", "evaluate_knn")   # k-means and the kNN search need faiss
 
 
 # ---------------------------------------------------------------- S0, S1
@@ -350,36 +371,23 @@ def s4_stages(smoke: Smoke) -> str:
     check(loads_on_cpu.returncode == 0, f"backbone.pt in a CPU-only process: {tail(loads_on_cpu.stderr)}")
     done.append("backbone.pt loads without a GPU")
 
-    precision = f"train.precision={smoke.precision}"
-    smoke.stage("finetune", d("finetune"), *TINY_FINETUNE, precision, "train.epochs=3",
-                f"finetune.backbone={d('pretrain')}/backbone.pt")
-    check(os.path.exists(os.path.join(d("finetune"), "model.pt")), "finetune wrote no model.pt")
+    settings = smoke_steps(smoke)
+    for step in stages.RECIPE:   # the pipeline's order and wiring, each step in its own process
+        if step.name in settings and (smoke.has_faiss or step.name not in FAISS_STEPS):
+            smoke.stage(step.stage, d(step.name), *stages.wired_inputs(step, smoke.runs, active_learning=True),
+                        *settings[step.name])
+            check(os.path.exists(os.path.join(d(step.name), step.done)), f"{step.name} wrote no {step.done}")
     finetune_val = engine.read_done(d("finetune"))["val_top1"]
-    smoke.stage("pseudolabel", d("pseudolabel"), "pseudo.top_k=2", "pseudo.schedule=[10]", "pseudo.fixmatch_p=4",
-                "pseudo.pseudo_epochs=1", "pseudo.labeled_epochs=1", "inference.batch_size=64",
-                f"pseudo.model={d('finetune')}/model.pt", f"inference.precision={smoke.precision}",
-                f"pseudo.finetune_overrides=[{','.join(TINY_FINETUNE + [precision, f'data.image_size={SIZE}'])}]")
     selection = engine.read_json(os.path.join(d("pseudolabel"), "selection.json"))
     check(len(selection["iterations"]) == 2, "pseudolabel did not run its iteration")
-    smoke.stage("fixmatch", d("fixmatch"), "train.batch_size=8", "fixmatch.mu=2", "train.max_steps=6", precision,
-                "fixmatch.bn_batches=2", f"fixmatch.model={d('pseudolabel')}/model.pt",
-                f"fixmatch.pseudo_labels={d('pseudolabel')}/pseudo_labels.csv")
-    fixmatch_events = [e for e in events(d("fixmatch")) if "val_top1_ema" in e]
-    check(fixmatch_events and os.path.exists(os.path.join(d("fixmatch"), "model.pt")), "fixmatch: no EMA val")
+    check(any("val_top1_ema" in e for e in events(d("fixmatch"))), "fixmatch: no EMA val")
     done.append(f"finetune (val {finetune_val:.2f}), pseudolabel, fixmatch")
     if smoke.has_faiss:
-        smoke.stage("active", d("active"), "active.clusters=2", "active.budget=4", "active.oracle=true",
-                    "inference.batch_size=64", f"active.model={d('fixmatch')}/model.pt",
-                    f"active.backbone={d('pretrain')}/backbone.pt")
         check(sum(1 for _ in open(os.path.join(d("active"), "queries.csv"))) == 5, "active: not 4 queries")
-        smoke.stage("evaluate", d("evaluate_knn"), "inference.batch_size=64",
-                    f"evaluate.backbone={d('pretrain')}/backbone.pt")
         done.append("active, evaluate (kNN)")
     else:
-        done.append("active and evaluate (kNN) not run (no faiss)")
-    smoke.stage("evaluate", d("evaluate"), "evaluate.scales=[32,40]", "evaluate.tta=val", "inference.batch_size=64",
-                f"inference.precision={smoke.precision}", f"evaluate.model={d('fixmatch')}/model.pt")
-    scores = engine.read_json(os.path.join(d("evaluate"), "eval.json"))["splits"]
+        done.append(f"{' and '.join(FAISS_STEPS)} not run (no faiss)")
+    scores = engine.read_json(os.path.join(d("evaluate_fixmatch"), "eval.json"))["splits"]
     check(scores["val"]["images"] == 40 and scores["test"]["images"] == 40, f"evaluate counted {scores['val']['images']}")
     done.append(f"evaluate TTA (test {scores['test']['tta']['top1']:.2f})")
     return "; ".join(done)
