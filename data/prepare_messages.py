@@ -23,7 +23,7 @@ def some_names(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def say_skipped(entries: list[tuple[str, str]], what: str, listing: str):
+def say_skipped(entries: list[tuple[str, str]], what: str, listing: str, done: str = "skipped"):
     if entries:
-        say(f"skipped {len(entries)} {what} (listed in {listing}): "
+        say(f"{done} {len(entries)} {what} (listed in {listing}): "
             + ", ".join(shown(f) for f, _ in entries[:5]) + (", ..." if len(entries) > 5 else ""))

@@ -1,10 +1,11 @@
 """Copies of one image under two names in two splits, as check_dataset looks for them: a val or test
 image that training also sees (or that the other scored split holds) inflates the score.
 
-`prepare own` and `prepare folder` compare the decoded pixels of every image as they decode it
-(data.prepare.same_pictures) and record in ROOT/prepare.json the digest of each split CSV they wrote;
-while a CSV is unchanged its rows are not looked at again. Otherwise (a dataset made by hand, by
-`prepare fashion-mnist`, or a CSV edited since) the files are compared by their bytes, which needs no
+`prepare own` and `prepare folder` compare the decoded pixels of every image as they decode it,
+`prepare fashion-mnist` the pixels of its IDX arrays (data.prepare.same_pictures), and record in
+ROOT/prepare.json the digest of each split CSV they wrote; while a CSV is unchanged its rows are not
+looked at again. Otherwise (a dataset made by hand, a CSV edited since, or a fashion-mnist dataset that
+kept a copy of a val or test picture) the files are compared by their bytes, which needs no
 decoding: every file's size first (one stat), and only the files whose size a val or test file shares
 are read and hashed. A re-encoded copy (the same pixels in other bytes) is found by prepare only."""
 from __future__ import annotations

@@ -29,7 +29,10 @@ walks do not take (hidden ones, symlinked sub-folders, images in no class folder
 own and folder keep each picture (its decoded pixels) once, in the first of labeled, val, test and
 unlabeled that has it: other copies are left out and listed in ROOT/duplicates.txt with the copy kept
 (copies within the unlabeled pool all stay; a picture with two labels is an error); prepare.json then
-records the CSVs so checked (data.prepare.same_pictures, data.same_content). Images are decoded in
+records the CSVs so checked (data.prepare.same_pictures, data.same_content). fashion-mnist finds its
+copies so too but keeps them, listed (its splits are fixed by the demo's published results; the
+package's images are all distinct), and records the check of a dataset prepared before on a re-run
+with its parameters. Images are decoded in
 --workers processes, nothing but paths and a 16-byte digest per image held in memory.
 Bad input ends with one line `prepare: error: ...` on stderr and exit status 2.
 Each mode's options and run: data.prepare.from_fashion_mnist, from_folder and from_own.

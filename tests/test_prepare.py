@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.datasets import load_image, read_split
-from data.prepare.dataset_folder import INCOMPLETE
+from data import same_content
+from data.datasets import check_dataset, load_image, read_split
+from data.prepare.dataset_folder import INCOMPLETE, SCORED_COPIES
 from launch import prepare
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -22,6 +23,11 @@ FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 def rows(root, name):
     with open(Path(root) / f"{name}.csv", newline="") as f:
         return list(csv.DictReader(f))
+
+
+def listed(root, name):
+    """ROOT/<name> (duplicates.txt) as {first column: the other columns}."""
+    return {line.split("\t")[0]: line.split("\t")[1:] for line in (Path(root) / name).read_text().splitlines()}
 
 
 def idx_array(name, header_bytes):
@@ -86,6 +92,103 @@ def test_fashion_mnist_rerun_is_a_no_op_and_other_parameters_are_refused(fashion
     assert prepare.main(["fashion-mnist", "--out", str(fashion), *FASHION_ARGS, "--seed", "1"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("prepare: error: ") and "other parameters" in error and error.count("\n") == 1
+
+
+def test_fashion_mnist_records_its_copy_check_so_stages_read_no_image(fashion, monkeypatch):
+    manifest = json.loads((fashion / "prepare.json").read_text())
+    assert manifest["counts"]["duplicates"] == 0 and (fashion / "duplicates.txt").read_text() == ""
+    assert manifest[same_content.CHECKED].keys() == set(same_content.CSVS)
+    read = []
+    digest = same_content.file_digest
+    monkeypatch.setattr(same_content, "file_digest", lambda path: read.append(os.path.basename(path)) or digest(path))
+    monkeypatch.setattr(same_content, "byte_copies", lambda splits: pytest.fail("compared the images again"))
+    assert check_dataset(fashion) == [] and sorted(read) == sorted(same_content.CSVS)   # the CSVs only
+
+
+# ---- Fashion-MNIST IDX files of our own: copies across the splits ----
+
+def write_idx_source(folder, train_images, train_labels, test_images, test_labels):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, array in (("train-images-idx3-ubyte.gz", train_images), ("train-labels-idx1-ubyte.gz", train_labels),
+                        ("t10k-images-idx3-ubyte.gz", test_images), ("t10k-labels-idx1-ubyte.gz", test_labels)):
+        header = bytes([0, 0, 8, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+        with gzip.open(folder / name, "wb") as f:
+            f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
+    return folder
+
+
+def small_idx(folder):
+    """10 classes: 4 train images each, 10 test images, all distinct (8 x 8 random pixels)."""
+    rng = np.random.default_rng(0)
+    train_labels, test_labels = np.repeat(np.arange(10), 4), np.arange(10)
+    images = rng.integers(0, 256, (50, 8, 8), dtype=np.uint8)
+    return images[:40], train_labels, images[40:], test_labels
+
+
+def prepare_small(source, out):
+    return prepare.main(["fashion-mnist", "--source", str(source), "--out", str(out), "--labels-per-class", "1",
+                         "--val-size", "10"])
+
+
+def train_split(root):
+    """{train row: its split} from ROOT's CSVs."""
+    return {int(Path(r["path"]).stem): name for name in ("labeled", "val", "unlabeled") for r in rows(root, name)}
+
+
+def test_fashion_mnist_lists_copies_across_splits_and_keeps_them(tmp_path, capsys):
+    train, train_labels, test, test_labels = small_idx(tmp_path)
+    assert prepare_small(write_idx_source(tmp_path / "clean", train, train_labels, test, test_labels),
+                         tmp_path / "clean-out") == 0
+    where = train_split(tmp_path / "clean-out")   # the draw depends on the labels alone: the same below
+    first = {name: min(row for row, split in where.items() if split == name) for name in ("labeled", "val")}
+    unlabeled = sorted(row for row, split in where.items() if split == "unlabeled")
+    test[0] = train[first["labeled"]]                      # a test copy of a labeled picture
+    test[1] = train[unlabeled[0]]                          # ... of an unlabeled one: listed in unlabeled
+    test[3] = test[2]                                      # twice in test
+    test[4], test_labels[4] = train[first["val"]], (train_labels[first["val"]] + 1) % 10   # another label
+    train[unlabeled[2]] = train[unlabeled[1]]              # twice in the unlabeled pool: not listed
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert prepare_small(write_idx_source(tmp_path / "copies", train, train_labels, test, test_labels), out) == 0
+    said = capsys.readouterr().out
+    stay = "(Fashion-MNIST's splits stay as published): the same picture is"
+    png = "images/{}/{:05d}.png".format
+    assert listed(out, "duplicates.txt") == {
+        png("test", 0): [png("train", first["labeled"]), f"kept in test {stay} in labeled"],
+        png("train", unlabeled[0]): [png("test", 1), f"kept in unlabeled {stay} in test"],
+        png("test", 3): [png("test", 2), f"kept in test {stay} listed before it"],
+        png("test", 4): [png("train", first["val"]), f"kept in test {stay} in val"]}
+    assert "kept 4 copies of a picture in another split or listed before" in said
+    assert "3 of them are val or test pictures with a copy in another split" in said and "duplicates 4 /" in said
+    for name in ("labeled", "val", "unlabeled"):                              # nothing left out: the same splits
+        assert rows(out, name) == rows(tmp_path / "clean-out", name), name
+    assert [r["path"] for r in rows(out, "test")] == [png("test", i) for i in range(10)]
+    manifest = json.loads((out / "prepare.json").read_text())
+    assert manifest["counts"]["duplicates"] == 4 and manifest["counts"][SCORED_COPIES] == 3
+    assert same_content.CHECKED not in manifest   # so every stage goes on warning of them, by their bytes
+    warnings = check_dataset(out)
+    assert any("test.csv have a copy with the same bytes" in w and "labeled.csv" in w for w in warnings), warnings
+
+
+def test_a_fashion_mnist_dataset_prepared_before_the_check_gets_it_on_a_rerun(tmp_path, capsys):
+    source, out = write_idx_source(tmp_path / "idx", *small_idx(tmp_path)), tmp_path / "out"
+    assert prepare_small(source, out) == 0
+    recorded = json.loads((out / "prepare.json").read_text())
+
+    def as_before():   # the manifest an earlier prepare wrote: no duplicates count, no record
+        counts = {k: v for k, v in recorded["counts"].items() if k != "duplicates"}
+        (out / "prepare.json").write_text(json.dumps({"params": recorded["params"], "counts": counts}))
+        (out / "duplicates.txt").unlink()
+    as_before()
+    capsys.readouterr()
+    assert prepare_small(source, out) == 0
+    assert "recorded it in prepare.json" in capsys.readouterr().out
+    assert json.loads((out / "prepare.json").read_text()) == recorded and (out / "duplicates.txt").read_text() == ""
+    as_before()
+    (out / "val.csv").write_text((out / "val.csv").read_text() + "images/train/00000.png,0\n")   # edited since
+    assert prepare_small(source, out) == 0
+    assert "val.csv is not the CSV prepare wrote" in capsys.readouterr().out
+    assert same_content.CHECKED not in json.loads((out / "prepare.json").read_text())
 
 
 # ---- an ImageFolder tree with every kind of image and three bad files ----

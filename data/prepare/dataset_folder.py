@@ -13,8 +13,12 @@ from data.same_content import CHECKED, MANIFEST, csv_digests
 
 INCOMPLETE, DUPLICATES = ".prepare-incomplete", "duplicates.txt"
 OUTPUTS = ("images", "classes.txt", "labeled.csv", "val.csv", "test.csv", "unlabeled.csv", "bad_images.txt", MANIFEST)
-# written by the modes that compare pictures (own, folder) alone: removed by a rebuild, not required of a dataset
+# written by the modes that compare pictures (own, folder, and fashion-mnist since it does): removed by a
+# rebuild, not required of a dataset
 OPTIONAL_OUTPUTS = (DUPLICATES,)
+# a count of val or test pictures whose copies in other splits a mode kept (fashion-mnist): check_dataset
+# must go on finding them, so the CSVs are not recorded as checked
+SCORED_COPIES = "scored_copies"
 
 
 def refuse_nesting(source: str, root: str):
@@ -70,10 +74,22 @@ def start_fresh(root: str):
 
 
 def finish(root: str, params: dict, counts: dict):
-    """Writes the manifest. A mode that compared the images of its splits counts the `duplicates` it left
-    out; the manifest then records the CSVs so checked, which check_dataset trusts while they are unchanged."""
-    record = {"params": params, "counts": counts}
-    if "duplicates" in counts:
+    """Writes the manifest. A mode that compared the images of its splits counts the `duplicates` it listed
+    (own, folder: left out); the manifest then records the CSVs so checked, which check_dataset trusts while
+    they are unchanged, unless val or test pictures kept a copy (SCORED_COPIES counted)."""
+    _write_manifest(root, {"params": params, "counts": counts})
+    os.remove(os.path.join(root, INCOMPLETE))
+
+
+def add_counts(root: str, counts: dict):
+    """Adds `counts` to the manifest of ROOT's finished dataset, and the record as `finish` writes it: a
+    comparison of the pictures made on a dataset prepared before prepare compared them."""
+    with open(os.path.join(root, MANIFEST), encoding="utf-8") as f:
+        record = json.load(f)
+    _write_manifest(root, {"params": record["params"], "counts": record["counts"] | counts})
+
+
+def _write_manifest(root: str, record: dict):
+    if "duplicates" in record["counts"] and not record["counts"].get(SCORED_COPIES):
         record[CHECKED] = csv_digests(root)
     atomic.write_text(os.path.join(root, MANIFEST), json.dumps(record, indent=2) + "\n")
-    os.remove(os.path.join(root, INCOMPLETE))

@@ -37,10 +37,14 @@ def write_classes(root: str, classes: list[str]):
 def write_dataset(root: str, classes: list[str], paths: np.ndarray, labels: np.ndarray, splits: dict, test: tuple):
     """classes.txt and the four CSVs; `splits` maps labeled/val/unlabeled to row indices, `test` = (paths, labels)."""
     write_classes(root, classes)
-    for name, rows in splits.items():
-        rows = np.sort(rows)
-        atomic.write_text(os.path.join(root, f"{name}.csv"), csv_text(paths[rows], labels[rows]))
-    atomic.write_text(os.path.join(root, "test.csv"), csv_text(*test))
+    for name, text in dataset_csvs(paths, labels, splits, test).items():
+        atomic.write_text(os.path.join(root, name), text)
+
+
+def dataset_csvs(paths: np.ndarray, labels: np.ndarray, splits: dict, test: tuple) -> dict[str, str]:
+    """{CSV name: its text} as write_dataset writes them."""
+    texts = {f"{name}.csv": csv_text(paths[np.sort(rows)], labels[np.sort(rows)]) for name, rows in splits.items()}
+    return texts | {"test.csv": csv_text(*test)}
 
 
 def write_listed_dataset(root: str, classes: list[str], listing, splits: dict):

@@ -33,7 +33,12 @@ def write_grey_pngs_in(pool, root: str, parts: dict, chunk: int = 2000) -> tuple
     paths = {}
     for part, images in parts.items():
         os.makedirs(os.path.join(root, "images", part))
-        paths[part] = np.array([f"images/{part}/{i:05d}.png" for i in range(len(images))])
+        paths[part] = png_paths(part, len(images))
     jobs = [(images[i:i + chunk], [os.path.join(root, p) for p in paths[part][i:i + chunk]])
             for part, images in parts.items() for i in range(0, len(images), chunk)]
     return paths, sum(pool.imap_unordered(write_grey_pngs, jobs))
+
+
+def png_paths(part: str, n: int) -> np.ndarray:
+    """The paths, relative to ROOT, of a part's `n` images as write_grey_pngs_in names them."""
+    return np.array([f"images/{part}/{i:05d}.png" for i in range(n)])
