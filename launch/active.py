@@ -53,9 +53,9 @@ def check(cfg) -> tuple:
     than active.clusters gets one cluster per query (each cluster gives at least one)."""
     pool, _, pool_size = active_learning.candidates(cfg.data.root, cfg.active.labeled)
     annotations.check_oracle(cfg, pool)
-    count = active_learning.query_count(cfg.active.budget, pool_size)
+    count = active_learning.query_count(cfg.active, pool_size)
     clusters = min(cfg.active.clusters, count)
-    active_learning.check_counts(clusters, count, len(pool))
+    active_learning.check_counts(clusters, count, len(pool), active_learning.budget(cfg.active)[0])
     return pool, count, clusters
 
 
@@ -71,8 +71,9 @@ def query_inputs(cfg, rt, classes):
 def make_queries(cfg, rt, run, classes, inputs) -> dict:
     pool, count, clusters, model, ssl, loader = inputs
     if clusters < cfg.active.clusters:
-        run.say(f"active.clusters={cfg.active.clusters} is more than the {count} queries that active.budget="
-                f"{cfg.active.budget:g} buys: {clusters} clusters instead, one query each")
+        key, given = active_learning.budget(cfg.active)
+        run.say(f"active.clusters={cfg.active.clusters} is more than the {count} queries that {key}={given} buys: "
+                f"{clusters} clusters instead, one query each")
     run.say(f"{len(pool)} candidate images, {count} queries over {clusters} clusters")
     t0 = time.time()
     covered = active_learning.embed_and_classify(rt.place(ssl), rt.place(model), loader, rt, run.dir, len(pool),

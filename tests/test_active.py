@@ -166,12 +166,15 @@ def test_import_errors_exit_2_with_one_line(oracle_run, tmp_path):
         f"active.py: error: {answers}:1: expected a header with columns path and label, got ['path', 'class']"]
 
 
-def test_budget_is_a_fraction_of_the_pool_or_a_count():
-    assert active_learning.query_count(0.0025, 55000) == 138
-    assert active_learning.query_count(12, 55000) == 12
-    for bad in (12.5, 0.000001):
-        with pytest.raises(config.ConfigError, match="active.budget"):
-            active_learning.query_count(bad, 55000)
+def test_budget_is_a_count_or_a_fraction_of_the_pool():
+    fraction, count = config.ActiveSection(), config.ActiveSection(budget=12, budget_fraction=0)
+    assert active_learning.budget(fraction) == ("active.budget_fraction", 0.0025)
+    assert active_learning.query_count(fraction, 55000) == 138
+    assert active_learning.budget(count) == ("active.budget", 12)
+    assert active_learning.query_count(count, 55000) == 12
+    with pytest.raises(config.ConfigError, match=r"^active.budget_fraction=1e-06: asks for 0 queries out of a pool "
+                                                 r"of 55000 images$"):
+        active_learning.query_count(config.ActiveSection(budget_fraction=0.000001), 55000)
 
 
 def test_contact_sheets_are_paged(oracle_run, tmp_path):

@@ -134,9 +134,21 @@ def load_stage(stage, *overrides):
     ("evaluate", "knn.temperature=-0.07", "knn.temperature=-0.07: expected a finite number > 0"),
     ("evaluate", "knn.every_epochs=1", "unknown key knn.every_epochs; allowed keys in knn: k, temperature"),
     # active
-    ("active", "active.budget=0", "active.budget=0.0: expected a finite number > 0"),
-    ("active", "active.budget=-0.5", "active.budget=-0.5: expected a finite number > 0"),
-    ("active", "active.budget=.nan", "active.budget=nan: expected a finite number > 0"),
+    # the budget: a number of queries in active.budget, a fraction of the images in active.budget_fraction
+    ("active", "active.budget=0", "active.budget=0: expected an integer >= 1"),
+    ("active", "active.budget=-3", "active.budget=-3: expected an integer >= 1"),
+    ("active", "active.budget=12.5",
+     "active.budget=12.5: expected a whole number of queries; fractions moved to active.budget_fraction"),
+    ("active", "active.budget=.nan",
+     "active.budget=nan: expected a whole number of queries; fractions moved to active.budget_fraction"),
+    ("active", "active.budget=ten", "active.budget: expected int, got str 'ten'"),
+    # the retired form: the demo's fraction in the key of numbers of queries names the key that took it over
+    ("active", "active.budget=0.0025",
+     "active.budget=0.0025: expected a whole number of queries; fractions moved to active.budget_fraction"),
+    ("active", "active.budget_fraction=0", "active.budget_fraction=0.0: expected a finite number in (0, 1]"),
+    ("active", "active.budget_fraction=-0.5", "active.budget_fraction=-0.5: expected a finite number in (0, 1]"),
+    ("active", "active.budget_fraction=1.5", "active.budget_fraction=1.5: expected a finite number in (0, 1]"),
+    ("active", "active.budget_fraction=.nan", "active.budget_fraction=nan: expected a finite number in (0, 1]"),
     ("active", "active.clusters=0", "active.clusters=0: expected an integer >= 1"),
     ("active", "active.niter=0", "active.niter=0: expected an integer >= 1"),
     ("active", "active.max_points_per_centroid=-1", "active.max_points_per_centroid=-1: expected an integer >= 0"),
@@ -188,7 +200,9 @@ def test_bad_values_are_refused_naming_the_key(stage, override, message):
     ("pseudolabel", "pseudo.schedule=[1,1700]", "pseudo.schedule", [1, 1700]),     # 1: one image per class
     ("pseudolabel", "pseudo.fixmatch_p=16.0", "pseudo.fixmatch_p", 16),           # an older config.yaml's count
     ("pseudolabel", "propagation.alpha=0.999", "propagation.alpha", 0.999),
-    ("active", "active.budget=12", "active.budget", 12.0),              # >= 1: a number of queries
+    ("active", "active.budget=1", "active.budget", 1),                  # one query
+    ("active", "active.budget=12.0", "active.budget", 12),              # an older config.yaml's count
+    ("active", "active.budget_fraction=1", "active.budget_fraction", 1.0),   # (0, 1]: 1 is in
     ("finetune", "sgd.lr_backbone=0", "sgd.lr_backbone", 0.0),      # a frozen backbone
     ("finetune", "sgd.weight_decay=5e-4", "sgd.weight_decay", 5e-4),   # YAML 1.1 reads 5e-4 as text
     ("finetune", "train.on_nan=skip", "train.on_nan", "skip"),
@@ -219,6 +233,68 @@ def test_a_count_and_a_fraction_of_one_p_are_refused_together(tmp_path, file, ov
     with pytest.raises(ConfigError) as e:
         load(config.PseudolabelConfig, str(path), overrides)
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize("file, overrides", [
+    ({"budget": 100, "budget_fraction": 0.0025}, []),
+    ({}, ["active.budget=100", "active.budget_fraction=0.01"]),
+])
+def test_a_count_and_a_fraction_of_the_budget_are_refused_together(tmp_path, file, overrides):
+    import yaml
+    path = tmp_path / "active.yaml"
+    path.write_text(yaml.safe_dump({"data": {"root": "x"}, "active": {"model": "m.pt", "backbone": "b.pt", **file}}))
+    with pytest.raises(ConfigError) as e:
+        load(config.ActiveConfig, str(path), overrides)
+    assert str(e.value) == ("active.budget and active.budget_fraction: expected one of the two (a number of queries, "
+                            "or a fraction of the labeled + unlabeled images), got both")
+
+
+def test_the_budget_comes_from_exactly_one_key():
+    assert (config.ActiveSection().budget, config.ActiveSection().budget_fraction) == (0, 0.0025)
+    for given in ({"budget": 100}, {"budget_fraction": 0}):   # two, or none
+        with pytest.raises(ConfigError, match=r"^active.budget=\d+ and active.budget_fraction=[\d.]+: expected the "
+                                              r"budget in one of them \(a number of queries, or a fraction of the "
+                                              r"labeled \+ unlabeled images\)$"):
+            config.ActiveSection(**given)
+
+
+@pytest.mark.parametrize("file, overrides, budget", [
+    ({"budget_fraction": 0.0025}, [], (0, 0.0025)),                               # the demo's
+    ({"budget_fraction": 0.0025}, ["active.budget=100"], (100, 0.0)),             # configs/own's override
+    ({"budget": 100}, [], (100, 0.0)),
+    ({"budget": 100}, ["active.budget_fraction=0.01"], (0, 0.01)),
+    ({}, [], (0, 0.0025)),                                                        # the defaults
+])
+def test_an_override_of_one_budget_key_replaces_the_files_other(tmp_path, file, overrides, budget):
+    import yaml
+    path = tmp_path / "active.yaml"
+    path.write_text(yaml.safe_dump({"data": {"root": "x"}, "active": {"model": "m.pt", "backbone": "b.pt", **file}}))
+    active = load(config.ActiveConfig, str(path), overrides).active
+    assert (active.budget, active.budget_fraction) == budget
+
+
+@pytest.mark.parametrize("path, overrides, queries", [
+    ("configs/demo/active.yaml", [], 138),            # 0.25%: the demo's 138 answers (docs/results.md)
+    ("configs/paper/active.yaml", [], 138),           # the same fraction on a pool of the demo's size
+    ("configs/demo/active.yaml", ["active.budget=100"], 100),   # configs/own/pipeline.yaml's
+])
+def test_the_shipped_configs_resolve_the_same_queries_as_before(path, overrides, queries):
+    """Before the split, active.budget=0.0025 (< 1) meant round(0.0025 x the pool): 137.5 -> 138 on the demo's."""
+    from trainer.algorithms.active_learning import query_count
+    pool = 300 + 54700   # prepared Fashion-MNIST's labeled + unlabeled images, the pool the demo's budget counts
+    assert round(0.0025 * pool) == 138   # the old rule, for the old value
+    cfg = load(config.ActiveConfig, os.path.join(ROOT, path), ["data.root=x", "active.model=m.pt",
+                                                               "active.backbone=b.pt", *overrides])
+    assert query_count(cfg.active, pool) == queries
+
+
+def test_configs_own_asks_for_100_queries():
+    import yaml
+    with open(os.path.join(ROOT, "configs/own/pipeline.yaml")) as f:
+        overrides = yaml.safe_load(f)["pipeline"]["active"]["overrides"]
+    assert "active.budget=100" in overrides
+    active = load_stage("active", *overrides).active
+    assert (active.budget, active.budget_fraction) == (100, 0.0)
 
 
 @pytest.mark.parametrize("overrides, schedule, fixmatch", [
@@ -355,6 +431,8 @@ def test_bounds_specs():
     ("fixmatch.py", "data.augment.cutout=1", "data.augment.cutout=1.0: expected a finite number in [0, 0.9]"),
     ("pseudolabel.py", "pseudo.schedule=[0.3108,0.6216]",
      "pseudo.schedule[0]=0.3108: expected a whole number of images; fractions moved to pseudo.schedule_fraction"),
+    ("active.py", "active.budget=0.0025",
+     "active.budget=0.0025: expected a whole number of queries; fractions moved to active.budget_fraction"),
 ])
 def test_cli_refuses_before_creating_the_run_dir(tmp_path, script, override, message):
     stage = script[:-3]

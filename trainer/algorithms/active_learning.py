@@ -29,20 +29,27 @@ def candidates(root: str, labeled_split: str) -> tuple[Split, Split, int]:
     return pool, labeled, len(set(labeled.paths) | set(unlabeled.paths))
 
 
-def query_count(budget: float, pool: int) -> int:
-    """active.budget < 1: that fraction of the labeled + unlabeled images (rounded); >= 1: a number of queries."""
-    if budget >= 1 and budget != int(budget):
-        raise ConfigError(f"active.budget={budget}: a number of queries must be whole (or < 1 for a fraction)")
-    count = round(budget * pool) if budget < 1 else int(budget)
+def budget(active) -> tuple[str, int | float]:
+    """(the key that gives the budget, its value) from a config's active section: a number of queries
+    (active.budget) or a fraction of the labeled + unlabeled images (active.budget_fraction)."""
+    return ("active.budget_fraction", active.budget_fraction) if active.budget_fraction else \
+        ("active.budget", active.budget)
+
+
+def query_count(active, pool: int) -> int:
+    """The queries the budget buys: active.budget as given; active.budget_fraction of the `pool` labeled +
+    unlabeled images, rounded, so that one config suits datasets of any size."""
+    key, given = budget(active)
+    count = round(given * pool) if key == "active.budget_fraction" else int(given)
     if count < 1:
-        raise ConfigError(f"active.budget={budget}: asks for {count} queries out of a pool of {pool} images")
+        raise ConfigError(f"{key}={given}: asks for {count} queries out of a pool of {pool} images")
     return count
 
 
-def check_counts(clusters: int, queries: int, images: int):
+def check_counts(clusters: int, queries: int, images: int, budget_key: str = "active.budget"):
     """Each cluster gives at least one query, and each query is an image of its own."""
     if not 1 <= clusters <= queries <= images:
-        raise ConfigError(f"active.clusters={clusters}, active.budget -> {queries} queries: expected "
+        raise ConfigError(f"active.clusters={clusters}, {budget_key} -> {queries} queries: expected "
                           f"1 <= clusters <= queries <= the {images} candidate images")
 
 

@@ -295,12 +295,23 @@ class ActiveSection:
     labeled: str = "labeled"        # the labels so far (split name or CSV): never queried, kept in labeled.csv
     # the budget is split evenly over them; a budget of fewer queries gets that many clusters (said in one line)
     clusters: int = number(200, ">= 1")
-    budget: float = number(0.0025, "> 0")   # < 1: fraction of the labeled + unlabeled images; >= 1: a number of queries
+    # the budget: a whole number of queries (or active.budget_fraction instead; 0 = not set)
+    budget: int = counts(0, ">= 1", fractions="budget_fraction", unit="queries", of="the labeled + unlabeled images")
+    # the budget as a fraction of the labeled + unlabeled images (rounded), so that a config carries over to a
+    # dataset of another size; 0 = active.budget's number of queries
+    budget_fraction: float = fractions(0.0025, "(0, 1]", counts="budget")
     niter: int = number(20, ">= 1")         # k-means iterations
     # faiss trains k-means on at most clusters x this many points; 0 = all
     max_points_per_centroid: int = number(256, ">= 0")
     oracle: bool = False            # answer from unlabeled.csv's hidden labels (simulations only)
     answers: str = ""               # an annotator's CSV (path,label) to import instead
+
+    def __post_init__(self):
+        """The budget comes from one key of the pair."""
+        if bool(self.budget) == bool(self.budget_fraction):
+            raise ConfigError(f"active.budget={self.budget} and active.budget_fraction={self.budget_fraction}: "
+                              "expected the budget in one of them (a number of queries, or a fraction of the "
+                              "labeled + unlabeled images)")
 
 
 @dataclass

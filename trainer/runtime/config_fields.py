@@ -1,5 +1,5 @@
 """The machinery of typed configs: how a key is declared (`choice`, `number`, `path`, `nonempty`, and
-`counts` / `fractions`: one quantity as a number of images or as a fraction of them, in two keys), built
+`counts` / `fractions`: one quantity as a number of images (or queries) or as a fraction, in two keys), built
 from a YAML file and dotted `key=value` overrides (`load`), written back (`dumps`) and listed for --help
 (`keys_help`). The declarations themselves live in trainer.runtime.config.
 
@@ -80,16 +80,18 @@ def path(help: str, required: bool = True):
     return field(default="", metadata={"path": help} | ({"required": True} if required else {}))
 
 
-def counts(default, bounds: str, fractions: str):
-    """A whole number of images, or a list of them, whose sibling field `fractions` says the same as fractions
-    of the images: one key per unit, so that a 1 is one image and never 100%. A config sets one of the two:
-    setting one (in the file, or by an override over the file's) unsets the other, to 0 or []; setting both in
-    one place is refused, and so is a fraction given here, naming `fractions`."""
-    return _paired(default, bounds, {"partner": fractions, "counts": True})
+def counts(default, bounds: str, fractions: str, unit: str = "images", of: str = "them"):
+    """A whole number of `unit` (images, queries), or a list of them, whose sibling field `fractions` says the
+    same as fractions (of `of`: them, the images, for a number of images): one key per unit, so that a 1 is
+    one image and never 100%. A config sets one of the two: setting one (in the file, or by an override over
+    the file's) unsets the other, to 0 or [], a value held to no bounds unless given; setting both in one
+    place is refused, and so is a fraction given here, naming `fractions`."""
+    return _paired(default, bounds, {"partner": fractions, "counts": True, "unit": unit, "of": of})
 
 
 def fractions(default, bounds: str, counts: str):
-    """The sibling of a `counts` field named `counts`: the same quantity as fractions of the images."""
+    """The sibling of a `counts` field named `counts`: the same quantity as fractions of the images (0 or []:
+    not set, `counts` gives it)."""
     return _paired(default, bounds, {"partner": counts})
 
 
@@ -186,20 +188,23 @@ def _build(cls, tree, prefix: str, base=None):
             section = tree.get(name)
             values[name] = _build(hint, section if section is not None else {}, key + ".", getattr(base, name))
             continue
-        if f.metadata.get("counts") and name in tree and partner in tree:
-            raise ConfigError(f"{key} and {prefix}{partner}: expected one of the two (a number of images, or a "
-                              "fraction of them), got both")
+        counted = f.metadata.get("counts")
+        if counted and name in tree and partner in tree:
+            raise ConfigError(f"{key} and {prefix}{partner}: expected one of the two (a number of "
+                              f"{f.metadata['unit']}, or a fraction of {f.metadata['of']}), got both")
+        unset = ([] if typing.get_origin(hint) is list else hint(0)) if partner else None   # a pair's "not set"
         if name in tree:
-            given = _whole(key, tree[name], prefix + partner) if f.metadata.get("counts") else tree[name]
+            given = _whole(key, tree[name], prefix + partner, f.metadata["unit"]) if counted else tree[name]
             value = _coerce(key, hint, given)
         elif partner in tree:   # its sibling is set: this one is not
-            value = [] if typing.get_origin(hint) is list else hint(0)
+            value = unset
         else:
             value = getattr(base, name)
         allowed = f.metadata.get("choices")
         if allowed and value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
-        _check_range(key, hint, value, f.metadata)
+        if name in tree or not partner or value != unset:   # bounds hold for what is set
+            _check_range(key, hint, value, f.metadata)
         if value == "" and "required" in f.metadata:
             raise ConfigError(f"{key}: required: {f.metadata['path']}")
         values[name] = value
@@ -209,14 +214,14 @@ def _build(cls, tree, prefix: str, base=None):
 _KINDS = {int: ("an integer", "integers"), float: ("a finite number", "finite numbers")}
 
 
-def _whole(key: str, value, fractions_key: str):
+def _whole(key: str, value, fractions_key: str, unit: str):
     """A `counts` field's value (a number or a list) with whole floats as ints (configs written before the
     key took counts only have 200.0); any other number is refused, naming the key that takes fractions."""
     if isinstance(value, list):
-        return [_whole(f"{key}[{i}]", v, fractions_key) for i, v in enumerate(value)]
+        return [_whole(f"{key}[{i}]", v, fractions_key, unit) for i, v in enumerate(value)]
     if isinstance(value, float):
         if not value.is_integer():
-            raise ConfigError(f"{key}={value}: expected a whole number of images; fractions moved to {fractions_key}")
+            raise ConfigError(f"{key}={value}: expected a whole number of {unit}; fractions moved to {fractions_key}")
         return int(value)
     return value
 
