@@ -389,7 +389,7 @@ def _seed(*entropy) -> int:
 def _gpu_device_id(device: torch.device) -> int | None:
     """The CUDA device index DALI's GPU pipelines run on for training on `device`; None: CPU pipelines.
 
-    The caller decides the device (trainer.runtime.dist.resolve_device); this only checks that DALI can use it,
+    The caller decides the device (trainer.dist.resolve_device); this only checks that DALI can use it,
     here rather than at the first pipeline build, where DALI fails with an internal assert.
     """
     if device.type != "cuda":

@@ -28,7 +28,8 @@ from data import atomic
 from data.datasets import read_classes
 from trainer.algorithms import active_learning, knn
 from trainer.operations import annotations
-from trainer.runtime import config, dist, engine
+from trainer import dist
+from trainer.runtime import config, engine
 from trainer.runtime.stages import STAGES
 from trainer.runtime.loading import eval_loader
 from trainer.runtime.models import load_backbone, load_classifier

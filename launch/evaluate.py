@@ -17,7 +17,8 @@ evaluate.mirror adds each view's horizontal mirror: always (tta=all) or as a can
 Every rank scores its shard of a split; only hit counts cross ranks.
 """
 from data.datasets import read_classes, read_split
-from trainer.runtime import config, dist, engine
+from trainer import dist
+from trainer.runtime import config, engine
 from trainer.runtime.stages import STAGES
 from trainer.algorithms.knn import faiss_gpu, knn_accuracy
 from trainer.runtime.loading import eval_loader

@@ -8,7 +8,8 @@ Writes run.dir/model.pt: the weights of the epoch with the best val top-1.
 import torch.nn.functional as F
 
 from data.datasets import labeled_with_pseudo_labels, read_classes, read_split
-from trainer.runtime import amp, batch, dist, engine, optim, schedule
+from trainer import dist
+from trainer.runtime import amp, batch, engine, optim, schedule
 from trainer.runtime.loading import eval_loader, loader
 from trainer.runtime.stages import STAGES
 from trainer.runtime.loop import BestModel, Loop

@@ -17,7 +17,8 @@ import torch
 from data.datasets import labeled_with_pseudo_labels, read_classes, read_split, without
 from data.loaders import resolve_backend
 from trainer.algorithms import semi_supervised
-from trainer.runtime import amp, batch, dist, engine, optim, schedule
+from trainer import dist
+from trainer.runtime import amp, batch, engine, optim, schedule
 from trainer.runtime.stages import STAGES
 from trainer.runtime.loading import eval_loader, loader
 from trainer.runtime.loop import BestModel, Loop

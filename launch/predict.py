@@ -55,7 +55,8 @@ from data.datasets import read_classes
 from trainer.operations.labeling_inputs import check_views, read_input, tta_views
 from trainer.operations.predictions_csv import (CHUNKS, PREDICTIONS, SUMMARY, claim_run_dir, fingerprint, label_chunks,
                                                 merge, refuse_bad_images, say_done, scores)
-from trainer.runtime import dist, engine
+from trainer import dist
+from trainer.runtime import engine
 from trainer.runtime.config import ConfigError
 from trainer.runtime.stages import STAGES
 from trainer.runtime.models import load_classifier

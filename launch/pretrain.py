@@ -11,7 +11,8 @@ import dataclasses
 from data.datasets import read_classes, read_split
 from data.loaders import resolve_backend
 from data.views import views_of
-from trainer.runtime import amp, batch, checkpoint, dist, engine, optim, schedule
+from trainer import dist
+from trainer.runtime import amp, batch, checkpoint, engine, optim, schedule
 from trainer.runtime.config import ConfigError
 from trainer.algorithms import knn, self_supervised
 from trainer.runtime.loop import Loop

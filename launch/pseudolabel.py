@@ -19,7 +19,8 @@ from data.datasets import read_classes, read_split
 from data.errors import InputError
 from trainer.algorithms import balanced_selection
 from trainer.operations import pseudo_labeling
-from trainer.runtime import config, dist, engine, stages
+from trainer import dist
+from trainer.runtime import config, engine, stages
 from trainer.runtime.config import FinetuneConfig
 from trainer.runtime.models import load_classifier, save_classifier
 from trainer.runtime.stages import STAGES

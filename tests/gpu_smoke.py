@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.runtime import amp, checkpoint, dist, engine, models, optim, stages
+from trainer import dist
+from trainer.runtime import amp, checkpoint, engine, models, optim, stages
 from trainer.algorithms import losses, tta
 from trainer.runtime.config import EvaluateConfig
 from trainer.algorithms.ema import EMA

@@ -24,7 +24,7 @@ from trainer.algorithms.fixmatch import FixMatch, FlexMatch, FreeMatch, SoftMatc
 from trainer.algorithms.semi_supervised import ALGORITHMS, Algorithm, SemiSupervisedLoss, Setup, register
 from trainer.runtime import amp, checkpoint, config, engine
 from trainer.runtime.config import ConfigError, FixmatchConfig
-from trainer.runtime.dist import Runtime
+from trainer.dist import Runtime
 
 CPU = torch.device("cpu")
 TOYS = os.path.abspath(__file__)

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 
 from multiproc import run_ranks
-from trainer.runtime import dist
-from trainer.runtime.dist import GlobalBatchNorm, sync_batchnorm
+from trainer import dist
+from trainer.dist import GlobalBatchNorm, sync_batchnorm
 
 
 def _bn_shard(rank, x, weight, bias):
@@ -105,9 +105,9 @@ def test_only_trainer_dist_issues_collectives_or_picks_the_device():
     for top in ("trainer", "data", "launch"):
         for path in sorted((PROJECT / top).rglob("*.py")):
             rel = str(path.relative_to(PROJECT))
-            if rel != "trainer/runtime/dist.py":
+            if rel != "trainer/dist.py":
                 found += offending_calls(path.read_text(), rel)
-    assert not found, "route these through trainer/runtime/dist.py:\n" + "\n".join(found)
+    assert not found, "route these through trainer/dist.py:\n" + "\n".join(found)
 
 
 @pytest.mark.parametrize("source", [

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from multiproc import run_ranks
 from trainer.algorithms.fixmatch import (DistributionAlignment, FixMatch, FlexMatch, FreeMatch, SoftMatch,
                                          fixmatch_loss)
-from trainer.runtime.dist import Runtime
+from trainer.dist import Runtime
 
 C = 3
 CPU = torch.device("cpu")

@@ -2,7 +2,7 @@
 import torch
 
 from trainer.runtime import amp
-from trainer.runtime.dist import Runtime
+from trainer.dist import Runtime
 from trainer.runtime.models import Classifier, build_backbone
 
 

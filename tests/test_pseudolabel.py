@@ -196,7 +196,7 @@ def test_mean_scorer_ranks_by_the_classifier_and_label_propagation_together(tmp_
 def _predict(rank, data, world_dir, on_bad_image="error"):
     from data.datasets import read_split
     from data.loaders import build_loader
-    from trainer.runtime.dist import init
+    from trainer.dist import init
     from trainer.runtime.models import Classifier, build_backbone
     from trainer.runtime.predict import write_predictions
     torch.manual_seed(0)

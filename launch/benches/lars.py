@@ -13,7 +13,7 @@ import time
 import torch
 import torchvision
 
-from trainer.runtime.dist import resolve_device
+from trainer.dist import resolve_device
 from trainer.runtime.optim import LARS, lars_param_groups
 
 TARGET_RATIO = 3.0

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from data.datasets import Split, read_split, without
 from trainer.algorithms import cluster
 from trainer.runtime.config import ConfigError
-from trainer.runtime.dist import Runtime
+from trainer.dist import Runtime
 from trainer.runtime.predict import stream_rows
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.algorithms.semi_supervised import Algorithm, SemiSupervisedLoss, Setup, register
-from trainer.runtime import dist
+from trainer import dist
 
 MOMENTUM = 0.999   # of every running statistic
 

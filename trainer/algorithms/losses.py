@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.runtime.dist import all_reduce_sum
+from trainer.dist import all_reduce_sum
 
 
 def barlow_twins(z1: torch.Tensor, z2: torch.Tensor, lambd: float, global_batch: int) -> torch.Tensor:

@@ -29,7 +29,8 @@ from torch import nn
 from trainer.algorithms import batchnorm
 from trainer.algorithms.ema import EMA
 from trainer.algorithms.registry import SEMI_SUPERVISED as ALGORITHMS
-from trainer.runtime import amp, dist
+from trainer import dist
+from trainer.runtime import amp
 from trainer.runtime.config import FixmatchConfig
 from trainer.runtime.loop import BestModel, EpochSums, Stateful
 from trainer.runtime.predict import accuracy

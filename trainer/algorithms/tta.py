@@ -12,8 +12,8 @@ import itertools
 
 import torch
 
-from trainer.runtime import dist
-from trainer.runtime.dist import Runtime
+from trainer import dist
+from trainer.dist import Runtime
 from trainer.runtime.predict import outputs
 
 

@@ -23,7 +23,8 @@ import torch
 from data import atomic
 from data.datasets import BadImageError, Split, load_image
 from data.prepare_messages import shown
-from trainer.runtime import config, dist, engine, rundir
+from trainer import dist
+from trainer.runtime import config, engine, rundir
 from trainer.runtime.engine import StageError
 from trainer.runtime.loading import eval_loader
 from trainer.runtime.predict import outputs

@@ -6,7 +6,8 @@ import os
 from data.datasets import read_classes, read_split
 from trainer.algorithms import balanced_selection, label_propagation
 from trainer.algorithms.knn import faiss_gpu
-from trainer.runtime import dist, engine
+from trainer import dist
+from trainer.runtime import engine
 from trainer.runtime.loading import eval_loader
 from trainer.runtime.models import load_classifier
 from trainer.runtime.predict import accuracy, write_predictions

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import submitit
 
-from trainer.runtime.dist import shutdown
+from trainer.dist import shutdown
 
 PORT_BASE, PORT_SPAN = 20000, 12000  # MASTER_PORT stays below Linux's ephemeral ports (32768+)
 # A GPU job's share of a node when sinfo cannot say: a common ratio on GPU nodes.

@@ -12,8 +12,9 @@ import time
 import torch
 
 from data.errors import InputError
-from trainer.runtime import config, dist
-from trainer.runtime.dist import Runtime
+from trainer import dist
+from trainer.runtime import config
+from trainer.dist import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,9 @@ from tqdm import tqdm
 
 from data import atomic, datasets
 from data.errors import InputError
-from trainer.runtime import checkpoint, config, dist, rundir
-from trainer.runtime.dist import Runtime, barrier, shutdown
+from trainer import dist
+from trainer.runtime import checkpoint, config, rundir
+from trainer.dist import Runtime, barrier, shutdown
 
 
 class StageError(InputError):

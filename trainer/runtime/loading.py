@@ -12,8 +12,8 @@ import os
 from data.datasets import Split
 from data.loaders import build_loader, resolve_backend
 from data.transforms import Augment
-from trainer.runtime import dist
-from trainer.runtime.dist import Runtime
+from trainer import dist
+from trainer.dist import Runtime
 
 
 def scan_for_dali(split: Split, workers: int) -> dict:

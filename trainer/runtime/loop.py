@@ -15,7 +15,8 @@ from typing import Callable, Protocol
 
 import torch
 
-from trainer.runtime import checkpoint, dist, schedule
+from trainer import dist
+from trainer.runtime import checkpoint, schedule
 
 
 class Stateful(Protocol):

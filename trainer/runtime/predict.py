@@ -10,7 +10,7 @@ import torch
 
 from data import atomic
 from trainer.runtime.amp import autocast
-from trainer.runtime.dist import Runtime, all_gather_object, all_reduce_, barrier, world_size
+from trainer.dist import Runtime, all_gather_object, all_reduce_, barrier, world_size
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import yaml
 
 from data.errors import InputError
-from trainer.runtime import dist, engine
+from trainer import dist
+from trainer.runtime import engine
 from trainer.runtime.config import (ActiveConfig, ConfigError, EvaluateConfig, FinetuneConfig, FixmatchConfig,
                                     PipelineConfig,
                                     PredictConfig, PretrainConfig, PseudolabelConfig)
