@@ -15,7 +15,6 @@ row of ANSWERS.csv is checked before any stage runs; answers corrected after the
 again and the steps that read them (FixMatch after active learning, its evaluation, predict) rerun.
 pipeline.active_learning=false leaves active learning out: FixMatch's model is then the final one.
 """
-import argparse
 import os
 import shutil
 import time
@@ -27,9 +26,7 @@ from trainer.runtime.stages import STAGES
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=STAGES["pipeline"].description,
-                                     epilog=config.keys_help(PipelineConfig),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = engine.ConfigParser(PipelineConfig, STAGES["pipeline"].description)
     parser.add_argument("--config", required=True)
     parser.add_argument("--force", action="append", default=[], metavar="STAGE",
                         help="rerun STAGE and everything after it (repeatable; 'all' for everything)")

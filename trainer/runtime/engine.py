@@ -25,10 +25,21 @@ class StageError(InputError):
     """Bad input found while a stage runs; printed as one line, exit status 2."""
 
 
+class ConfigParser(argparse.ArgumentParser):
+    """A command line whose --help lists every key of the config class `cls`, written only when asked for."""
+
+    def __init__(self, cls, description: str):
+        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+        self.config_class = cls
+
+    def format_help(self) -> str:
+        self.epilog = config.keys_help(self.config_class)
+        return super().format_help()
+
+
 def parse(cls, argv, description: str):
     """`--config FILE [dotted.key=value ...]` -> a config of type `cls`; --help lists every key of `cls`."""
-    parser = argparse.ArgumentParser(description=description, epilog=config.keys_help(cls),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ConfigParser(cls, description)
     parser.add_argument("--config", help="YAML config (defaults apply to what it leaves out)")
     parser.add_argument("--restart", action="store_true",
                         help="run.dir holds a previous run: move it aside (to run.dir/replaced/) and start over")
