@@ -7,7 +7,6 @@ command line: the TTA views (--scales or an eval.json), the input size.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -23,6 +22,7 @@ from PIL import Image
 from data import atomic
 from data.datasets import load_image, read_split
 from data.pillow_resize import ScaleView, fit_geometry, pixel_levels
+from data.same_content import file_digest
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, evaluate
 from trainer.runtime import engine
 from trainer.algorithms.tta import scale_probabilities, tta_probabilities
@@ -227,11 +227,7 @@ class ExportFolder:
 
 
 def _record(path: str) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
+    return {"size": os.path.getsize(path), "sha256": file_digest(path).hex()}
 
 
 def to_torchscript(exported: ExportedClassifier) -> torch.jit.ScriptModule:
