@@ -127,8 +127,9 @@ def imported_answers(run_dir: str) -> dict:
     """{query path: class id} that run_dir/labeled.csv took from the answers (its rows of queried images): what
     the steps after active learning were trained on, whatever file or oracle gave them."""
     queried = {q["path"] for q in read_queries(os.path.join(run_dir, "queries.csv"))}
-    with open(os.path.join(run_dir, "labeled.csv"), newline="", encoding="utf-8") as f:
-        return {row["path"]: int(row["label"]) for row in csv.DictReader(f) if row["path"] in queried}
+    header, rows = read_csv(os.path.join(run_dir, "labeled.csv"), "the labeled images")
+    path, label = header.index("path"), header.index("label")
+    return {row[path]: int(row[label]) for row in rows if row[path] in queried}
 
 
 def check_oracle(cfg, pool: Split):
