@@ -35,7 +35,7 @@ from PIL import Image
 
 from trainer import dist
 from trainer.runtime import amp, checkpoint, engine, models, optim, stages
-from trainer.algorithms import losses, tta
+from trainer.algorithms import losses, self_supervised, tta
 from trainer.runtime.config import EvaluateConfig
 from trainer.algorithms.ema import EMA
 from trainer.algorithms.semi_supervised import EPOCH_SUMS, epoch_summary
@@ -272,7 +272,7 @@ def s3_numerics(smoke: Smoke) -> str:
 
     def barlow_twins():
         torch.manual_seed(0)
-        return models.BarlowTwins(models.build_backbone("small", False, 8), [64, 64], 0.0051, batch)
+        return self_supervised.BarlowTwins(models.build_backbone("small", False, 8), [64, 64], 0.0051, batch)
 
     model = rt.place(dist.sync_batchnorm(barlow_twins()))
     sync_type = torch.nn.SyncBatchNorm if smoke.cuda else dist.GlobalBatchNorm

@@ -6,7 +6,8 @@ import time
 import torch
 
 from trainer.runtime import amp, optim
-from trainer.runtime.models import BarlowTwins, build_backbone
+from trainer.algorithms.self_supervised import BarlowTwins
+from trainer.runtime.models import build_backbone
 
 _PRETRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pretrain.py")
 

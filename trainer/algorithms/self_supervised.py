@@ -13,11 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import nn
 
-from trainer.algorithms.registry import SELF_SUPERVISED as METHODS
+from trainer.algorithms import losses
+from trainer.runtime.registry import SELF_SUPERVISED as METHODS
 from trainer.runtime.config import PretrainConfig
-from trainer.runtime.models import BarlowTwins
 
 register = METHODS.register
 
@@ -26,6 +27,29 @@ register = METHODS.register
 class Method:
     views: str   # the loader kind whose views a batch holds (data/views.py)
     build: Callable[[nn.Module, PretrainConfig, int], nn.Module]   # (backbone, cfg, global batch) -> the model
+
+
+class BarlowTwins(nn.Module):
+    """Backbone + projector; forward(view1, view2) returns the loss over the global batch."""
+
+    def __init__(self, backbone: nn.Module, projector: list[int], lambd: float, global_batch: int):
+        super().__init__()
+        self.backbone = backbone
+        sizes = [backbone.out_dim] + list(projector)
+        layers = []
+        for cin, cout in zip(sizes[:-2], sizes[1:-1]):
+            layers += [nn.Linear(cin, cout, bias=False), nn.BatchNorm1d(cout), nn.ReLU(inplace=True)]
+        layers.append(nn.Linear(sizes[-2], sizes[-1], bias=False))
+        self.projector = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm1d(sizes[-1], affine=False)   # standardises z over the global batch
+        self.lambd = lambd
+        self.global_batch = global_batch
+
+    def forward(self, y1, y2):
+        p1, p2 = self.projector(self.backbone(y1)), self.projector(self.backbone(y2))
+        with torch.autocast(p1.device.type, enabled=False):   # the correlation needs fp32
+            return losses.barlow_twins(self.bn(p1.float()), self.bn(p2.float()), self.lambd, self.global_batch)
+
 
 
 register("barlow_twins")(Method(

@@ -28,7 +28,7 @@ from torch import nn
 
 from trainer.algorithms import batchnorm
 from trainer.algorithms.ema import EMA
-from trainer.algorithms.registry import SEMI_SUPERVISED as ALGORITHMS
+from trainer.runtime.registry import SEMI_SUPERVISED as ALGORITHMS
 from trainer import dist
 from trainer.runtime import amp
 from trainer.runtime.config import FixmatchConfig

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trainer.algorithms.registry import SELF_SUPERVISED, SEMI_SUPERVISED
+from trainer.runtime.registry import SELF_SUPERVISED, SEMI_SUPERVISED
 from trainer.runtime.config_fields import Bounds, ConfigError, choice, counts, fractions, nonempty, number, path
 # the stages load, dump and describe their configs through this module
 from trainer.runtime.config_fields import dumps, keys_help, load, to_dict  # noqa: F401 (re-exported)

@@ -40,7 +40,7 @@ class ConfigError(InputError):
 
 def choice(default, *choices):
     """A str field restricted to `choices`, or to the names of one collection given instead (a
-    trainer.algorithms.registry.Registry), read each time a config is validated: a name registered
+    trainer.runtime.registry.Registry), read each time a config is validated: a name registered
     since counts."""
     names = choices[0] if len(choices) == 1 and not isinstance(choices[0], str) else choices
     return field(default=default, metadata={"choices": names})

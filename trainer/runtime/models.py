@@ -1,4 +1,4 @@
-"""Backbones (torchvision ResNets, a small CPU-friendly net), the Barlow Twins model, the classifier."""
+"""Backbones (torchvision ResNets, a small CPU-friendly net) and the classifier."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,6 @@ import torchvision
 
 from data import datasets
 from trainer.runtime import checkpoint
-from trainer.algorithms import losses
 
 log = logging.getLogger(__name__)
 
@@ -56,28 +55,6 @@ def build_backbone(name: str, small_stem: bool = False, width: int = 32) -> nn.M
 def residual_stages(backbone: nn.Module) -> list[str]:
     """Names of the modules whose outputs are the per-stage feature maps."""
     return [n for n in ("layer1", "layer2", "layer3", "layer4") if hasattr(backbone, n)]
-
-
-class BarlowTwins(nn.Module):
-    """Backbone + projector; forward(view1, view2) returns the loss over the global batch."""
-
-    def __init__(self, backbone: nn.Module, projector: list[int], lambd: float, global_batch: int):
-        super().__init__()
-        self.backbone = backbone
-        sizes = [backbone.out_dim] + list(projector)
-        layers = []
-        for cin, cout in zip(sizes[:-2], sizes[1:-1]):
-            layers += [nn.Linear(cin, cout, bias=False), nn.BatchNorm1d(cout), nn.ReLU(inplace=True)]
-        layers.append(nn.Linear(sizes[-2], sizes[-1], bias=False))
-        self.projector = nn.Sequential(*layers)
-        self.bn = nn.BatchNorm1d(sizes[-1], affine=False)   # standardises z over the global batch
-        self.lambd = lambd
-        self.global_batch = global_batch
-
-    def forward(self, y1, y2):
-        p1, p2 = self.projector(self.backbone(y1)), self.projector(self.backbone(y2))
-        with torch.autocast(p1.device.type, enabled=False):   # the correlation needs fp32
-            return losses.barlow_twins(self.bn(p1.float()), self.bn(p2.float()), self.lambd, self.global_batch)
 
 
 class Classifier(nn.Module):
