@@ -62,10 +62,12 @@ def cli(main):
 
 
 def check_dataset(cfg, rt: Runtime, labeled: str = "labeled"):
-    """The dataset's splits against each other (data.datasets.check_dataset) before a stage's first write:
-    errors stop every rank with one line, rank 0 prints the warnings."""
-    for warning in datasets.check_dataset(cfg.data.root, labeled):
-        if rt.is_main:
+    """The dataset's splits against each other (data.datasets.check_dataset) before a stage's first write,
+    on rank 0 alone (it reads every CSV, and may stat every image: once per job, not once per rank on a
+    shared filesystem): errors stop every rank with its one line, rank 0 prints the warnings."""
+    warnings = dist.rank0_decides(lambda: datasets.check_dataset(cfg.data.root, labeled))
+    if rt.is_main:
+        for warning in warnings:
             tqdm.write(f"warning: {warning}", file=sys.stderr)
 
 
