@@ -22,9 +22,10 @@ CSVS = ("labeled.csv", "val.csv", "test.csv", "unlabeled.csv")
 SCORED = ("val", "test")
 
 
-def file_digest(path: str) -> bytes:
-    """SHA-256 of a file's bytes, read in 1 MiB blocks (hashlib.file_digest is Python 3.11+; 3.10 is supported)."""
-    digest = hashlib.sha256()
+def file_digest(path: str, algorithm: str = "sha256") -> bytes:
+    """The digest of a file's bytes, read in 1 MiB blocks (hashlib.file_digest is Python 3.11+; 3.10 is
+    supported)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)

@@ -26,11 +26,10 @@ import time
 
 from data import atomic
 from data.datasets import read_classes
+from trainer import dist
 from trainer.algorithms import active_learning, knn
 from trainer.operations import annotations
-from trainer import dist
-from trainer.runtime import config, engine
-from trainer.runtime.stages import STAGES
+from trainer.runtime import config, engine, stages
 from trainer.runtime.loading import eval_loader
 from trainer.runtime.models import load_backbone, load_classifier
 
@@ -42,7 +41,7 @@ def parse(argv):
         argv = annotations.import_argv(argv)
     elif argv[:1] == ["run"]:
         argv = argv[1:]
-    cfg = STAGES["active"].parse(argv)
+    cfg = stages.STAGES["active"].parse(argv)
     if cfg.active.oracle and cfg.active.answers:
         raise config.ConfigError("active.oracle and active.answers: choose one source of answers")
     return cfg

@@ -17,13 +17,12 @@ import os
 
 from data.datasets import read_classes, read_split
 from data.errors import InputError
+from trainer import dist
 from trainer.algorithms import balanced_selection
 from trainer.operations import pseudo_labeling
-from trainer import dist
 from trainer.runtime import config, engine, stages
 from trainer.runtime.config import FinetuneConfig
 from trainer.runtime.models import load_classifier, save_classifier
-from trainer.runtime.stages import STAGES
 
 
 def finetune_argv(cfg, run_dir, init, epochs, pseudo_labels="") -> list[str]:
@@ -36,7 +35,7 @@ def finetune_argv(cfg, run_dir, init, epochs, pseudo_labels="") -> list[str]:
 def finetune(cfg, run_dir, init, epochs, pseudo_labels=""):
     """A finished fine-tune (model.pt present) is kept; its val top-1."""
     if not os.path.exists(os.path.join(run_dir, "model.pt")):
-        STAGES["finetune"].run(finetune_argv(cfg, run_dir, init, epochs, pseudo_labels))
+        stages.STAGES["finetune"].run(finetune_argv(cfg, run_dir, init, epochs, pseudo_labels))
     return engine.read_done(run_dir)["val_top1"]
 
 
@@ -53,7 +52,7 @@ def check(cfg):
         raise config.ConfigError(f"propagation.k={cfg.propagation.k}: expected fewer than the {images} labeled + "
                                  "unlabeled images")
     # the iterations' fine-tune recipe, with this run's shared settings, is checked now, not after the first predictions
-    nested = STAGES["finetune"]
+    nested = stages.STAGES["finetune"]
     try:
         nested.check(nested.parse(finetune_argv(cfg, cfg.run.dir, cfg.pseudo.model, cfg.pseudo.pseudo_epochs)))
     except InputError as e:   # its keys are the fine-tunes', set in pseudo.finetune_config and _overrides
@@ -62,7 +61,7 @@ def check(cfg):
 
 
 def main(argv=None):
-    cfg, rt = STAGES["pseudolabel"].start(argv)
+    cfg, rt = stages.STAGES["pseudolabel"].start(argv)
     classes = read_classes(cfg.data.root)
     num_classes = len(classes)
     unlabeled, labeled = read_split(cfg.data.root, "unlabeled"), read_split(cfg.data.root, "labeled")

@@ -23,6 +23,7 @@ import torch
 from data import atomic
 from data.datasets import BadImageError, Split, load_image
 from data.prepare_messages import shown
+from data.same_content import file_digest
 from trainer import dist
 from trainer.runtime import config, engine, rundir
 from trainer.runtime.engine import StageError
@@ -37,19 +38,11 @@ PREDICTIONS, BAD_IMAGES, SUMMARY, INPUTS, CHUNKS = (
 
 # ---- what a resumed run must find unchanged ----
 
-def sha1_of_file(path: str) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fingerprint(split: Split, model: str, scales: list[int], mirror: bool) -> dict:
     """What a resumed run must find unchanged: the rows (their paths, in order), the model's bytes and the
     TTA views (tta_from's eval.json may have changed since)."""
     rows = hashlib.sha1("\n".join(relative_paths(split)).encode("utf-8", "surrogateescape")).hexdigest()
-    return {"rows": len(split), "rows_sha1": rows, "model_sha1": sha1_of_file(model), "scales": scales,
+    return {"rows": len(split), "rows_sha1": rows, "model_sha1": file_digest(model, "sha1").hex(), "scales": scales,
             "mirror": mirror}
 
 
