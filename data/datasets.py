@@ -1,9 +1,10 @@
 """The dataset layout on disk: class names, CSV splits, image decoding and a per-sample-seeded Dataset.
 
 ROOT/classes.txt lists one class per line (line number = class id); ROOT/{labeled,val,test}.csv
-hold `path,label`, ROOT/unlabeled.csv holds `path` and optionally a hidden `label`. Paths are
-relative to ROOT and must stay inside it; labels are class ids (spaces around them ignored). Files are
-read through data.labels: UTF-8, a byte-order mark accepted, class names cleaned.
+hold `path,label`, ROOT/unlabeled.csv holds `path` and optionally a hidden `label` (a class id, or
+the name of a class outside the class list: data.labels.hidden_label_ids). Paths are relative to ROOT
+and must stay inside it; labels are class ids (spaces around them ignored). Files are read through
+data.labels: UTF-8, a byte-order mark accepted, class names cleaned.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from data import same_content
 from data.errors import InputError
-from data.labels import read_class_list, read_csv
+from data.labels import hidden_label_ids, read_class_list, read_csv
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,8 @@ def read_split(root, name) -> Split:
     root = os.path.abspath(root)
     csv_path = split_csv(root, name)
     split_name = name if name in SPLITS else os.path.splitext(os.path.basename(csv_path))[0]
-    num_classes = len(read_classes(root))
+    classes = read_classes(root)
+    num_classes = len(classes)
     header, rows = read_csv(csv_path, "the split")
     if not header or header[0] != "path":
         raise InputError(f"{csv_path}:1: expected a header starting with 'path' (path,label), got {header}")
@@ -108,6 +110,9 @@ def read_split(root, name) -> Split:
     if any(_escapes_root(rel) for rel in relative):
         _first_bad_line(csv_path, rows, lambda row: _escapes_root(row[0]), f"a path relative to and inside {root}")
     paths = [f"{root}/{rel}" for rel in relative]
+    if label_col is not None and split_name == "unlabeled":
+        hidden = np.array(hidden_label_ids([row[label_col] for row in rows], csv_path, classes), np.int64)
+        return Split(root, split_name, paths, None, hidden)
     labels = None
     if label_col is not None:
         expected = f"an integer label in [0, {num_classes}) in column {label_col + 1}"

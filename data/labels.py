@@ -89,6 +89,49 @@ def label_ids(labels: list[str], lines: list[int], path: str, classes: list[str]
     return out
 
 
+# The hidden label of an unlabeled image whose class is not in the class list (an open-set simulation:
+# `prepare fashion-mnist --open-set-classes`): it matches no class the model can predict, so that a
+# pseudo-label or an answer on such an image counts as wrong.
+OUTSIDE_CLASSES = -1
+
+
+def hidden_label_ids(labels: list[str], path: str, classes: list[str]) -> list[int]:
+    """The class ids of unlabeled.csv's hidden label column (simulations): each label a class id in [0, C),
+    or the name of a class outside the class list, read as OUTSIDE_CLASSES (the CSV keeps which class it
+    is). Raises at the first label that is neither: a number out of range, an empty label, a class name of
+    the list (its id is expected there, as in every split). Line numbers count the header."""
+    listed = {clean(name) for name in classes}
+    out = []
+    for line, label in enumerate(map(clean, labels), start=2):
+        number = label.lstrip("+-")
+        if label.isascii() and label.isdigit() and int(label) < len(classes):
+            out.append(int(label))
+        elif label and label not in listed and not (number.isascii() and number.isdigit()):
+            out.append(OUTSIDE_CLASSES)
+        else:
+            listed_name = " (a class of the list: its id is expected)" if label in listed else ""
+            raise InputError(f"{path}:{line}: hidden label {label!r}{listed_name}: expected a class id in "
+                             f"[0, {len(classes)}) or the name of a class outside the class list")
+    return out
+
+
+def outside_classes(pool_hidden, picked_hidden) -> dict:
+    """{"outside_classes": how many picked images (by their hidden labels, arrays) are of classes outside the
+    class list} for a pool that holds such images (an open-set simulation), {} for any other pool: what
+    pseudo-labels and active learning's queries record of them."""
+    if not (pool_hidden == OUTSIDE_CLASSES).any():
+        return {}
+    return {"outside_classes": int((picked_hidden == OUTSIDE_CLASSES).sum())}
+
+
+def landed_outside(summary: dict, total: int, noun: str) -> str:
+    """"; N of M <noun> landed on images of classes outside the class list" from a summary holding
+    outside_classes' count, "" from any other: how every stage says it."""
+    if "outside_classes" not in summary:
+        return ""
+    return f"; {summary['outside_classes']} of {total} {noun} landed on images of classes outside the class list"
+
+
 def read_class_list(path: str) -> list[str]:
     """One class name per line (classes.txt, prepare's --classes), cleaned, each once, none empty."""
     try:

@@ -12,7 +12,10 @@ the model's softmax, the budget split evenly over the clusters. Writes
 run.dir/queries.csv (path,cluster,margin,guess; most uncertain first; query number = data row),
 assignment.npy (every candidate's cluster) and contact sheets for the annotator: queries.png
 (queries 1-100), queries-2.png (101-200), ... With active.oracle=true the hidden labels of
-unlabeled.csv then answer the queries (simulations; nothing beyond the queries is revealed).
+unlabeled.csv then answer the queries (simulations; nothing beyond the queries is revealed); a query on
+an image of a class outside the class list (`prepare fashion-mnist --open-set-classes`) is answered
+"none of the classes" and stays out of labeled.csv, and answers_summary.json counts such queries
+(outside_classes), as the summary line says.
 
 import (the same as active.answers=ANSWERS.csv): an annotator's answers to run.dir/queries.csv, a CSV
 with columns path and label (label = class name or class id; an empty label leaves the image out), e.g.

@@ -1,6 +1,7 @@
 """Builds a semiscale dataset (classes.txt, labeled/val/test/unlabeled.csv, images/) from a source.
 
     python launch/prepare.py fashion-mnist --out ROOT [--labels-per-class 30 --val-size 5000 --seed 0]
+        [--long-tail R] [--open-set-classes N --open-set-fraction F] [--unlabeled-size N]
     python launch/prepare.py folder SRC --out ROOT --labels-per-class N --val-per-class M --test-per-class T [--link]
     python launch/prepare.py own --out ROOT --unlabeled DIR [DIR ...] --labeled DIR|CSV [--classes FILE]
         (--val DIR|CSV | --val-per-class N) (--test DIR|CSV | --test-per-class N)
@@ -11,7 +12,9 @@ class-balanced and seeded, and unlabeled.csv keeps the true label as a hidden co
 your own data as it is: unlabeled.csv lists the images of the --unlabeled folders (no label column),
 labeled.csv those of --labeled (DIR/<class>/<images>, or a CSV path,label whose paths are relative to
 the CSV's folder or absolute, and whose labels are class names or, names winning, ids into the
-class list). Given --val/--test splits are kept as they are (less copies of labeled pictures);
+class list). fashion-mnist's options shape data unlike the demo (data.prepare.pool_variants): a
+long-tailed unlabeled pool, classes outside the class list in it (open set: their hidden label is their
+class name), a small pool; prepare.json's params record them (`variant`). Given --val/--test splits are kept as they are (less copies of labeled pictures);
 otherwise N images per class are drawn (seeded) from the labeled ones, and every class keeps at least
 one labeled image. One file (symlinks, '..' and hard links resolved) listed twice, in one split or in
 two, a class that the labeled set (or --classes) does not have, and an unknown class id are errors.

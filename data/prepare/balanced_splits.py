@@ -28,7 +28,12 @@ def stratified_counts(available: np.ndarray, total: int) -> np.ndarray:
     """Splits `total` across classes in proportion to `available` (largest remainders get the leftovers)."""
     if total > available.sum():
         raise PrepareError(f"--val-size {total}: only {available.sum()} images are left after the labeled split")
-    exact = total * available / max(available.sum(), 1)
+    return apportion(available, total)
+
+
+def apportion(weights: np.ndarray, total: int) -> np.ndarray:
+    """`total` split into whole counts in proportion to `weights` (largest remainders get the leftovers)."""
+    exact = total * weights / weights.sum() if weights.sum() > 0 else np.zeros(len(weights))
     counts = np.floor(exact).astype(np.int64)
     leftover = total - counts.sum()
     counts[np.argsort(-(exact - counts), kind="stable")[:leftover]] += 1

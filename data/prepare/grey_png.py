@@ -27,15 +27,17 @@ def write_grey_pngs(job) -> int:
     return n
 
 
-def write_grey_pngs_in(pool, root: str, parts: dict, chunk: int = 2000) -> tuple[dict, int]:
-    """Writes each part's images (name -> N x H x W uint8) as ROOT/images/<part>/<index>.png in `pool`;
-    returns ({part: their paths relative to ROOT}, how many were written)."""
-    paths = {}
+def write_grey_pngs_in(pool, root: str, parts: dict, chunk: int = 2000, rows: dict | None = None) -> tuple[dict, int]:
+    """Writes each part's images (name -> N x H x W uint8) as ROOT/images/<part>/<index>.png in `pool`, or
+    only those of `rows` (name -> indices: the images a dataset lists, still named by their index);
+    returns ({part: the paths relative to ROOT of all its images}, how many were written)."""
+    paths, kept = {}, {}
     for part, images in parts.items():
         os.makedirs(os.path.join(root, "images", part))
         paths[part] = png_paths(part, len(images))
-    jobs = [(images[i:i + chunk], [os.path.join(root, p) for p in paths[part][i:i + chunk]])
-            for part, images in parts.items() for i in range(0, len(images), chunk)]
+        kept[part] = np.arange(len(images)) if rows is None else np.sort(rows[part])
+    jobs = [(parts[part][index[i:i + chunk]], [os.path.join(root, p) for p in paths[part][index[i:i + chunk]]])
+            for part, index in kept.items() for i in range(0, len(index), chunk)]
     return paths, sum(pool.imap_unordered(write_grey_pngs, jobs))
 
 

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from data import atomic
 from data.datasets import Split, load_image, read_split
-from data.labels import label_ids, read_csv
+from data.labels import OUTSIDE_CLASSES, label_ids, landed_outside, outside_classes, read_csv
 from trainer.runtime import engine
 from trainer.runtime.config import ConfigError
 from trainer.runtime.engine import StageError
@@ -141,11 +141,13 @@ def check_oracle(cfg, pool: Split):
 
 
 def oracle_answers(queries: list[dict], unlabeled: Split) -> dict:
-    """The hidden labels of the queried images, and of no other image."""
+    """The hidden labels of the queried images, and of no other image. An image of a class outside the
+    class list (an open-set simulation) is answered "none of the classes": no answer, as an annotator's
+    empty label, so it stays out of labeled.csv (answers_summary counts it)."""
     if unlabeled.hidden_labels is None:
         raise StageError(f"active.oracle: {unlabeled.root}/unlabeled.csv has no hidden label column")
     hidden = dict(zip((_relative(unlabeled, p) for p in unlabeled.paths), unlabeled.hidden_labels))
-    return {q["path"]: int(hidden[q["path"]]) for q in queries}
+    return {q["path"]: int(hidden[q["path"]]) for q in queries if hidden[q["path"]] != OUTSIDE_CLASSES}
 
 
 def import_argv(argv: list[str]) -> list[str]:
@@ -175,9 +177,13 @@ def record_answers(run, classes, collected: tuple) -> dict:
     write_labeled(run.path("labeled.csv"), labeled, answers)
     summary = answers_summary(source, queries, answers, labeled, unlabeled, classes)
     engine.write_json(run.path("answers_summary.json"), summary)
-    run.say(f"{summary['answered']} of {summary['queries']} queries answered ({source}); "
+    outside = landed_outside(summary, summary["queries"], "queries")
+    if summary.get("outside_classes") and source == "oracle":
+        outside += " (the oracle answers them none of the classes: they stay out of labeled.csv)"
+    run.say(f"{summary['answered']} of {summary['queries']} queries answered ({source}){outside}; "
             f"{run.path('labeled.csv')} holds {summary['labeled_after']} labels")
-    return {k: summary[k] for k in ("answered", "labeled_after", "guess_accuracy", "answer_accuracy")}
+    return {k: summary[k] for k in ("answered", "labeled_after", "guess_accuracy", "answer_accuracy", "outside_classes")
+            if k in summary}
 
 
 def write_labeled(path: str, labeled: Split, answers: dict):
@@ -198,7 +204,9 @@ def answers_summary(source, queries, answers, labeled: Split, unlabeled: Split, 
                "guess_accuracy": float(np.mean(guess_right)) if answered else None,   # the model on its queries
                "answer_accuracy": None,
                "class_counts": np.bincount(list(answers.values()), minlength=len(classes)).tolist()}
-    if unlabeled.hidden_labels is not None and answered:   # simulations: how good the answers were
+    if unlabeled.hidden_labels is not None:   # simulations: how good the answers were, how many queries were wasted
         hidden = dict(zip((_relative(unlabeled, p) for p in unlabeled.paths), unlabeled.hidden_labels))
-        summary["answer_accuracy"] = float(np.mean([hidden[q["path"]] == answers[q["path"]] for q in answered]))
+        if answered:
+            summary["answer_accuracy"] = float(np.mean([hidden[q["path"]] == answers[q["path"]] for q in answered]))
+        summary.update(outside_classes(unlabeled.hidden_labels, np.array([hidden[q["path"]] for q in queries])))
     return summary

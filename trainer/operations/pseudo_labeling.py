@@ -4,6 +4,7 @@ and the balanced top-P selection written as a CSV with its summary."""
 import os
 
 from data.datasets import read_classes, read_split
+from data.labels import outside_classes
 from trainer.algorithms import balanced_selection, label_propagation
 from trainer.algorithms.knn import faiss_gpu
 from trainer import dist
@@ -59,6 +60,7 @@ def select(pred_dir, unlabeled, num_classes, given, cfg, out_csv, out_json) -> d
                **chosen.summary()}
     if unlabeled.hidden_labels is not None:
         summary.update(balanced_selection.selection_precision(chosen, unlabeled.hidden_labels, num_classes))
+        summary.update(outside_classes(unlabeled.hidden_labels, unlabeled.hidden_labels[chosen.indices]))
     balanced_selection.write_pseudo_labels(out_csv, chosen, unlabeled)
     engine.write_json(out_json, summary)
     return summary
