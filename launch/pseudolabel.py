@@ -8,19 +8,24 @@ instead of the model before it.
 
     python launch/pseudolabel.py --config configs/demo/pseudolabel.yaml [key=value ...]
 
+Every model, pseudo.model and each iteration's, is scored by this stage's one val pass (inference.batch_size,
+inference.precision); an iteration replaces pseudo.model only by beating it (trainer/runtime/keep.py).
+
 Writes in run.dir: iter<i>/ (predictions, pseudo_labels.csv, selection.json, the two fine-tune runs),
-model.pt (the best by val), predictions/ of that model, pseudo_labels.csv (its top_k x P selection of
-pseudo.fixmatch_p or pseudo.fixmatch_fraction, for FixMatch) and selection.json (every iteration's
-figures; p is the P used, p_given the configured value it was resolved from).
+kept.json (pseudo.model against the best iteration), model.pt (the best by val), predictions/ of that
+model, pseudo_labels.csv (its top_k x P selection of pseudo.fixmatch_p or pseudo.fixmatch_fraction, for
+FixMatch) and selection.json (every iteration's figures; p is the P used, p_given the configured value it
+was resolved from).
 """
 import os
 
 from data.datasets import read_classes, read_split
 from data.errors import InputError
+from data.labels import landed_outside
 from trainer import dist
 from trainer.algorithms import balanced_selection
 from trainer.operations import pseudo_labeling
-from trainer.runtime import config, engine, stages
+from trainer.runtime import config, engine, keep, stages
 from trainer.runtime.config import FinetuneConfig
 from trainer.runtime.models import load_classifier, save_classifier
 
@@ -33,10 +38,9 @@ def finetune_argv(cfg, run_dir, init, epochs, pseudo_labels="") -> list[str]:
 
 
 def finetune(cfg, run_dir, init, epochs, pseudo_labels=""):
-    """A finished fine-tune (model.pt present) is kept; its val top-1."""
+    """A finished fine-tune (model.pt present) is kept."""
     if not os.path.exists(os.path.join(run_dir, "model.pt")):
         stages.STAGES["finetune"].run(finetune_argv(cfg, run_dir, init, epochs, pseudo_labels))
-    return engine.read_done(run_dir)["val_top1"]
 
 
 def check(cfg):
@@ -85,19 +89,26 @@ def main(argv=None):
         summary = engine.read_json(os.path.join(folder, "selection.json"))
         run.say(f"iteration {it}: {given.describe(p, len(unlabeled), num_classes)}, "
                 f"{summary['selected']} pseudo-labels, {summary['duplicates']} images "
-                f"chosen for >1 class, precision {summary.get('precision')}")
+                f"chosen for >1 class, precision {summary.get('precision')}"
+                + landed_outside(summary, summary["selected"], "pseudo-labels"))
         start = cfg.pseudo.backbone if cfg.pseudo.reinitialise else current
         finetune(cfg, os.path.join(folder, "pseudo"), start, cfg.pseudo.pseudo_epochs, csv_path)
-        val = finetune(cfg, os.path.join(folder, "labeled"),
-                       os.path.join(folder, "pseudo", "model.pt"), cfg.pseudo.labeled_epochs)
+        finetune(cfg, os.path.join(folder, "labeled"), os.path.join(folder, "pseudo", "model.pt"),
+                 cfg.pseudo.labeled_epochs)
         current = os.path.join(folder, "labeled", "model.pt")
+        # not the fine-tune's own val figure: its precision and batch are the fine-tune config's
+        val = pseudo_labeling.val_top1(current, cfg, rt)
         iterations.append({"iteration": it, "p": p, "p_given": given.recorded(), "selected": summary["selected"],
                            "duplicates": summary["duplicates"], "precision": summary.get("precision"),
+                           **({"outside_classes": summary["outside_classes"]} if "outside_classes" in summary else {}),
                            "model": current, "val_top1": val})
         run.log(**{k: v for k, v in iterations[-1].items() if k != "model"})
 
-    best = max(iterations, key=lambda r: r["val_top1"])
-    run.say(f"best model by val: iteration {best['iteration']} ({best['val_top1']:.4f})")
+    own = max(iterations[1:], key=lambda r: r["val_top1"])   # the first of equals
+    kept = keep.write(run, cfg.pseudo.model, start_val, own["val_top1"], f"iteration {own['iteration']}")
+    best = own if kept["kept"] == "own" else iterations[0]
+    which = "" if best is own else f", {keep.note(kept)} (iteration {own['iteration']})"
+    run.say(f"best model by val: iteration {best['iteration']} ({best['val_top1']:.4f}){which}")
     if rt.is_main:   # saved anew, not copied: an old pseudo.model without class names (iteration 0) gains them
         model, arch = load_classifier(best["model"], cfg.data.root)
         save_classifier(model, arch, classes, run.path("model.pt"))
@@ -107,7 +118,8 @@ def main(argv=None):
     if rt.is_main and fixmatch_given:
         fixmatch = pseudo_labeling.select(scores, unlabeled, num_classes, fixmatch_given, cfg,
                                           run.path("pseudo_labels.csv"), run.path("fixmatch_selection.json"))
-        run.say("FixMatch selection: " + fixmatch_given.describe(fixmatch["p"], len(unlabeled), num_classes))
+        run.say("FixMatch selection: " + fixmatch_given.describe(fixmatch["p"], len(unlabeled), num_classes)
+                + landed_outside(fixmatch, fixmatch["selected"], "pseudo-labels"))
     if rt.is_main:
         engine.write_json(run.path("selection.json"), {"iterations": iterations, "best_iteration": best["iteration"],
                                                        "fixmatch_selection": fixmatch})

@@ -100,8 +100,10 @@ class Algorithm:
         return epoch_summary(self.sums.mean_over_ranks(), self.setup.hidden_labels is not None)
 
     def validate(self, val_loader, bn_loader, best: BestModel, epoch: int) -> dict[str, float]:
-        """Val accuracy of the live and the EMA weights, each offered to `best`. The EMA usually scores
-        higher, but not always: val chooses, a tie keeping the EMA. With `bn_loader` (fixmatch.bn_batches),
+        """Val accuracy of the live and the EMA weights, each offered to `best`, which holds the starting
+        model first: whatever the algorithm, its results replace that model only by beating it on this same
+        val pass (trainer/runtime/keep.py). The EMA usually scores higher than the live weights, but not
+        always: val chooses, a tie keeping the EMA. With `bn_loader` (fixmatch.bn_batches),
         the EMA is evaluated with BatchNorm statistics of its own weights on that loader's clean images."""
         s = self.setup
         live = accuracy(s.model, val_loader, s.rt, s.precision)
