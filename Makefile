@@ -9,7 +9,7 @@ FAISS  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 
 DEVICE ?= cuda
 
-.PHONY: setup demo test bench data clean gpu-smoke
+.PHONY: setup demo test bench data clean gpu-smoke compare variants
 
 setup: $(VENV)/.installed
 
@@ -42,3 +42,17 @@ bench: setup
 
 clean:
 	rm -rf runs
+
+# make demo, then FixMatch from random init on the same labels for the recipe's minutes, scored against it in
+# runs/demo/report.md (the same run dir: the recipe's finished steps are kept)
+compare: data
+	$(BIN)/python launch/pipeline.py --config configs/demo/pipeline.yaml data.root=$(DATA) "pipeline.baselines=[fixmatch_only]"
+
+# data shaped unlike the demo, next to it (data.prepare.pool_variants): 10 labels per class, a long-tailed
+# unlabeled pool, 2 classes outside the class list making 20% of the pool, a pool of 5000 images
+PREPARE_FMNIST := $(BIN)/python launch/prepare.py fashion-mnist --val-size 5000 --seed 0
+variants: setup $(FMNIST)
+	$(PREPARE_FMNIST) --out datasets/fmnist-10pc --labels-per-class 10
+	$(PREPARE_FMNIST) --out datasets/fmnist-longtail --labels-per-class 30 --long-tail 10
+	$(PREPARE_FMNIST) --out datasets/fmnist-openset --labels-per-class 30 --open-set-classes 2 --open-set-fraction 0.2
+	$(PREPARE_FMNIST) --out datasets/fmnist-5k --labels-per-class 30 --unlabeled-size 5000

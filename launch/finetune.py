@@ -49,8 +49,7 @@ def main(argv=None):
     precision, measured = amp.resolve_precision(cfg.train.precision, model, (B // rt.world, 3, size, size), rt)
     scaler = amp.grad_scaler(precision, rt.device)
     run = engine.Run("finetune", cfg, rt, lowered)   # every check has passed: the first write
-    total, warmup = schedule.plan(cfg.train.epochs, cfg.train.max_steps, cfg.sgd.warmup_epochs,
-                                  train_loader.steps_per_epoch)
+    total, warmup = schedule.plan(cfg.train, cfg.sgd.warmup_epochs, train_loader.steps_per_epoch)
     best = BestModel()
     loop = Loop(run, train_loader, optimizer, {"model": model, "optimizer": optimizer, "scaler": scaler,
                                                "best": best},
@@ -58,7 +57,7 @@ def main(argv=None):
     loop.resume()
     ddp = dist.wrap_ddp(model, rt)   # after resume: DDP starts every rank from rank 0's weights
     run.say(f"{len(train.paths)} training images ({train.name}), {num_classes} classes, backbone "
-            f"{cfg.finetune.backbone}, {train_loader.steps_per_epoch} steps/epoch, {total} steps, "
+            f"{cfg.finetune.backbone}, {train_loader.steps_per_epoch} steps/epoch, {loop.total} steps, "
             f"{amp.describe_precision(precision, measured)}")
 
     def train_step(batch, step) -> dict:
@@ -69,7 +68,7 @@ def main(argv=None):
         return {"loss": loss}
 
     def evaluate(epoch, step, img_s) -> dict:
-        if epoch % cfg.finetune.eval_every and step < total:
+        if epoch % cfg.finetune.eval_every and step < loop.total:
             return {}
         val = accuracy(model, val_loader, rt, precision)
         best.offer(val["top1"], epoch, model)

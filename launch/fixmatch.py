@@ -9,7 +9,9 @@ any algorithm registered by name (trainer/algorithms/semi_supervised.py): this r
 model and the optimizer, and runs the algorithm's step. An epoch is one pass over the unlabeled images
 (fixmatch.mu x train.batch_size per step); the labeled loader cycles through its own epochs alongside.
 Writes run.dir/model.pt: of the starting model and each evaluation's EMA and live weights, those best on
-val. With fixmatch.bn_batches > 0 the EMA is evaluated (and saved) with BatchNorm statistics of its own weights.
+val, and run.dir/kept.json: whether the starting model was kept because nothing the run produced beat it
+(trainer/runtime/keep.py). With fixmatch.bn_batches > 0 the EMA is evaluated (and saved) with BatchNorm
+statistics of its own weights.
 """
 
 import torch
@@ -18,11 +20,11 @@ from data.datasets import labeled_with_pseudo_labels, read_classes, read_split, 
 from data.loaders import resolve_backend
 from trainer.algorithms import semi_supervised
 from trainer import dist
-from trainer.runtime import amp, batch, engine, optim, schedule
+from trainer.runtime import amp, batch, engine, keep, optim, schedule
 from trainer.runtime.stages import STAGES
 from trainer.runtime.loading import eval_loader, loader
 from trainer.runtime.loop import BestModel, Loop
-from trainer.runtime.models import load_classifier, save_classifier
+from trainer.runtime.models import build_classifier, classifier_arch, load_classifier, save_classifier
 from trainer.runtime.predict import accuracy
 
 
@@ -60,7 +62,11 @@ def main(argv=None):
                  if cfg.fixmatch.bn_batches else None)
     hidden = None if unlabeled.hidden_labels is None else torch.as_tensor(unlabeled.hidden_labels).to(rt.device)
 
-    model, arch = load_classifier(cfg.fixmatch.model, cfg.data.root)
+    if cfg.fixmatch.model == "random":   # a baseline's start (pipeline.baselines): section model's network
+        arch = classifier_arch(cfg.model, len(classes))
+        model = build_classifier(arch)
+    else:
+        model, arch = load_classifier(cfg.fixmatch.model, cfg.data.root)
     model = rt.place(dist.sync_batchnorm(model))
     optimizer = optim.classifier_sgd(model, cfg.sgd.lr_backbone, cfg.sgd.lr_head, cfg.sgd.weight_decay,
                                      cfg.sgd.momentum, cfg.sgd.nesterov)
@@ -70,8 +76,7 @@ def main(argv=None):
     algorithm = semi_supervised.ALGORITHMS[cfg.fixmatch.variant](semi_supervised.Setup(
         cfg, rt, model, optimizer, scaler, precision, len(classes), len(unlabeled.paths), hidden))
     run = engine.Run("fixmatch", cfg, rt, lowered)   # every check has passed: the first write
-    total, warmup = schedule.plan(cfg.train.epochs, cfg.train.max_steps, cfg.sgd.warmup_epochs,
-                                  unlabeled_loader.steps_per_epoch)
+    total, warmup = schedule.plan(cfg.train, cfg.sgd.warmup_epochs, unlabeled_loader.steps_per_epoch)
     best = BestModel()
     loop = Loop(run, unlabeled_loader, optimizer, {"model": model, "optimizer": optimizer, "scaler": scaler,
                                                    "best": best, **algorithm.state},
@@ -80,19 +85,19 @@ def main(argv=None):
     ddp = dist.wrap_ddp(model, rt)   # after resume: DDP starts every rank from rank 0's weights
     run.say(f"{len(train.paths)} labeled images ({train.name}), {len(unlabeled.paths)} unlabeled, {rt.world} "
             f"rank(s), batch {B} + {cfg.fixmatch.mu}x{B} unlabeled, {unlabeled_loader.steps_per_epoch} steps/epoch, "
-            f"{total} steps, backend {resolve_backend(cfg.data.backend)}, {cfg.fixmatch.variant}"
+            f"{loop.total} steps, backend {resolve_backend(cfg.data.backend)}, {cfg.fixmatch.variant}"
             f"{' + distribution alignment' if cfg.fixmatch.distribution_alignment else ''}, from {cfg.fixmatch.model}, "
             f"{amp.describe_precision(precision, measured)}")
     if not resumed:   # the starting model competes too: an epoch must beat it on val to replace it
         val = accuracy(model, val_loader, rt, precision)
         run.log(epoch=0, step=0, val_top1=val["top1"], val_top5=val["top5"])
         run.say(f"val top-1 at initialisation: {val['top1']:.4f}")
-        best.offer(val["top1"], 0, model, "start")
+        best.offer_input(val["top1"], model)
     labeled_batches = labeled_loader.stream(loop.step)   # the labeled epochs run alongside
 
     def evaluate(epoch, step, img_s) -> dict:
         event = {**algorithm.summarise_epoch(), "img_s": round(img_s, 1)}
-        if epoch % cfg.fixmatch.eval_every and step < total:
+        if epoch % cfg.fixmatch.eval_every and step < loop.total:
             return event
         val = algorithm.validate(val_loader, bn_loader, best, epoch)
         run.say(f"epoch {epoch}: val top-1 {val['val_top1']:.4f}, EMA {val['val_top1_ema']:.4f}; mask rate "
@@ -103,10 +108,13 @@ def main(argv=None):
 
     model.load_state_dict(best.weights)
     run.log(event="done", best_epoch=best.epoch, best_weights=best.source, val_top1=best.top1)   # before model.pt: see pipeline
+    kept = keep.write(run, cfg.fixmatch.model, best.input_top1, best.own_top1,
+                      f"epoch {best.own_epoch}, {best.own_source} weights")
     if rt.is_main:
         save_classifier(model, arch, classes, run.path("model.pt"))
     dist.barrier()   # in-process callers read model.pt on every rank next
-    which = f"epoch {best.epoch}, {best.source} weights" if best.epoch else "the starting model (no epoch beat it)"
+    which = (f"epoch {best.epoch}, {best.source} weights" if best.source != BestModel.INPUT else
+             f"the starting model (no epoch beat it), {keep.note(kept)} ({kept['own_best']})")
     run.say(f"best val top-1 {best.top1:.4f}: {which}; wrote {run.path('model.pt')}")
 
 

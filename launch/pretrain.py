@@ -84,18 +84,17 @@ def main(argv=None):
                                                 (views * B // rt.world, 3, size, size), rt)
     scaler = amp.grad_scaler(precision, rt.device)
     run = engine.Run("pretrain", cfg, rt, lowered)   # every check has passed: the first write
-    total, warmup = schedule.plan(cfg.train.epochs, cfg.train.max_steps, cfg.lars.warmup_epochs,
-                                  train_loader.steps_per_epoch)
+    total, warmup = schedule.plan(cfg.train, cfg.lars.warmup_epochs, train_loader.steps_per_epoch)
     loop = Loop(run, train_loader, optimizer, {"model": model, "optimizer": optimizer, "scaler": scaler},
                 total=total, warmup=warmup, images_per_step=B)
     resumed = loop.resume()
     ddp = dist.wrap_ddp(model, rt)   # after resume: DDP starts every rank from rank 0's weights
     run.say(f"{len(images.paths)} images, {rt.world} rank(s), global batch {B}, "
-            f"{train_loader.steps_per_epoch} steps/epoch, {total} steps, backend {resolve_backend(cfg.data.backend)}, "
-            f"{cfg.pretrain.method}, {amp.describe_precision(precision, measured)}")
+            f"{train_loader.steps_per_epoch} steps/epoch, {loop.total} steps, "
+            f"backend {resolve_backend(cfg.data.backend)}, {cfg.pretrain.method}, {amp.describe_precision(precision, measured)}")
 
     def knn_every(epoch, step, img_s) -> dict:
-        if not cfg.knn.every_epochs or (epoch % cfg.knn.every_epochs and step < total):
+        if not cfg.knn.every_epochs or (epoch % cfg.knn.every_epochs and step < loop.total):
             return {}
         top1 = knn_monitor(backbone, cfg, rt, labeled, val, precision)
         run.say(f"epoch {epoch}: kNN top-1 {top1:.4f}")

@@ -15,7 +15,7 @@ import yaml  # noqa: E402
 from data import atomic  # noqa: E402
 from data.datasets import load_image, read_classes, read_split  # noqa: E402
 from data.transforms import evaluate as eval_transform  # noqa: E402
-from trainer.runtime import rundir  # noqa: E402
+from trainer.runtime import keep, rundir, stages  # noqa: E402
 from trainer.runtime.models import build_backbone, load_backbone_weights, load_classifier, residual_stages  # noqa: E402
 
 # the ablation table's rows that score no step's model (each model step declares its own row: stages.RECIPE)
@@ -55,8 +55,10 @@ def accuracy_table(run_dir: str, model_rows: dict) -> list[dict]:
         if result:
             splits = result["splits"]
             first = next(iter(splits["val"]["scales"]))   # the first of evaluate.scales: the training size
+            kept = keep.read(os.path.join(run_dir, stage))   # a stage that takes a classifier in
             rows.append({"stage": stage, "name": names[stage],
-                         **{s: splits[s]["scales"][first]["top1"] for s in ("val", "test") if s in splits}})
+                         **{s: splits[s]["scales"][first]["top1"] for s in ("val", "test") if s in splits},
+                         **({"kept": kept} if kept else {})})
             if stage != "supervised":
                 final = splits
     if final:
@@ -64,9 +66,33 @@ def accuracy_table(run_dir: str, model_rows: dict) -> list[dict]:
     return rows
 
 
+def baseline_rows(run_dir: str, baselines: dict, stage_seconds: dict) -> list[dict]:
+    """Each baseline's row (stages.BASELINES), scored as the recipe's final model is: with the TTA views its
+    evaluation chose on val; {minutes}: the wall minutes it and its evaluation took."""
+    rows = []
+    for stage, name in baselines.items():
+        result = _json(os.path.join(run_dir, f"evaluate_{stage}", "eval.json"))
+        if result:
+            minutes = sum(stage_seconds.get(s, 0.0) for s in (stage, f"evaluate_{stage}")) / 60
+            kept = keep.read(os.path.join(run_dir, stage))   # a run none of whose epochs beat its start
+            rows.append({"stage": stage, "name": name.format(minutes=f"{minutes:.1f}"), "baseline": True,
+                         "minutes": minutes,
+                         **{s: result["splits"][s]["tta"]["top1"] for s in ("val", "test") if s in result["splits"]},
+                         **({"kept": kept} if kept else {})})
+    return rows
+
+
+def versus_baselines(accuracy: list[dict], recipe_minutes: float) -> list[dict]:
+    """The recipe's final model (its TTA row) less each baseline, in top-1 on val and test."""
+    final = next((r for r in accuracy if r["stage"] == "tta"), None)
+    return [{"baseline": b["stage"], "name": b["name"].split(" (")[0], "recipe_minutes": recipe_minutes,
+             "baseline_minutes": b["minutes"], **{s: final[s] - b[s] for s in ("val", "test") if s in final and s in b}}
+            for b in accuracy if b.get("baseline") and final]
+
+
 def val_drops(accuracy: list[dict]) -> list[tuple[dict, dict]]:
-    """(previous, stage) pairs of the recipe's chain (the supervised baseline aside) where val fell."""
-    chain = [r for r in accuracy if r["stage"] != "supervised" and r.get("val") is not None]
+    """(previous, stage) pairs of the recipe's chain (the supervised and other baselines aside) where val fell."""
+    chain = [r for r in accuracy if r["stage"] != "supervised" and not r.get("baseline") and r.get("val") is not None]
     return [(a, b) for a, b in zip(chain, chain[1:]) if b["val"] < a["val"]]
 
 
@@ -76,27 +102,45 @@ def iteration_table(run_dir: str) -> list[dict]:
     return selection["iterations"] if selection else []
 
 
+def _stage_text(row: dict) -> str:
+    """A row's name, with the note of a stage that kept its input because its own result was worse."""
+    note = keep.note(row.get("kept"))
+    return f"{row['name']} ({note})" if note else row["name"]
+
+
 def _fmt(x, pct=True):
     if x is None:
         return "–"
     return f"{100 * x:.2f}" if pct else f"{x}"
 
 
-def write(run_dir: str, stage_seconds: dict, steps: list):
-    """report.md/.json and plots of a pipeline run; `steps`: the pipeline's steps in recipe order
-    (trainer.runtime.stages.Step); those with a row produce a classifier, scored in evaluate_<step>."""
-    model_rows = {s.name: s.row for s in steps if s.row}
+def _difference_line(versus: dict, recipe_timed: list[str]) -> str:
+    points = {s: f"{100 * versus[s]:+.2f}" if s in versus else "–" for s in ("val", "test")}
+    return (f"recipe − {versus['name']}: {points['test']} test ({points['val']} val) at equal minutes: the recipe's "
+            f"{versus['recipe_minutes']:.1f} ({', '.join(recipe_timed)}; not the supervised reference, the other "
+            f"evaluations or predict), {versus['name']}'s {versus['baseline_minutes']:.1f} (its training and "
+            "evaluation).")
+
+
+def write(run_dir: str, stage_seconds: dict, steps: list, recipe_timed: list[str] = ()):
+    """report.md/.json and plots of a pipeline run; `steps`: the pipeline's steps in recipe order, then its
+    baselines' (trainer.runtime.stages.Step); those with a row produce a classifier, scored in evaluate_<step>.
+    `recipe_timed`: the steps whose wall seconds are the recipe's minutes (stages.recipe_timed_steps)."""
+    model_rows = {s.name: s.row for s in steps if s.row and s.name not in stages.BASELINES}
     accuracy, iterations = accuracy_table(run_dir, model_rows), iteration_table(run_dir)
+    accuracy += baseline_rows(run_dir, {s.name: s.row for s in steps if s.name in stages.BASELINES}, stage_seconds)
+    versus = versus_baselines(accuracy, sum(stage_seconds.get(s, 0.0) for s in recipe_timed) / 60)
+    differences = [_difference_line(v, recipe_timed) for v in versus]
     plots = [p for p in (plot_ablation(run_dir, accuracy), plot_curves(run_dir, [s.name for s in steps]),
                          plot_precision(run_dir),
                          plot_top_images(run_dir), plot_feature_maps(run_dir, list(model_rows))) if p]
     lines = ["# semiscale run report", "", f"Run dir: `{os.path.abspath(run_dir)}`", "",
              "## Accuracy after each stage (top-1 %)", "", "| stage | val | test |", "|---|---|---|"]
-    lines += [f"| {r['name']} | {_fmt(r.get('val'))} | {_fmt(r.get('test'))} |" for r in accuracy]
+    lines += [f"| {_stage_text(r)} | {_fmt(r.get('val'))} | {_fmt(r.get('test'))} |" for r in accuracy]
     drops = val_drops(accuracy)
     lines += ["", "Every stage at least as good as the one before it on val: " + (
         "no; " + "; ".join(f"{b['name']} {_fmt(b['val'])} < {_fmt(a['val'])}" for a, b in drops) if drops
-        else "yes") + ".", "Model selection uses val only; test is reported, never used to choose.", "",
+        else "yes") + ".", *differences, "Model selection uses val only; test is reported, never used to choose.", "",
               "## Pseudo-label iterations", "",
               "| iteration | P | pseudo-labels | images chosen for >1 class | precision % | val top-1 % |",
               "|---|---|---|---|---|---|"]
@@ -111,8 +155,10 @@ def write(run_dir: str, stage_seconds: dict, steps: list):
     atomic.write_text(os.path.join(run_dir, "report.md"), "\n".join(lines) + "\n")
     atomic.write_json(os.path.join(run_dir, "report.json"),
                       {"accuracy": accuracy, "val_drops": [b["stage"] for _, b in drops], "iterations": iterations,
-                       "stage_seconds": stage_seconds, "plots": [os.path.basename(p) for p in plots]})
-    print("\n".join(lines[4:4 + 6 + len(accuracy)]), flush=True)   # the table and the verdict line
+                       "stage_seconds": stage_seconds, "versus_baselines": versus,
+                       "plots": [os.path.basename(p) for p in plots]})
+    # the table, the verdict line and the baselines' differences
+    print("\n".join(lines[4:4 + 6 + len(accuracy) + len(differences)]), flush=True)
 
 
 # ---- plots ----
@@ -121,7 +167,7 @@ def plot_ablation(run_dir, accuracy):
     if not accuracy:
         return None
     fig, ax = plt.subplots(figsize=(9, 0.5 * len(accuracy) + 1.5))
-    names = [r["name"] for r in accuracy][::-1]
+    names = [_stage_text(r) for r in accuracy][::-1]
     test = [100 * (r.get("test") or 0) for r in accuracy][::-1]
     bars = ax.barh(names, test, color="#4c72b0")
     for bar, value in zip(bars, test):

@@ -72,12 +72,19 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    # passes over the training images (FixMatch: the unlabeled ones); train.steps, when set, wins
     epochs: int = number(10, ">= 1")
+    # the stage's length in optimizer steps instead of train.epochs, which it overrides: the same work
+    # whatever the number of images (end-of-epoch work still follows each pass); 0 = train.epochs
+    steps: int = number(0, ">= 0")
     batch_size: int = number(256, ">= 1")   # global: each of N ranks takes batch_size / N
     # true: batch_size is the largest batch, lowered to what the dataset's images allow (a multiple of the
     # ranks; said in one line); false: a batch they cannot fill stops the run before any work
     fit_batch: bool = False
     max_steps: int = number(0, ">= 0")      # 0 = no cap; a cap for smoke runs and benchmarks
+    # a time budget for the training loop: the steps that fit it, measured as it trains, at most those
+    # train.steps or train.epochs (and train.max_steps) plan; the schedule ends when the time does. 0 = none
+    minutes: float = number(0.0, ">= 0")
     # auto: bf16 on a GPU; on a CPU the faster of fp32 and bf16 for this model and batch, measured at start
     precision: str = choice("fp32", "fp32", "bf16", "fp16", "auto")
     # What a training stage does when a loss is not finite: stop with one line naming the step, or
@@ -256,6 +263,7 @@ class FixmatchSection:
 
 @dataclass
 class FixmatchConfig(StageConfig):
+    model: ModelConfig = field(default_factory=ModelConfig)   # the network fixmatch.model=random builds
     train: TrainConfig = field(default_factory=TrainConfig)   # batch_size = labeled batch (global)
     sgd: SgdConfig = field(default_factory=lambda: SgdConfig(lr_backbone=0.01, lr_head=0.01,
                                                              weight_decay=5e-4, nesterov=True))
@@ -352,6 +360,12 @@ class StageSpec:
 
 
 @dataclass
+class BaselineSpec(StageSpec):
+    """A baseline's stage config: set when pipeline.baselines names it."""
+    config: str = path("the baseline's YAML config", required=False)
+
+
+@dataclass
 class PipelineSection:
     nproc: int = number(1, ">= 1")   # processes per stage: 1 runs inline, more under torchrun
     supervised: StageSpec = field(default_factory=StageSpec)
@@ -371,6 +385,15 @@ class PipelineSection:
     # with `answers`
     oracle: bool = True
     answers: str = ""   # your labels for run.dir/active/queries.csv: a CSV path,label (label: a class name or id)
+    # Other ways to a model, run after the recipe and scored against its final model at equal minutes (the
+    # report's difference line): each trains the recipe's network on the run's labeled split, for the wall
+    # minutes of the steps that make the final model (not the supervised reference, the other evaluations or
+    # predict), then is evaluated with pipeline.evaluate. Each name has its pipeline.<name> spec below
+    # (trainer/runtime/stages.py BASELINES).
+    baselines: list[str] = field(default_factory=list)
+    # baseline fixmatch_only: FixMatch from random init on the labeled images alone (no pseudo-labels, no
+    # active learning answers)
+    fixmatch_only: BaselineSpec = field(default_factory=BaselineSpec)
 
     @property
     def fixmatch_active(self) -> StageSpec:

@@ -26,24 +26,51 @@ class Stateful(Protocol):
 
 
 class BestModel:
-    """The weights of the best evaluation so far ("the starting model" competes when offered first; a tie
-    keeps the earlier offer). `source` says which of several candidates of one epoch won (e.g. EMA, live)."""
+    """The weights of the best evaluation so far: an offer replaces them only when it `beats` them, so a tie
+    keeps the earlier offer. `source` says which of several candidates of one epoch won (e.g. EMA, live).
+    A stage that takes a model in offers it first (`offer_input`): its own results must beat it, and the best
+    of them is also kept apart (own_top1, own_epoch, own_source) for the stage's record (trainer/runtime/keep.py)."""
+
+    INPUT = "start"   # the source of the input model's offer
+    FIELDS = ("top1", "epoch", "source", "weights", "input_top1", "own_top1", "own_epoch", "own_source")
 
     def __init__(self):
         self.top1, self.epoch, self.source, self.weights = -1.0, -1, "", None
+        self.input_top1 = None   # the input model's, once offered
+        self.own_top1, self.own_epoch, self.own_source = -1.0, -1, ""
+
+    @staticmethod
+    def beats(top1: float, incumbent: float) -> bool:
+        """The one rule of every choice by val: strictly higher replaces; a tie keeps the incumbent."""
+        return top1 > incumbent
+
+    def offer_input(self, top1: float, model: torch.nn.Module):
+        """The model the stage took in, scored by the stage's own val pass, before anything the stage produced."""
+        self.input_top1 = top1
+        self._take(top1, 0, model, self.INPUT)
 
     def offer(self, top1: float, epoch: int, model: torch.nn.Module, source: str = "") -> bool:
-        if top1 <= self.top1:
+        """One of the stage's own results; True when it is now the best of every offer."""
+        if self.beats(top1, self.own_top1):
+            self.own_top1, self.own_epoch, self.own_source = top1, epoch, source
+        if not self.beats(top1, self.top1):
             return False
-        self.top1, self.epoch, self.source, self.weights = top1, epoch, source, copy.deepcopy(model.state_dict())
+        self._take(top1, epoch, model, source)
         return True
 
+    def _take(self, top1: float, epoch: int, model: torch.nn.Module, source: str):
+        self.top1, self.epoch, self.source, self.weights = top1, epoch, source, copy.deepcopy(model.state_dict())
+
     def state_dict(self) -> dict:
-        return {"top1": self.top1, "epoch": self.epoch, "source": self.source, "weights": self.weights}
+        return {name: getattr(self, name) for name in self.FIELDS}
 
     def load_state_dict(self, state: dict):
-        self.top1, self.epoch, self.source, self.weights = (state["top1"], state["epoch"], state["source"],
-                                                            state["weights"])
+        missing = [name for name in self.FIELDS if name not in state]
+        if missing:
+            raise checkpoint.CheckpointError(f"the checkpoint's best-model record holds no {missing[0]!r}: it was "
+                                             "written by another version of this stage: pass --restart")
+        for name in self.FIELDS:
+            setattr(self, name, state[name])
 
 
 class EpochSums:
@@ -73,7 +100,9 @@ class Loop:
     """`resume()` then `run_epochs()` trains from wherever the run dir's checkpoint left off to `total` steps.
 
     step(batch, step) -> {name: scalar tensor}: one update; what it returns is logged.
-    end_of_epoch(epoch, step, img_s) -> {name: value}: evaluation and the like, logged with the epoch.
+    end_of_epoch(epoch, step, img_s) -> {name: value}: evaluation and the like, logged with the epoch; the
+    last epoch's is the one where step == loop.total (read it there: a time budget sets it as the run goes).
+    Under train.minutes, `total` is the most the run may take and the budget sizes it (schedule.TimeBudget).
     """
 
     def __init__(self, run, loader, optimizer, state: dict[str, Stateful], *, total: int, warmup: int,
@@ -82,6 +111,10 @@ class Loop:
         self.total, self.warmup, self.final_lr_factor = total, warmup, final_lr_factor
         self.images_per_step = images_per_step
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
+        minutes = run.cfg.train.minutes
+        self.budget = schedule.TimeBudget(minutes, total) if minutes else None
+        if self.budget:   # only then: a run without a budget reads and writes the checkpoints it always did
+            self.state = {**state, "time_budget": self.budget}
 
     def resume(self) -> bool:
         """Restore every registered object and the position from the run dir's checkpoint, if any."""
@@ -95,7 +128,29 @@ class Loop:
         for name, obj in self.state.items():
             obj.load_state_dict(saved["state"][name])
         self.step, self.epoch, self.step_in_epoch = saved["step"], saved["epoch"], saved["step_in_epoch"]
+        if self.budget and self.budget.total:
+            self._take_length(self.budget.total)
+            self.run.say(f"time budget {self.budget.minutes:g} min: {self.budget.spent_before / 60:.3g} min spent, "
+                         f"{self.total:,} steps as sized")
         return True
+
+    def _take_length(self, total: int):
+        """Train `total` steps: the schedule ends there (the warm-up too when it is no shorter)."""
+        self.total, self.warmup = total, min(self.warmup, total)
+
+    def _fit_budget(self, bar):
+        """Rank 0 sizes the run to its time budget; every rank takes the length (schedule.TimeBudget)."""
+        total, rate, timed = dist.rank0_decides(lambda: self.budget.estimate(self.step))
+        first = not self.budget.estimates
+        self.budget.sized(total)
+        if first or total < self.total:
+            self.run.say(f"time budget {self.budget.minutes:g} min -> {total:,} steps ({rate:.3g} s/step measured "
+                         f"over {timed:,} steps{'' if first else ', end-of-epoch work included'}"
+                         f"{', all that were planned' if total == self.budget.planned else ''})")
+        self.run.log(event="time_budget", step=self.step, total=total, s_per_step=rate, timed_steps=timed)
+        self._take_length(total)
+        bar.total = total
+        bar.refresh()
 
     def save(self):
         self.run.save_checkpoint({name: obj.state_dict() for name, obj in self.state.items()}, self.step,
@@ -104,6 +159,11 @@ class Loop:
     def run_epochs(self, step_fn: Callable, end_of_epoch: Callable | None = None):
         cfg, run = self.run.cfg.run, self.run
         bar = run.progress(self.total, self.step)
+        if self.budget:
+            self.budget.start()
+            if not self.budget.total:
+                run.say(f"time budget {self.budget.minutes:g} min: the steps are sized after "
+                        f"{schedule.TimeBudget.TIMED_STEPS} timed ones (at most {self.total:,})")
         while self.step < self.total:
             t0, done = time.time(), 0
             for i, batch in enumerate(self.loader.epoch(self.epoch, self.step_in_epoch), start=self.step_in_epoch):
@@ -112,6 +172,8 @@ class Loop:
                 metrics = step_fn(batch, self.step)
                 self.step, done = self.step + 1, done + 1
                 bar.update()
+                if self.budget and self.budget.due(self.step):
+                    self._fit_budget(bar)
                 if self.step % cfg.log_every == 0 or self.step == self.total:
                     values = dict(zip(metrics, dist.all_reduce_mean_(torch.stack(
                         [v.detach().float() for v in metrics.values()])).tolist()))

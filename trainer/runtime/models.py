@@ -81,6 +81,11 @@ def classifier_arch(model_cfg, num_classes: int) -> dict:
             "width": model_cfg.width, "num_classes": num_classes}
 
 
+def build_classifier(arch: dict) -> Classifier:
+    """The network a classifier_arch describes, randomly initialised."""
+    return Classifier(build_backbone(arch["backbone"], arch["small_stem"], arch["width"]), arch["num_classes"])
+
+
 def load_classifier(path: str, data_root: str | None = None) -> tuple[Classifier, dict]:
     """(the classifier a model.pt holds, its arch); with `data_root`, a model of other classes than
     data_root/classes.txt names (one trained on another dataset) is refused with one line. A model.pt saved
@@ -99,7 +104,7 @@ def load_classifier(path: str, data_root: str | None = None) -> tuple[Classifier
                                          f"{arch['num_classes']} class names, got {names!r:.80})")
     if data_root is not None:
         _check_classes(path, arch["num_classes"], names, data_root)
-    model = Classifier(build_backbone(arch["backbone"], arch["small_stem"], arch["width"]), arch["num_classes"])
+    model = build_classifier(arch)
     checkpoint.check_architecture(path, checkpoint.architecture_of(state["model"]), model)
     model.load_state_dict(state["model"])
     return model, arch

@@ -6,7 +6,9 @@ finished, and how it runs (`main(argv)` of launch/<name>.py) and what it checks 
 the GPU smoke and the tests read STAGES; nothing else lists stages.
 
 A `Step` is one run of a stage inside the pipeline (`RECIPE`): which stage, which pipeline.<spec>
-configures it, and its inputs, wired from earlier steps' outputs.
+configures it, and its inputs, wired from earlier steps' outputs. `BASELINES` are steps the pipeline adds
+after the recipe when pipeline.baselines names them: other ways to a model, given the recipe's labels and
+minutes and scored against its final model.
 
 Settings that a run passes down to the runs it starts (the pipeline to its stages, pseudolabel to its
 fine-tunes) go through `shared_overrides`, the one place that forwards them.
@@ -148,6 +150,7 @@ class Step:
     inputs: dict = field(default_factory=dict)
     row: str = ""                   # the report's row for a step whose model is scored (evaluate_<name>)
     active_learning: bool = False   # left out with pipeline.active_learning=false
+    settings: tuple = ()            # key=value overrides that make the step what it is (before its spec's own)
 
     @property
     def done(self) -> str:
@@ -217,11 +220,66 @@ def wired_inputs(step: Step, run_dir: str, active_learning: bool) -> list[str]:
             for key, source in step.inputs.items()]
 
 
+def _sources(step: Step, final: str) -> set[str]:
+    """The earlier steps whose files `step` reads."""
+    return {source.format(final=final).split("/")[0] for source in step.inputs.values() if source}
+
+
 def readers(name: str, active_learning: bool) -> list[str]:
     """The steps that read step `name`'s files, directly or through another reader's, in recipe order: what is
     stale once those files change."""
     final, stale = final_step(active_learning), {name}
     for step in recipe(active_learning):   # a step's inputs come before it in the recipe
-        if {source.format(final=final).split("/")[0] for source in step.inputs.values()} & stale:
+        if _sources(step, final) & stale:
             stale.add(step.name)
     return [s.name for s in recipe(active_learning) if s.name in stale - {name}]
+
+
+def final_model_steps(active_learning: bool) -> list[str]:
+    """The steps that make the final model, in recipe order: the final step and those whose files it reads,
+    directly or through another's; not the supervised reference, the evaluations or predict."""
+    final = final_step(active_learning)
+    made_by = {final}
+    for step in reversed(recipe(active_learning)):   # a step's inputs come before it in the recipe
+        if step.name in made_by:
+            made_by |= _sources(step, final)
+    return [s.name for s in recipe(active_learning) if s.name in made_by]
+
+
+def recipe_timed_steps(active_learning: bool) -> list[str]:
+    """The steps whose wall seconds are the recipe's minutes, the budget of a baseline: those that make the final
+    model, then its evaluation (it chooses the TTA views on val)."""
+    return [*final_model_steps(active_learning), f"evaluate_{final_step(active_learning)}"]
+
+
+# ---- baselines: other ways to a model, run after the recipe on its labels and minutes (pipeline.baselines) ----
+
+# The network a baseline trains: the recipe's fine-tune's model section, which every later model keeps.
+RECIPE_NETWORK = "finetune"
+# Each a model step, configured by pipeline.<name>, then its evaluation with pipeline.evaluate (as the recipe's
+# final model). Its row starts with its short name (the report's difference line uses it); {minutes}: the wall
+# minutes it and its evaluation took. The pipeline adds `settings`, the recipe's network (model.*) and
+# train.minutes: the recipe's minutes less its final evaluation's, which the baseline's own evaluation repeats.
+BASELINES = {s.name: s for s in [
+    Step("fixmatch_only", "fixmatch", "fixmatch_only", row="FixMatch only (random init, same labels, {minutes} min)",
+         settings=("fixmatch.model=random", "fixmatch.labeled=labeled", "fixmatch.pseudo_labels=")),
+]}
+
+
+def baseline_steps(pipeline) -> list[Step]:
+    """The steps of `pipeline.baselines` (a config.PipelineSection), each followed by its evaluation; a name not
+    in BASELINES, or one whose pipeline.<name>.config is not set, stops the run with one line."""
+    steps = []
+    for name in dict.fromkeys(pipeline.baselines):   # a name given twice runs once
+        if name not in BASELINES:
+            raise ConfigError(f"pipeline.baselines: {name!r} is not one of {', '.join(BASELINES)}")
+        if not getattr(pipeline, BASELINES[name].spec).config:
+            raise ConfigError(f"pipeline.{BASELINES[name].spec}.config: required with pipeline.baselines naming "
+                              f"{name} (configs/demo/{name}.yaml is the demo's)")
+        steps += [BASELINES[name], _evaluation(name)]
+    return steps
+
+
+def network_overrides(model_cfg) -> list[str]:
+    """`model.*=value` overrides that build the network of a config's model section (config.ModelConfig)."""
+    return [f"{key}={override_text(value)}" for key, value in _leaves(model_cfg, "model")]
