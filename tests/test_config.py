@@ -76,7 +76,7 @@ def test_cli_exit_status_2_with_one_line():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "pretrain.py: error: unknown key train.epochz; allowed keys in train: epochs, steps, batch_size, "
+        "pretrain.py: error: unknown key train.epochz; allowed keys in train: epochs, steps, warmup_steps, batch_size, "
         "fit_batch, max_steps, minutes, precision, on_nan"]
 
 

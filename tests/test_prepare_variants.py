@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import torch
 
 from test_prepare import expect_error, rows, write_idx_source
@@ -193,7 +194,7 @@ def test_pseudo_labels_on_open_set_images_are_counted_and_wrong(open_set, tmp_pa
     opened = sum(not r["label"].isdigit() for r in pool)
     proc = stage("pseudolabel", "--config", os.path.join(ROOT, "configs/demo/pseudolabel.yaml"),
                  f"data.root={open_set}", f"run.dir={run}", "data.backend=torch", "data.workers=0",
-                 f"pseudo.model={random_classifier(open_set, tmp_path / 'model.pt')}", "pseudo.top_k=8",
+                 f"pseudo.model={random_classifier(open_set, tmp_path / 'model.pt')}",   # the demo's top_k 10
                  "pseudo.schedule=[1000]", "pseudo.scorer=classifier", "pseudo.class_adaptive=false",
                  "pseudo.fixmatch_p=1000",
                  "pseudo.pseudo_epochs=1", "pseudo.labeled_epochs=1", "inference.batch_size=64",
@@ -212,6 +213,9 @@ def test_pseudo_labels_on_open_set_images_are_counted_and_wrong(open_set, tmp_pa
     assert said.count(landed) == 2, said   # the iteration's line and the FixMatch selection's
     iterations = json.loads((run / "selection.json").read_text())["iterations"]
     assert iterations[1]["outside_classes"] == opened
+    # the demo's 10 classes per image on a pile of 8 classes: every class a candidate, said once
+    assert said.count("pseudo.top_k=10 of 8 classes: every class is a candidate") == 1, said
+    assert yaml.safe_load((run / "config.yaml").read_text())["pseudo"]["top_k"] == 10   # as given: reruns compare it
 
 
 def test_oracle_answers_none_of_the_classes_on_open_set_images(open_set, tmp_path, capsys):

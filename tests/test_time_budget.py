@@ -41,11 +41,20 @@ def step_lrs(run_dir) -> dict[int, float]:
 # ---- the length without a stage ----
 
 def test_plan_takes_steps_over_epochs_and_caps_them_by_max_steps():
-    train = SimpleNamespace(epochs=3, steps=0, max_steps=0)
+    train = SimpleNamespace(epochs=3, steps=0, max_steps=0, warmup_steps=0)
     assert schedule.plan(train, 0.5, 10) == (30, 5)
-    assert schedule.plan(SimpleNamespace(epochs=3, steps=70, max_steps=0), 0.5, 10) == (70, 5)
-    assert schedule.plan(SimpleNamespace(epochs=3, steps=70, max_steps=40), 0.5, 10) == (40, 5)
-    assert schedule.plan(SimpleNamespace(epochs=3, steps=4, max_steps=0), 0.5, 10) == (4, 4)   # warm-up <= total
+    assert schedule.plan(SimpleNamespace(epochs=3, steps=70, max_steps=0, warmup_steps=5), 0.5, 10) == (70, 5)
+    assert schedule.plan(SimpleNamespace(epochs=3, steps=70, max_steps=40, warmup_steps=5), 0.5, 10) == (40, 5)
+    # warm-up <= total
+    assert schedule.plan(SimpleNamespace(epochs=3, steps=4, max_steps=0, warmup_steps=5), 0.5, 10) == (4, 4)
+
+
+def test_a_length_in_steps_has_its_warm_up_in_steps_whatever_the_pile():
+    for steps_per_epoch in (10, 1000):   # a small pile and a large one: the same warm-up
+        assert schedule.plan(SimpleNamespace(epochs=3, steps=700, max_steps=0, warmup_steps=50), 10,
+                             steps_per_epoch) == (700, 50)
+    # warmup_steps applies to lengths in steps only: a length in epochs keeps its warm-up in epochs
+    assert schedule.plan(SimpleNamespace(epochs=3, steps=0, max_steps=0, warmup_steps=50), 0.5, 10) == (30, 5)
 
 
 class Clock:

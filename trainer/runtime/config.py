@@ -77,6 +77,9 @@ class TrainConfig:
     # the stage's length in optimizer steps instead of train.epochs, which it overrides: the same work
     # whatever the number of images (end-of-epoch work still follows each pass); 0 = train.epochs
     steps: int = number(0, ">= 0")
+    # with train.steps: the warm-up's length in steps (a warm-up in epochs would grow with the pile);
+    # without it, lars.warmup_epochs / sgd.warmup_epochs set the warm-up
+    warmup_steps: int = number(0, ">= 0")
     batch_size: int = number(256, ">= 1")   # global: each of N ranks takes batch_size / N
     # true: batch_size is the largest batch, lowered to what the dataset's images allow (a multiple of the
     # ranks; said in one line); false: a batch they cannot fill stops the run before any work

@@ -32,11 +32,13 @@ from data.errors import InputError
 
 def plan(train, warmup_epochs: float, steps_per_epoch: int) -> tuple[int, int]:
     """(total steps, warm-up steps) of a stage whose `train` section (config.TrainConfig) is given:
-    train.steps, or train.epochs x steps_per_epoch when it is 0, capped by train.max_steps when it is set."""
+    train.steps with train.warmup_steps, or train.epochs x steps_per_epoch with warmup_epochs when it is 0;
+    the total capped by train.max_steps when it is set, the warm-up by the total."""
     total = train.steps or train.epochs * steps_per_epoch
     if train.max_steps:
         total = min(total, train.max_steps)
-    return total, min(int(warmup_epochs * steps_per_epoch), total)
+    warmup = train.warmup_steps if train.steps else int(warmup_epochs * steps_per_epoch)
+    return total, min(warmup, total)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, final_factor: float = 0.001) -> float:
