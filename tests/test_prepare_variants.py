@@ -240,3 +240,27 @@ def test_oracle_answers_none_of_the_classes_on_open_set_images(open_set, tmp_pat
     assert (f"{len(inside)} of {len(pool)} queries answered (oracle); {len(pool) - len(inside)} of {len(pool)} "
             "queries landed on images of classes outside the class list (the oracle answers them none of the "
             "classes: they stay out of labeled.csv)") in said, said
+
+
+def test_report_says_how_the_pile_was_shaped_and_what_landed_outside_the_classes(open_set, tmp_path):
+    from trainer.operations import report
+    run = tmp_path / "pipeline"
+    (run / "pseudolabel").mkdir(parents=True)
+    (run / "active").mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"root": str(open_set)}}))
+    iterations = [{"iteration": 0, "val_top1": 0.5},
+                  {"iteration": 1, "selected": 30, "outside_classes": 7, "val_top1": 0.6}]
+    (run / "pseudolabel" / "selection.json").write_text(json.dumps(
+        {"iterations": iterations, "fixmatch_selection": {"selected": 12, "outside_classes": 2}}))
+    (run / "active" / "answers_summary.json").write_text(json.dumps({"queries": 9, "answered": 8,
+                                                                     "outside_classes": 1}))
+    coat, bag = variant(open_set)["open_set_classes"]
+    assert report.data_line(str(run)) == (f"Data: `{open_set}`; pile shaped by prepare: unlabeled size 40; "
+                                          f"open set classes {coat}, {bag}; open set fraction 0.2.")
+    assert report.open_set_lines(str(run), iterations) == [
+        "", "Landed on images of classes outside the class list: iteration 1: 7 of 30 pseudo-labels; "
+            "FixMatch's selection: 2 of 12; active learning: 1 of 9 queries."]
+    # a pile without such images: nothing said
+    assert report.open_set_lines(str(run), iterations[:1] + [{"iteration": 1, "selected": 30}]) == [
+        "", "Landed on images of classes outside the class list: FixMatch's selection: 2 of 12; active learning: "
+            "1 of 9 queries."]

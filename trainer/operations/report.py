@@ -134,7 +134,8 @@ def write(run_dir: str, stage_seconds: dict, steps: list, recipe_timed: list[str
     plots = [p for p in (plot_ablation(run_dir, accuracy), plot_curves(run_dir, [s.name for s in steps]),
                          plot_precision(run_dir),
                          plot_top_images(run_dir), plot_feature_maps(run_dir, list(model_rows))) if p]
-    lines = ["# semiscale run report", "", f"Run dir: `{os.path.abspath(run_dir)}`", "",
+    lines = ["# semiscale run report", "", f"Run dir: `{os.path.abspath(run_dir)}`", "", data_line(run_dir),
+             *open_set_lines(run_dir, iterations), "",
              "## Accuracy after each stage (top-1 %)", "", "| stage | val | test |", "|---|---|---|"]
     lines += [f"| {_stage_text(r)} | {_fmt(r.get('val'))} | {_fmt(r.get('test'))} |" for r in accuracy]
     drops = val_drops(accuracy)
@@ -159,6 +160,30 @@ def write(run_dir: str, stage_seconds: dict, steps: list, recipe_timed: list[str
                        "plots": [os.path.basename(p) for p in plots]})
     # the table, the verdict line and the baselines' differences
     print("\n".join(lines[4:4 + 6 + len(accuracy) + len(differences)]), flush=True)
+
+
+def data_line(run_dir) -> str:
+    """The dataset a run used and, for a pile `prepare` shaped (prepare.json's variant), how."""
+    root = _data_root(run_dir)
+    variant = ((_json(os.path.join(root, "prepare.json")) or {}).get("params") or {}).get("variant")
+    shaped = "; pile shaped by prepare: " + "; ".join(
+        f"{k.replace('_', ' ')} {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in variant.items()
+    ) if variant else ""
+    return f"Data: `{root}`{shaped}."
+
+
+def open_set_lines(run_dir, iterations) -> list[str]:
+    """Where the unlabeled pile holds images of classes outside the class list (an open-set simulation): how
+    many of the pseudo-labels and of active learning's queries landed on them."""
+    fixmatch = (_json(os.path.join(run_dir, "pseudolabel", "selection.json")) or {}).get("fixmatch_selection") or {}
+    answers = _json(os.path.join(run_dir, "active", "answers_summary.json")) or {}
+    landed = [f"iteration {r['iteration']}: {r['outside_classes']} of {r['selected']} pseudo-labels"
+              for r in iterations if "outside_classes" in r]
+    if "outside_classes" in fixmatch:
+        landed.append(f"FixMatch's selection: {fixmatch['outside_classes']} of {fixmatch['selected']}")
+    if "outside_classes" in answers:
+        landed.append(f"active learning: {answers['outside_classes']} of {answers['queries']} queries")
+    return ["", "Landed on images of classes outside the class list: " + "; ".join(landed) + "."] if landed else []
 
 
 # ---- plots ----
