@@ -17,7 +17,7 @@ Colour jitter differs in one model: DALI's hue is a rotation in YIQ (luma kept),
 HSV hue; brightness, contrast, saturation and greyscale match torchvision's to ~1-2 levels.
 
 A file DALI cannot decode kills its pipeline, so the split is scanned once up front with
-data.datasets.load_image (cached on disk per file list + sizes + mtimes, and in-process per file list;
+data.datasets.load_image (cached on disk per file by its path, size and mtime, and in-process per file list;
 or scanned elsewhere, e.g. on rank 0, and handed in): bad files raise or are replaced like the torch
 path does (by the next decodable row); files DALI would decode differently from load_image (alpha,
 non-DALI formats) are converted once to RGB PNGs in the cache. A file that goes bad after the scan
@@ -326,9 +326,11 @@ _scans: dict[tuple[str, ...], dict[str, dict]] = {}   # paths -> scan_files(path
 def scan_files(paths: list[str], threads: int = 2) -> dict[str, dict]:
     """{path: {"bad": reason} | {"converted": png}} for the files DALI cannot read as is.
 
-    Cached on disk per list of (path, size, mtime): a long run, every rank and every later stage scan
-    once. Memoised in-process per list of paths, unchecked (a split's files do not change during a run):
-    the loaders of one stage over one split (FixMatch's two) stat its files once.
+    Cached on disk per file by (path, size, mtime): a file is decoded once, whichever stage, rank or list
+    of paths (a pretraining set, its labeled part, each predict chunk) meets it first; a later scan stats
+    every file, many at a time, and decodes only the new and changed ones. Memoised in-process per list
+    of paths, unchecked (a split's files do not change during a run): the loaders of one stage over one
+    split (FixMatch's two) stat its files once.
     """
     key = tuple(paths)
     if key not in _scans:
@@ -336,25 +338,60 @@ def scan_files(paths: list[str], threads: int = 2) -> dict[str, dict]:
     return _scans[key]
 
 
+# os.stat calls in flight at once while a scan looks for changed files: each waits on the filesystem (on a
+# network one, a round trip to its metadata server), not on the CPU, so far more than the CPU's threads help.
+STAT_THREADS = 32
+
+
 def _scan(paths, threads):
     """scan_files without the in-process memo."""
-    stats = [_stat(p) for p in paths]
-    key = hashlib.sha256("\n".join(f"{p}\t{s}" for p, s in zip(paths, stats)).encode()).hexdigest()
-    cache_file = os.path.join(cache_dir(), "image_scan", key + ".json")
+    with ThreadPoolExecutor(STAT_THREADS) as pool:
+        stats = list(pool.map(_stat, paths, chunksize=256))
+    known = {folder: _read_scans(folder) for folder in {os.path.dirname(p) for p in paths}}
+    results, unknown = [None] * len(paths), []
+    for i, (path, stat) in enumerate(zip(paths, stats)):
+        cached = known[os.path.dirname(path)].get(os.path.basename(path))
+        if cached is not None and tuple(cached[:2]) == stat and _still_readable(cached[2]):
+            results[i] = cached[2]
+        else:
+            unknown.append(i)
+    if unknown:
+        converted_dir = _converted_dir()
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            inspected = pool.map(lambda i: _inspect(paths[i], stats[i], converted_dir), unknown, chunksize=64)
+            for i, result in zip(unknown, inspected):
+                results[i] = result
+                known[os.path.dirname(paths[i])][os.path.basename(paths[i])] = [*stats[i], result]
+        for folder in {os.path.dirname(paths[i]) for i in unknown}:
+            _write_scans(folder, known[folder])
+    return {p: r for p, r in zip(paths, results) if r is not None}
+
+
+def _still_readable(result: dict | None) -> bool:
+    """A cached result still holds: its converted copy (if any) was not cleaned away from the cache."""
+    return result is None or "converted" not in result or os.path.exists(result["converted"])
+
+
+def _scans_file(folder: str) -> str:
+    """The cache of one folder's files: {name: [size, mtime_ns, _inspect's result]}."""
+    return os.path.join(cache_dir(), "file_scan", hashlib.sha1(folder.encode()).hexdigest() + ".json")
+
+
+def _read_scans(folder: str) -> dict:
     try:
-        with open(cache_file, encoding="utf-8") as f:
-            found = json.load(f)
-        if all("bad" in v or os.path.exists(v["converted"]) for v in found.values()):
-            return found
+        with open(_scans_file(folder), encoding="utf-8") as f:
+            entries = json.load(f)
     except (OSError, ValueError):
-        pass
-    converted_dir = _converted_dir()
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        results = pool.map(lambda ps: _inspect(ps[0], ps[1], converted_dir), zip(paths, stats), chunksize=64)
-        found = {p: r for p, r in zip(paths, results) if r is not None}
-    os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-    atomic.write_json(cache_file, found)
-    return found
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def _write_scans(folder: str, entries: dict):
+    """Replaced whole: of two processes scanning one folder at once, the last one's entries stay, and a
+    file the other one scanned is scanned again next time."""
+    path = _scans_file(folder)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic.write_text(path, json.dumps(entries))
 
 
 def _stand_ins(split: Split, is_bad: np.ndarray) -> np.ndarray:

@@ -72,7 +72,7 @@ def evaluate_knn(cfg, network, splits, rt, run) -> dict:
     results = {}
     for name, split in splits.items():
         queries = embed(network, eval_loader(split, cfg, rt, cfg.inference.batch_size), rt, len(split), precision)
-        if rt.is_main:   # every rank holds the embeddings; one search is enough
+        if rt.is_main:   # rank 0 holds the embeddings (the others get None)
             results[name] = knn_accuracy(references, labeled.labels, queries, split.labels, num_classes,
                                          cfg.knn.k, cfg.knn.temperature, gpu=faiss_gpu(rt.device))
             run.say(f"{name}: kNN top-1 {results[name]:.4f}")

@@ -2,23 +2,40 @@
 step and no network. The same script on the CPU (`--device cpu`: gloo, torch loaders) runs in `make test`.
 
     python tests/gpu_smoke.py [--device cuda|cpu] [--out runs/gpu-smoke]      # = make gpu-smoke [DEVICE=cpu]
+    python tests/gpu_smoke.py --make-bundle gpu-bundle                         # = make gpu-bundle (network)
 
-Assumes only torch, torchvision, numpy, pillow, pyyaml, tqdm and matplotlib. A step that needs DALI,
-faiss, submitit or apex says SKIP with the reason when that piece is missing. Data is generated on the
-spot. Writes OUT/smoke.json and OUT/smoke.md (a PASS / FAIL / SKIP table); exit status 1 on any FAIL.
+Assumes only torch, torchvision, numpy and pillow. What else its path imports (BUNDLED: PyYAML, tqdm,
+submitit, faiss-cpu and what they need) it installs, where missing, offline from the wheels of the
+bundle (`make gpu-bundle`, git-ignored, at most 60 MiB so that it travels with the checkout) into a
+temporary folder, then runs itself again with that folder on PYTHONPATH. A step that needs DALI, faiss,
+submitit or apex says SKIP with the reason when that piece is missing; a module of semiscale or a
+dependency that does not import is S0's FAIL line naming it (traceback in OUT/S0.traceback.txt), never a
+traceback before the table. Data is generated on the spot. Writes OUT/smoke.json and OUT/smoke.md (a
+PASS / FAIL / SKIP table); exit status 1 on any FAIL.
+
+torch 2.11 (the GPU machines' build) runs its path: checked by reading trainer/, data/ and launch/ for
+APIs newer than it. torch.amp.GradScaler(device) and torch.autocast (2.3+), init_process_group's device_id
+(2.3+), torch.distributed._functional_collectives, torch.load(weights_only=True) (always passed, so the
+2.6 default change does not matter), torch.onnx.export(dynamo=False) (2.5+); DDP keeps
+broadcast_buffers=False (deprecated in 2.14 for forward_sync_buffers, which 2.11 lacks); no torch.accelerator,
+torch.compile/torch.compiler, torch.nn.attention, DataLoader(in_order=...) or nn.Buffer.
 
 Steps (docs/gpu.md says what each one catches):
   S0 environment          S1 data (prepare)            S2 collectives in a one-rank group
-  S3 device and numerics  S4 every stage end to end    S5 DALI on the device
-  S6 faiss on the GPU     S7 apex LARC                 S8 benchmarks
-  S9 Slurm script         S10 pseudolabel, 2 gloo ranks S11 two GPUs under torchrun
+  S3 device and numerics  S3s SyncBatchNorm kernels, fp16/bf16 channels-last
+  S4 every stage end to end under torchrun --nproc_per_node 1 (a real group: NCCL, or gloo on the CPU)
+  S4f its faiss parts (SKIP without faiss)            S4v FlexMatch/FreeMatch/SoftMatch, precision=auto
+  S5 DALI on the device (nvJPEG on 2x JPEGs)          S6 faiss on the GPU
+  S7 apex LARC            S8 benchmarks                S9 Slurm script
+  S10 pseudolabel, 2 gloo ranks                       S11 two GPUs under torchrun
+  S12 paper-shape throughput, memory and MFU
 """
 import os
 import sys
 
 import argparse
 import copy
-import importlib
+import importlib.util
 import json
 import platform
 import random
@@ -29,19 +46,25 @@ import tempfile
 import time
 import traceback
 
-import numpy as np
-import torch
-from PIL import Image
-
-from trainer import dist
-from trainer.runtime import amp, checkpoint, engine, models, optim, stages
-from trainer.algorithms import losses, self_supervised, tta
-from trainer.runtime.config import EvaluateConfig
-from trainer.algorithms.ema import EMA
-from trainer.algorithms.semi_supervised import EPOCH_SUMS, epoch_summary
-from trainer.runtime.loop import EpochSums
-
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, PROJECT)   # semiscale from this checkout, installed or not
+
+try:   # what fails to import here is S0's FAIL line: the table prints whatever the machine lacks
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from trainer import dist
+    from trainer.runtime import amp, checkpoint, engine, models, optim, stages
+    from trainer.algorithms import losses, self_supervised, tta
+    from trainer.runtime.config import EvaluateConfig
+    from trainer.algorithms.ema import EMA
+    from trainer.algorithms.semi_supervised import EPOCH_SUMS, epoch_summary
+    from trainer.runtime.loop import EpochSums
+    IMPORT_FAILURE = None
+except Exception as error:   # ImportError, or a module that breaks on this torch
+    IMPORT_FAILURE = error
+
 CONFIGS = os.path.join(PROJECT, "configs", "demo")
 SIZE, CLASSES, PER_CLASS = 32, 4, 60
 
@@ -61,6 +84,105 @@ def optional(module: str):
 def faiss_gpus() -> int:
     faiss = optional("faiss")
     return faiss.get_num_gpus() if faiss else 0
+
+
+# ---------------------------------------------------------------- the bundle: what a bare machine lacks
+
+# module -> the distribution whose wheel brings it: what the smoke's path imports beyond torch, torchvision,
+# numpy and pillow (submitit needs cloudpickle and typing_extensions; faiss-cpu needs packaging)
+BUNDLED = {"yaml": "pyyaml", "tqdm": "tqdm", "submitit": "submitit", "cloudpickle": "cloudpickle",
+           "typing_extensions": "typing-extensions", "faiss": "faiss-cpu", "packaging": "packaging"}
+GPU_PYTHON = "3.12"   # the GPU machines' python3; the bundle also holds wheels for the Python that builds it
+GPU_PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_27_x86_64", "manylinux_2_28_x86_64")
+BUNDLE_MIB = 60   # it travels with the checkout, and a copy to a GPU machine holds at most 64 MiB
+BUNDLE_REPORT = "SEMISCALE_SMOKE_BUNDLE"   # the rerun's environment: what the bundle installed, and where
+
+
+def wheels(folder: str) -> list[str]:
+    return sorted(f for f in os.listdir(folder) if f.endswith(".whl")) if os.path.isdir(folder) else []
+
+
+def make_bundle(folder: str, gpu_python: str) -> int:
+    """Download BUNDLED's wheels into `folder` (this needs the network; installing them does not), compiled
+    ones for `gpu_python` on x86-64 Linux and for this Python; the folder is replaced only by a complete one."""
+    if os.path.exists(folder) and len(wheels(folder)) != len(os.listdir(folder)):
+        print(f"gpu_smoke.py: error: --make-bundle {folder} holds files other than wheels; expected a new folder "
+              "or an earlier bundle", file=sys.stderr)
+        return 2
+    partial = folder.rstrip(os.sep) + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    download = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--dest", partial]
+    targets = [["--python-version", gpu_python, "--implementation", "cp", *(f"--platform={p}" for p in GPU_PLATFORMS)]]
+    if f"{sys.version_info.major}.{sys.version_info.minor}" != gpu_python:
+        targets.append([])   # this Python's own wheels: the bare-venv test installs from the same folder
+    for target in targets:
+        if subprocess.run([*download, *target, *BUNDLED.values()]).returncode != 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            if wheels(folder):   # offline, say: the earlier bundle still serves
+                print(f"gpu_smoke.py: warning: pip download failed; {folder} keeps its earlier wheels", file=sys.stderr)
+                return 0
+            return 1
+    mib = sum(os.path.getsize(os.path.join(partial, f)) for f in wheels(partial)) / 2**20
+    if mib > BUNDLE_MIB:
+        shutil.rmtree(partial)
+        print(f"gpu_smoke.py: error: the bundle's wheels take {mib:.1f} MiB; expected at most {BUNDLE_MIB}",
+              file=sys.stderr)
+        return 1
+    shutil.rmtree(folder, ignore_errors=True)
+    os.rename(partial, folder)
+    print(f"{folder}: {len(wheels(folder))} wheels, {mib:.1f} MiB (at most {BUNDLE_MIB}): {', '.join(wheels(folder))}")
+    return 0
+
+
+def install_missing(folder: str, site: str) -> dict:
+    """Install into `site`, offline, the bundle's wheel of each BUNDLED distribution whose module this Python
+    lacks; one at a time, so that one without a wheel for this Python leaves the others installed."""
+    report = {"site": site, "installed": [], "failed": {}}
+    for module, name in BUNDLED.items():
+        if importlib.util.find_spec(module) is not None:
+            continue
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--isolated", "--no-index", "--no-deps",
+                               "--no-cache-dir", "--disable-pip-version-check", "--quiet", "--find-links", folder,
+                               "--target", site, name], capture_output=True, text=True,
+                              env={**os.environ, "PIP_CONFIG_FILE": os.devnull})   # the bundle alone, whatever pip.conf says
+        if proc.returncode == 0:
+            report["installed"].append(name)
+        else:
+            report["failed"][name] = tail(proc.stderr or proc.stdout, 1)
+    return report
+
+
+def rerun_with_bundle(folder: str, argv: list[str]) -> int:
+    """The smoke again, in a process whose PYTHONPATH (and so its stages') holds what the bundle installed into
+    a temporary folder; the folder goes when the run ends."""
+    site = tempfile.mkdtemp(prefix="semiscale-bundle-")
+    try:
+        report = install_missing(folder, site)
+        print(f"bundle {folder}: installed {', '.join(report['installed']) or 'nothing'}"
+              + "".join(f"; {name} did not install: {why}" for name, why in report["failed"].items()), flush=True)
+        env = {**os.environ, BUNDLE_REPORT: json.dumps(report),
+               "PYTHONPATH": os.pathsep.join([site, *filter(None, [os.environ.get("PYTHONPATH")])])}
+        return subprocess.run([sys.executable, os.path.abspath(__file__), *argv], env=env).returncode
+    finally:
+        shutil.rmtree(site, ignore_errors=True)
+
+
+def import_failure(error: Exception, folder: str, bundle: dict | None) -> str:
+    """S0's FAIL line: the exception, the line of semiscale that imported the module, and why the bundle did
+    not bring it."""
+    ours = [f for f in traceback.extract_tb(error.__traceback__) if f.filename.startswith(PROJECT + os.sep)]
+    where = f" (at {os.path.relpath(ours[-1].filename, PROJECT)}:{ours[-1].lineno})" if ours else ""
+    name = BUNDLED.get((getattr(error, "name", None) or "").split(".")[0])
+    if name and bundle and name in bundle["failed"]:
+        return f"{type(error).__name__}: {error}{where}; the bundle's {name} did not install: {bundle['failed'][name]}"
+    if name and not wheels(folder):
+        return f"{type(error).__name__}: {error}{where}; no bundle at {folder} to install {name} from (make gpu-bundle)"
+    return f"{type(error).__name__}: {error}{where}"
+
+
+def write_json(path: str, obj):
+    with open(path, "w") as f:   # the standard library's: the table is written when semiscale does not import
+        json.dump(obj, f, indent=2)
 
 
 # ---------------------------------------------------------------- running stages
@@ -89,7 +211,10 @@ class Smoke:
         proc = subprocess.run(self.command(script, *args, nproc=nproc), capture_output=True, text=True,
                               timeout=timeout, env=self.env, cwd=PROJECT)
         if proc.returncode != 0:
-            raise AssertionError(f"{script}.py exited {proc.returncode}: {tail(proc.stderr)}")
+            stderr, agent = proc.stderr, proc.stderr.find("torch/distributed/elastic")
+            if agent >= 0:   # under torchrun: the worker's last lines, before the agent's report of its failure
+                stderr = stderr[:stderr.rfind("\n", 0, agent) + 1]
+            raise AssertionError(f"{script}.py exited {proc.returncode}: {tail(stderr)}")
         return proc
 
     def stage(self, script: str, run_dir: str, *overrides, nproc: int = 0, config: str = "") -> subprocess.CompletedProcess:
@@ -128,16 +253,47 @@ def smoke_steps(smoke) -> dict[str, list[str]]:
     return {
         "finetune": [*finetune, "train.epochs=3"],
         "pseudolabel": ["pseudo.top_k=2", "pseudo.schedule=[10]", "pseudo.fixmatch_p=4", "pseudo.pseudo_epochs=1",
-                        "pseudo.labeled_epochs=1", "inference.batch_size=64", inference,
+                        "pseudo.labeled_epochs=1", "inference.batch_size=64", inference, *pseudolabel_scorer(smoke),
                         f"pseudo.finetune_overrides=[{','.join(finetune + [f'data.image_size={SIZE}'])}]"],
         "fixmatch": ["train.batch_size=8", "fixmatch.mu=2", "train.max_steps=6", "fixmatch.bn_batches=2", train],
         "active": ["active.clusters=2", "active.budget=4", "active.oracle=true", "inference.batch_size=64"],
         "evaluate_knn": ["inference.batch_size=64"],
         "evaluate_fixmatch": ["evaluate.scales=[32,40]", "evaluate.tta=val", "inference.batch_size=64", inference],
+        # chunks of 50 rows: a resumable chunk's gather and the merge run more than once
+        "predict": ["predict.chunk_size=50", "inference.batch_size=64", inference],
     }
 
 
-FAISS_STEPS = ("active", "evaluate_knn")   # k-means and the kNN search need faiss
+FAISS_STEPS = ("active", "evaluate_knn")   # k-means and the kNN search need faiss (S4f runs them)
+
+
+def pseudolabel_scorer(smoke) -> list[str]:
+    """The demo's pseudolabel scorer, label propagation, needs faiss: without it the classifier's scores, so
+    that the rest of the stage step runs (S4f says SKIP for propagation)."""
+    return [] if smoke.has_faiss else ["pseudo.scorer=classifier"]
+
+
+def joined_group(smoke, proc: subprocess.CompletedProcess, what: str):
+    """`what` ran in a real process group of one rank (trainer.dist.init's line), on the backend that eight
+    ranks would use: its collectives, DDP and synchronised BatchNorm took the paths they take at scale."""
+    backend = "nccl" if smoke.cuda else "gloo"
+    check(f"[dist] {backend} process group of 1 rank(s)" in proc.stdout,
+          f"{what} joined no {backend} process group of 1 rank: {tail(proc.stdout, 2)}")
+
+
+def run_recipe_steps(smoke, names) -> dict[str, subprocess.CompletedProcess]:
+    """The pipeline's steps among `names` with smoke_steps' settings, in the registry's order and wiring, each
+    under `torchrun --nproc_per_node 1` (a group of one rank). The wiring's final model is fixmatch's: the
+    smoke runs no FixMatch after active learning."""
+    settings, procs = smoke_steps(smoke), {}
+    for step in stages.RECIPE:
+        if step.name in names:
+            procs[step.name] = smoke.stage(step.stage, smoke.dir(step.name),
+                                           *stages.wired_inputs(step, smoke.runs, active_learning=False),
+                                           *settings[step.name], nproc=1)
+            check(os.path.exists(os.path.join(smoke.dir(step.name), step.done)), f"{step.name} wrote no {step.done}")
+            joined_group(smoke, procs[step.name], step.name)
+    return procs
 
 
 # ---------------------------------------------------------------- S0, S1
@@ -289,12 +445,22 @@ def s3_numerics(smoke: Smoke) -> str:
     try:
         opt = optim.build_optimizer("lars", model, lr_weights=0.1, lr_biases=0.01, weight_decay=1e-6)
         scaler = amp.grad_scaler(smoke.precision, rt.device)
-        for step in range(2):
+        # GradScaler starts at 2**16, where this tiny net's fp16 gradients (they grow as scale / batch) overflow
+        # and the step is skipped with inf gradients: step until the scale settles (a step that does not lower
+        # it was taken; a disabled scaler's stays 1), then check that step's gradients and update
+        for settled_after in range(1, 25):
+            before, scale = [p.detach().clone() for p in model.parameters()], scaler.get_scale()
             with amp.autocast(smoke.precision, rt.device):
                 loss = ddp(*views)
-            amp.step_optimizer(loss, opt, scaler, step)
+            amp.step_optimizer(loss, opt, scaler, settled_after - 1)
+            if scaler.get_scale() >= scale:
+                break
+        check(scaler.get_scale() >= scale, f"{settled_after} {smoke.precision} steps overflowed, down to scale "
+                                           f"{scaler.get_scale()}")
         missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
-        check(not missing, f"no finite gradient on {missing[:3]}")
+        check(not missing, f"no finite gradient on {missing[:3]} at scale {scale}")
+        check(any(not torch.equal(a, p) for a, p in zip(before, model.parameters())),
+              f"the step taken at scale {scale} left every weight as it was")
         for precision in ("fp16", "bf16") if smoke.cuda else ("bf16",):
             with torch.no_grad(), amp.autocast(precision, rt.device):
                 model(*views)
@@ -324,15 +490,74 @@ def s3_numerics(smoke: Smoke) -> str:
     check(all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), model.state_dict().values())),
           "checkpoint round trip changed the weights")
     dist.shutdown()
-    return (f"{sync_type.__name__}, channels-last, DDP; 2 {smoke.precision} LARS steps; correlation fp32; "
+    return (f"{sync_type.__name__}, channels-last, DDP; {settled_after} {smoke.precision} LARS step(s), the last "
+            f"taken at scale {scale:g} with finite gradients; correlation fp32; "
             f"scaled step = fp32 step (gap {gap:.1e}); EMA on {rt.device}; checkpoint CPU round trip")
+
+
+# the largest gap from fp32 BatchNorm allowed, as a fraction of the largest fp32 value: about 5x what rounding
+# the input, the output's gradient and the results to each precision costs (measured in fp32 on the CPU)
+SYNC_BN_TOLERANCE = {"fp16": 4e-3, "bf16": 2e-2}
+
+
+def batchnorm_gaps(normalise, dtype, device) -> dict[str, float]:
+    """How far a training-mode BatchNorm on channels-last `dtype` input, `normalise(x, weight, bias,
+    running_mean, running_var, eps, momentum)` with fp32 parameters (as under autocast), is from fp32
+    BatchNorm: output, gradients and running statistics, each over its largest fp32 value."""
+    torch.manual_seed(0)
+    channels = 32
+    x = torch.randn(16, channels, 12, 12, device=device) * 3 + 1
+    weight, bias = torch.rand(channels, device=device) + 0.5, torch.randn(channels, device=device)
+    grad = torch.randn_like(x)
+
+    def run(forward, x, grad) -> dict:
+        x, w, b = x.detach().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        mean, var = torch.zeros(channels, device=device), torch.ones(channels, device=device)
+        y = forward(x, w, b, mean, var)
+        y.backward(grad)
+        return {"output": y, "input gradient": x.grad, "weight gradient": w.grad, "bias gradient": b.grad,
+                "running mean": mean, "running var": var}
+
+    reference = run(lambda x, w, b, mean, var: torch.nn.functional.batch_norm(x, mean, var, w, b, True, 0.1, 1e-5),
+                    x, grad)
+    got = run(lambda x, w, b, mean, var: normalise(x, w, b, mean, var, 1e-5, 0.1),
+              *(t.to(dtype).contiguous(memory_format=torch.channels_last) for t in (x, grad)))
+    check(got["output"].dtype == dtype, f"{dtype} input gave a {got['output'].dtype} output")
+    return {name: ((got[name].float() - value).abs().max() / value.abs().max()).item()
+            for name, value in reference.items()}
+
+
+def s3s_sync_batchnorm(smoke: Smoke) -> str:
+    """torch's synchronised BatchNorm kernels in fp16 and bf16 on channels-last input, against fp32 BatchNorm.
+    SyncBatchNorm itself falls back to plain BatchNorm in a group of one rank, so its autograd function is
+    called directly in a one-rank NCCL group: the statistics' all-gather and the backward's all-reduce run."""
+    if not smoke.cuda:
+        raise Skip("torch's SyncBatchNorm kernels take CUDA tensors only (the CPU's GlobalBatchNorm runs in S3, S4)")
+    from torch.nn.modules._functions import SyncBatchNorm as SyncBatchNormFunction
+    dist.shutdown()   # a group a failed S2 or S3 left behind
+    rt = one_rank_group(smoke)
+    try:
+        gaps = {precision: batchnorm_gaps(
+                    lambda *args: SyncBatchNormFunction.apply(*args, torch.distributed.group.WORLD, 1), dtype, rt.device)
+                for precision, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16))}
+    finally:
+        dist.shutdown()
+    for precision, gap in gaps.items():
+        worst = max(gap, key=gap.get)
+        check(gap[worst] <= SYNC_BN_TOLERANCE[precision], f"{precision}: the {worst} is off by {gap[worst]:.1e} of its "
+                                                          f"largest value (at most {SYNC_BN_TOLERANCE[precision]:g})")
+    return ("output, gradients and running statistics of channels-last " + ", ".join(
+        f"{p} within {max(g.values()):.1e} (at most {SYNC_BN_TOLERANCE[p]:g})" for p, g in gaps.items())
+            + " of fp32 BatchNorm")
 
 
 # ---------------------------------------------------------------- S4: stages, each in its own process
 
 def kill_after_checkpoint(smoke: Smoke, args: list, run_dir: str, min_step: int) -> int:
-    proc = subprocess.Popen(smoke.command("pretrain", *args), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=smoke.env, cwd=PROJECT)
+    """pretrain under `torchrun --nproc_per_node 1`, SIGKILLed with its worker (a node lost) once its checkpoint
+    holds step >= min_step; that step."""
+    proc = subprocess.Popen(smoke.command("pretrain", *args, nproc=1), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=smoke.env, cwd=PROJECT, start_new_session=True)
     path, deadline = os.path.join(run_dir, "checkpoint.pt"), time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -340,10 +565,29 @@ def kill_after_checkpoint(smoke: Smoke, args: list, run_dir: str, min_step: int)
                 break
             time.sleep(0.02)
         check(proc.poll() is None, "pretrain ended before it could be killed")
-        proc.send_signal(signal.SIGKILL)
-    finally:
+    finally:   # the agent and its worker, which torchrun starts in a session of its own (with its loader's
+        # workers): a worker left behind would hold the run dir
+        workers = children(proc.pid)
+        for group in (proc.pid, *workers):
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except ProcessLookupError:   # ended already
+                pass
         proc.wait()
     return checkpoint.load(path)["step"]
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:   # "pid (name) state ppid ...": the name may hold spaces
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except (OSError, IndexError, ValueError):   # ended meanwhile
+            pass
+    return found
 
 
 def s4_stages(smoke: Smoke) -> str:
@@ -355,14 +599,17 @@ def s4_stages(smoke: Smoke) -> str:
                 "train.batch_size=32", f"train.precision={smoke.precision}", "train.epochs=100", "train.max_steps=120",
                 "run.checkpoint_every=2", "run.log_every=1", *knn]
     killed_at = kill_after_checkpoint(smoke, pretrain, d("pretrain"), 4)
-    resumed = smoke.run("pretrain", *pretrain)
+    resumed = smoke.run("pretrain", *pretrain, nproc=1)
+    joined_group(smoke, resumed, "pretrain")
     check(f"resumed from {d('pretrain')}/checkpoint.pt at step {killed_at}" in resumed.stdout + resumed.stderr,
           "pretrain did not resume from its checkpoint")
     check(max(e.get("step", 0) for e in events(d("pretrain"))) == 120, "pretrain did not reach 120 steps")
-    done = [f"pretrain {smoke.precision} killed at step {killed_at} and resumed"]
+    done = [f"every stage under torchrun --nproc_per_node 1 in a {'nccl' if smoke.cuda else 'gloo'} group",
+            f"pretrain {smoke.precision} killed at step {killed_at} and resumed"]
     if smoke.cuda:
-        smoke.stage("pretrain", d("pretrain_bf16"), *TINY_MODEL, "barlow.projector=[64,64]", "train.batch_size=32",
-                    "train.precision=bf16", "train.max_steps=10", *knn)
+        joined_group(smoke, smoke.stage("pretrain", d("pretrain_bf16"), *TINY_MODEL, "barlow.projector=[64,64]",
+                                        "train.batch_size=32", "train.precision=bf16", "train.max_steps=10", *knn,
+                                        nproc=1), "pretrain bf16")
         done.append("pretrain bf16")
     loads_on_cpu = subprocess.run(
         [sys.executable, "-c", "import sys, torch; sd = torch.load(sys.argv[1], weights_only=True); "
@@ -372,26 +619,92 @@ def s4_stages(smoke: Smoke) -> str:
     check(loads_on_cpu.returncode == 0, f"backbone.pt in a CPU-only process: {tail(loads_on_cpu.stderr)}")
     done.append("backbone.pt loads without a GPU")
 
-    settings = smoke_steps(smoke)
-    for step in stages.RECIPE:   # the pipeline's order and wiring, each step in its own process
-        if step.name in settings and (smoke.has_faiss or step.name not in FAISS_STEPS):
-            smoke.stage(step.stage, d(step.name), *stages.wired_inputs(step, smoke.runs, active_learning=True),
-                        *settings[step.name])
-            check(os.path.exists(os.path.join(d(step.name), step.done)), f"{step.name} wrote no {step.done}")
+    run_recipe_steps(smoke, [name for name in smoke_steps(smoke) if name not in FAISS_STEPS])
     finetune_val = engine.read_done(d("finetune"))["val_top1"]
     selection = engine.read_json(os.path.join(d("pseudolabel"), "selection.json"))
     check(len(selection["iterations"]) == 2, "pseudolabel did not run its iteration")
     check(any("val_top1_ema" in e for e in events(d("fixmatch"))), "fixmatch: no EMA val")
-    done.append(f"finetune (val {finetune_val:.2f}), pseudolabel, fixmatch")
-    if smoke.has_faiss:
-        check(sum(1 for _ in open(os.path.join(d("active"), "queries.csv"))) == 5, "active: not 4 queries")
-        done.append("active, evaluate (kNN)")
-    else:
-        done.append(f"{' and '.join(FAISS_STEPS)} not run (no faiss)")
+    done.append(f"finetune (val {finetune_val:.2f}), pseudolabel ({'propagation' if smoke.has_faiss else 'classifier'} "
+                "scores), fixmatch")
     scores = engine.read_json(os.path.join(d("evaluate_fixmatch"), "eval.json"))["splits"]
     check(scores["val"]["images"] == 40 and scores["test"]["images"] == 40, f"evaluate counted {scores['val']['images']}")
     done.append(f"evaluate TTA (test {scores['test']['tta']['top1']:.2f})")
+    summary = engine.read_json(os.path.join(d("predict"), "summary.json"))
+    unlabeled = sum(1 for _ in open(os.path.join(smoke.data, "unlabeled.csv"))) - 1
+    rows = sum(1 for _ in open(os.path.join(d("predict"), "predictions.csv"))) - 1
+    check(summary["labeled"] == rows == unlabeled and summary["ranks"] == 1,
+          f"predict labeled {summary['labeled']} images in {rows} rows on {summary['ranks']} rank(s), expected the "
+          f"{unlabeled} unlabeled images on 1")
+    done.append(f"predict ({rows} rows at scales {summary['scales']} from evaluate's choice)")
     return "; ".join(done)
+
+
+def s4f_faiss_steps(smoke: Smoke) -> str:
+    """The stage step's parts that need faiss: pseudolabel's label propagation (S4 ran it where faiss imports),
+    active learning's k-means and the kNN evaluation. SKIP, not FAIL, without faiss: S4 then ran the
+    classifier's scores, and the rest of the stages."""
+    if not smoke.has_faiss:
+        raise Skip("faiss not installed: label propagation (S4's pseudolabel used pseudo.scorer=classifier), "
+                   "active learning's k-means, the kNN evaluation and pretrain's kNN monitor not run")
+    propagated = os.path.join(smoke.dir("pseudolabel"), "iter1", "predictions", "propagation", "topk_prob.npy")
+    check(os.path.exists(propagated), f"S4's pseudolabel wrote no {propagated}: label propagation did not run")
+    run_recipe_steps(smoke, FAISS_STEPS)
+    queries = sum(1 for _ in open(os.path.join(smoke.dir("active"), "queries.csv"))) - 1
+    check(queries == 4, f"active learning asked {queries} queries, expected active.budget=4")
+    knn = engine.read_json(os.path.join(smoke.dir("evaluate_knn"), "eval.json"))["knn"]
+    check(0 <= knn["val"] <= 1, f"kNN val top-1 {knn['val']}")
+    return f"label propagation in S4's pseudolabel; active learning (4 queries); kNN evaluation (val {knn['val']:.2f})"
+
+
+def said_precision(smoke: Smoke, output: str, what: str) -> str:
+    """What train.precision=auto chose, as the stage's opening line says it, checked: on a GPU bf16 where it
+    computes in bf16 natively (compute capability 8.0 and later), else fp16; on a CPU the faster of the
+    two it measured."""
+    import re
+    said = re.search(r"precision (auto -> )?(fp32|bf16|fp16)(?: \(([^)]*)\))?", output)
+    check(said is not None, f"{what}: its output names no precision")
+    chosen = said.group(2)
+    if smoke.cuda:
+        expected = "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp16"
+        check(chosen == expected, f"{what}: auto chose {chosen} on {torch.cuda.get_device_name()}, expected {expected}")
+        return chosen
+    measured = {name: float(ms) for name, ms in re.findall(r"(\w+) ([\d.]+) ms/step", said.group(3) or "")}
+    check(said.group(1) is not None and set(measured) == {"fp32", "bf16"},
+          f"{what}: auto on the CPU said no measurement of fp32 and bf16: {said.group(0)!r}")
+    check(measured[chosen] == min(measured.values()), f"{what}: auto chose {chosen}, measured {measured} ms/step")
+    return f"{chosen}, measured " + ", ".join(f"{name} {ms:g} ms/step" for name, ms in measured.items())
+
+
+VARIANTS = ("flexmatch", "freematch", "softmatch")
+
+
+def s4v_variants(smoke: Smoke) -> str:
+    """FlexMatch, FreeMatch and SoftMatch with distribution alignment, 3 steps each from S4's models under
+    `torchrun --nproc_per_node 1` (their running statistics all-reduced in the group), at train.precision=auto."""
+    fixmatch = next(step for step in stages.RECIPE if step.name == "fixmatch")
+    chosen = {}
+    for variant in VARIANTS:
+        run_dir = smoke.dir(f"fixmatch_{variant}")
+        proc = smoke.stage("fixmatch", run_dir, *stages.wired_inputs(fixmatch, smoke.runs, active_learning=False),
+                           "train.batch_size=8", "fixmatch.mu=2", "train.max_steps=3", "fixmatch.bn_batches=0",
+                           "run.checkpoint_every=1", f"fixmatch.variant={variant}",
+                           "fixmatch.distribution_alignment=true", "train.precision=auto", nproc=1)
+        joined_group(smoke, proc, variant)
+        check(f"{variant} + distribution alignment" in proc.stdout, f"{variant}: its opening line names no "
+                                                                    f"{variant} + distribution alignment")
+        chosen[variant] = said_precision(smoke, proc.stdout, variant)
+        epoch = [e for e in events(run_dir) if "mask_rate" in e]
+        check(bool(epoch) and 0 <= epoch[-1]["mask_rate"] <= 1 and np.isfinite(epoch[-1]["loss"]),
+              f"{variant}: epoch summary {epoch[-1] if epoch else None}")
+        state = checkpoint.load(os.path.join(run_dir, "checkpoint.pt"))["state"]["pseudo_labeler"]
+        p_model = state["alignment"]["p_model"]
+        check(bool(torch.isfinite(p_model).all()) and abs(p_model.sum().item() - 1) < 1e-6
+              and not torch.equal(p_model, torch.full_like(p_model, 1 / len(p_model))),
+              f"{variant}: distribution alignment's running class distribution {p_model.tolist()}")
+        check(all(bool(torch.isfinite(v.double()).all()) for k, v in state.items() if k != "alignment"),
+              f"{variant}: statistics not finite: {state}")
+    return ("with distribution alignment, its class distribution moved off uniform and every statistic finite; "
+            "precision auto -> " + "; ".join(f"{variant} {how}" for variant, how in chosen.items()))
 
 
 # ---------------------------------------------------------------- S5-S11: optional pieces and scale
@@ -404,6 +717,37 @@ def rss_mib() -> float:
 def gpu_used_mib() -> float:
     free, total = torch.cuda.mem_get_info()
     return (total - free) / 2**20
+
+
+# 8-bit levels: nvJPEG and the CPU's libjpeg-turbo differ in their IDCT and chroma upsampling by a few levels
+# at sharp coloured edges, which the 2x downscale averages; a swapped channel or a missed or shifted resize
+# moves the mean by tens of levels
+JPEG_MEAN_LEVELS, JPEG_MAX_LEVELS = 2.0, 40.0
+
+
+def nvjpeg_against_cpu(smoke: Smoke, device) -> str:
+    """DALI's GPU decode (nvJPEG) and resize against its CPU decode and resize, on JPEGs twice the view's size."""
+    from data.datasets import Split
+    from data.loaders import build_loader
+    from data.transforms import IMAGENET_STD
+    folder, rng = os.path.join(smoke.out, "jpeg_2x"), random.Random(1)
+    os.makedirs(folder, exist_ok=True)
+    paths = [os.path.join(folder, f"{i:02d}.jpg") for i in range(16)]
+    for i, path in enumerate(paths):
+        Image.fromarray(synthetic_image(i % CLASSES, rng)).resize((2 * SIZE, 2 * SIZE), Image.Resampling.BICUBIC).save(
+            path, quality=90)
+    split = Split(folder, "jpeg_2x", paths, None, None)
+    views = [next(build_loader(split, "eval", image_size=SIZE, global_batch=len(paths), shuffle=False, drop_last=False,
+                               backend="dali", device=dev).epoch(0))["views"][0].cpu()
+             for dev in (device, torch.device("cpu"))]
+    check(views[0].shape == views[1].shape == (len(paths), 3, SIZE, SIZE),
+          f"GPU and CPU views of {tuple(views[0].shape)} and {tuple(views[1].shape)}")
+    levels = (views[0] - views[1]).abs() * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255   # normalised -> levels
+    mean, worst = levels.mean().item(), levels.max().item()
+    said = (f"nvJPEG vs CPU decode of {2 * SIZE} px JPEGs resized to {SIZE} px: {mean:.2f} levels on average, "
+            f"{worst:.1f} at most (allowed {JPEG_MEAN_LEVELS:g}, {JPEG_MAX_LEVELS:g})")
+    check(mean <= JPEG_MEAN_LEVELS and worst <= JPEG_MAX_LEVELS, said)
+    return said
 
 
 def s5_dali(smoke: Smoke) -> str:
@@ -436,6 +780,7 @@ def s5_dali(smoke: Smoke) -> str:
         levels = ((per_device[0] - per_device[1]).abs() * 0.229 * 255).max().item()   # smallest std of the three
         check(levels <= 1.01, f"GPU and CPU decodes differ by {levels:.2f} levels")
         notes.append(f"GPU vs CPU PNG decode within {levels:.2f} levels")
+        notes.append(nvjpeg_against_cpu(smoke, device))
     ranks = [loader("train", rank=r, world=2) for r in range(2)]
     whole = loader("train")
     for step, (a, b, one) in enumerate(zip(*(r.epoch(1) for r in ranks), whole.epoch(1))):
@@ -553,7 +898,7 @@ def s10_pseudolabel_two_ranks(smoke: Smoke) -> str:
         t0 = time.time()
         smoke_cpu.stage("pseudolabel", run_dir, "pseudo.top_k=2", "pseudo.schedule=[8,12]", "pseudo.fixmatch_p=2",
                         "pseudo.pseudo_epochs=1", "pseudo.labeled_epochs=1", "inference.batch_size=32",
-                        f"pseudo.model={smoke.dir('finetune')}/model.pt",
+                        *pseudolabel_scorer(smoke), f"pseudo.model={smoke.dir('finetune')}/model.pt",
                         f"pseudo.finetune_overrides=[{','.join(finetune)}]", nproc=2)
         seconds.append(time.time() - t0)
         iterations = engine.read_json(os.path.join(run_dir, "selection.json"))["iterations"]
@@ -574,12 +919,33 @@ def s11_two_gpus(smoke: Smoke) -> str:
     return f"finetune val top-1: 1 rank {runs[0]:.3f}, 2 ranks {runs[2]:.3f}"
 
 
+PAPER_SHAPES_BUDGET_S = 60   # S12's timed steps stop here (each case after 3 at least), within the smoke's 8 minutes
+
+
+def s12_paper_shapes(smoke: Smoke) -> str:
+    """`bench.py --suite gpu` in this process: Barlow Twins at the largest batch that fits and FixMatch, at the
+    paper's shapes on a GPU (tiny ones on the CPU); every figure in OUT/paper_shapes.json."""
+    from launch.benches import gpu
+    figures = gpu.measure(dist.init(smoke.device), quick=False, budget_s=PAPER_SHAPES_BUDGET_S)
+    engine.write_json(os.path.join(smoke.out, "paper_shapes.json"), figures)
+
+    def shown(value, unit=""):   # "n/a" on a CPU, "unknown" for a GPU without a listed peak
+        return value if isinstance(value, str) else f"{value:.3g}{unit}"
+    cases = [f"{name} batch {figures[f'{name}_batch']} {figures[f'{name}_img_s']:.0f} img/s, peak memory "
+             f"{shown(figures[f'{name}_peak_memory_gib'], ' GiB')}, MFU {shown(figures[f'{name}_mfu'])}"
+             for name in ("barlow_twins", "fixmatch")]
+    return (f"{figures['device']}, {figures['shapes']} shapes: {'; '.join(cases)}; anchor, not measured: "
+            f"{figures['anchor_v100_96px_img_s']:.0f} img/s per V100 at 96 px")
+
+
 STEPS = [("S0", "environment", s0_environment), ("S1", "data", s1_data), ("S2", "collectives", s2_collectives),
-         ("S3", "device and numerics", s3_numerics), ("S4", "stages end to end", s4_stages),
-         ("S5", "DALI", s5_dali), ("S6", "faiss GPU", s6_faiss), ("S7", "apex LARC", s7_apex),
+         ("S3", "device and numerics", s3_numerics), ("S3s", "SyncBatchNorm kernels", s3s_sync_batchnorm),
+         ("S4", "stages end to end", s4_stages), ("S4f", "faiss: propagation, k-means, kNN", s4f_faiss_steps),
+         ("S4v", "FixMatch variants, precision auto", s4v_variants), ("S5", "DALI", s5_dali), ("S6", "faiss GPU", s6_faiss), ("S7", "apex LARC", s7_apex),
          ("S8", "benchmarks", s8_bench), ("S9", "Slurm script", s9_slurm),
-         ("S10", "pseudolabel, 2 gloo ranks", s10_pseudolabel_two_ranks), ("S11", "two GPUs", s11_two_gpus)]
-NEEDS = {"S2": "S1", "S3": "S2", "S4": "S1", "S5": "S1", "S10": "S4", "S11": "S4"}
+         ("S10", "pseudolabel, 2 gloo ranks", s10_pseudolabel_two_ranks), ("S11", "two GPUs", s11_two_gpus),
+         ("S12", "paper-shape throughput", s12_paper_shapes)]
+NEEDS = {"S2": "S1", "S3": "S2", "S4": "S1", "S4f": "S4", "S4v": "S4", "S5": "S1", "S10": "S4", "S11": "S4"}
 
 
 def main(argv=None) -> int:
@@ -587,7 +953,17 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--out", default=os.path.join(PROJECT, "runs", "gpu-smoke"))
     parser.add_argument("--only", action="append", metavar="STEP", help="run these steps (and what they need)")
+    parser.add_argument("--bundle", default=os.path.join(PROJECT, "gpu-bundle"),
+                        help="wheels to install offline what this Python lacks from (make gpu-bundle)")
+    parser.add_argument("--make-bundle", metavar="FOLDER", help="download the bundle's wheels into FOLDER and exit")
+    parser.add_argument("--bundle-python", default=GPU_PYTHON,
+                        help="the Python version (X.Y) the bundle's compiled wheels are for, besides this one")
     args = parser.parse_args(argv)
+    if args.make_bundle:
+        return make_bundle(args.make_bundle, args.bundle_python)
+    bundle = json.loads(os.environ.get(BUNDLE_REPORT, "null"))   # set: this is the rerun with the bundle
+    if bundle is None and wheels(args.bundle) and any(importlib.util.find_spec(m) is None for m in BUNDLED):
+        return rerun_with_bundle(args.bundle, sys.argv[1:] if argv is None else argv)
     if os.path.exists(args.out):   # only a previous smoke run's folder is replaced
         if not os.path.exists(os.path.join(args.out, "smoke.json")) and os.listdir(args.out):
             print(f"gpu_smoke.py: error: --out {args.out} holds something other than a smoke run; "
@@ -595,8 +971,12 @@ def main(argv=None) -> int:
             return 2
         shutil.rmtree(args.out)
     os.makedirs(args.out)
-    engine.write_json(os.path.join(args.out, "smoke.json"), {"status": "running"})   # marks the folder as ours
+    write_json(os.path.join(args.out, "smoke.json"), {"status": "running"})   # marks the folder as ours
     smoke = Smoke(args.device, os.path.abspath(args.out))
+    if IMPORT_FAILURE is not None:
+        failure = import_failure(IMPORT_FAILURE, args.bundle, bundle)
+        with open(os.path.join(smoke.out, "S0.traceback.txt"), "w") as f:
+            f.write("".join(traceback.format_exception(IMPORT_FAILURE)))
     wanted = set(args.only or [s[0] for s in STEPS])
     while any(NEEDS.get(s) and NEEDS[s] not in wanted for s in wanted):
         wanted |= {NEEDS[s] for s in wanted if s in NEEDS}
@@ -607,7 +987,9 @@ def main(argv=None) -> int:
             continue
         t0 = time.time()
         needed = NEEDS.get(step)
-        if needed and next(r for r in results if r["step"] == needed)["status"] != "PASS":
+        if IMPORT_FAILURE is not None:
+            status, detail = ("FAIL", failure) if step == "S0" else ("SKIP", "the smoke's modules did not import (S0)")
+        elif needed and next(r for r in results if r["step"] == needed)["status"] != "PASS":
             status, detail = "SKIP", f"{needed} did not pass"
         else:
             try:
@@ -621,12 +1003,13 @@ def main(argv=None) -> int:
         results.append({"step": step, "name": name, "status": status, "seconds": round(time.time() - t0, 1),
                         "detail": detail})
         print(f"{step:>3} {status:4} {results[-1]['seconds']:6.1f} s  {name}: {detail}", flush=True)
-    dist.shutdown()
+    if IMPORT_FAILURE is None:
+        dist.shutdown()
+    environment = os.path.join(smoke.out, "environment.json")
     summary = {"device": args.device, "seconds": round(time.time() - t_start, 1), "steps": results,
-               "environment": engine.read_json(os.path.join(smoke.out, "environment.json"))
-               if os.path.exists(os.path.join(smoke.out, "environment.json")) else None,
-               "counts": {s: sum(r["status"] == s for r in results) for s in ("PASS", "FAIL", "SKIP")}}
-    engine.write_json(os.path.join(smoke.out, "smoke.json"), summary)
+               "environment": json.load(open(environment)) if os.path.exists(environment) else None,
+               "bundle": bundle, "counts": {s: sum(r["status"] == s for r in results) for s in ("PASS", "FAIL", "SKIP")}}
+    write_json(os.path.join(smoke.out, "smoke.json"), summary)
     table = ["| step | what | result | s | detail |", "|---|---|---|---|---|"]
     table += [f"| {r['step']} | {r['name']} | {r['status']} | {r['seconds']} | {r['detail']} |" for r in results]
     with open(os.path.join(smoke.out, "smoke.md"), "w") as f:

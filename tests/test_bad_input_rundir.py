@@ -369,8 +369,9 @@ def test_on_nan_skip_leaves_weights_and_optimizer_untouched(caplog):
     assert not amp.step_optimizer(nan_loss, optimizer, scaler, step=1, on_nan="skip")
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
     assert str(optimizer.state_dict()) == state and "step 2: the loss is nan: update skipped" in caplog.text
+    amp.step_optimizer(nan_loss, optimizer, scaler, step=1)   # on_nan=stop: noted, stopped at the loop's check
     with pytest.raises(amp.NonFiniteLoss, match=r"^step 2: the loss is nan on 1 rank\(s\); stopping"):
-        amp.step_optimizer(nan_loss, optimizer, scaler, step=1)
+        amp.check_losses()
 
 
 # ---- the pipeline checks every stage before it deletes or runs anything ----

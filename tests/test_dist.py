@@ -5,7 +5,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from multiproc import run_ranks
+from data.errors import InputError
+from launch import pretrain
+from multiproc import free_port, run_ranks
+from tiny import ROOT, TINY_PRETRAIN
 from trainer import dist
 from trainer.dist import GlobalBatchNorm, sync_batchnorm
 
@@ -51,6 +54,50 @@ def test_global_batchnorm_equals_full_batch():
 def test_single_process_keeps_plain_batchnorm():
     model = nn.Sequential(nn.BatchNorm2d(3))
     assert type(sync_batchnorm(model)[0]) is nn.BatchNorm2d
+
+
+def launcher_env(monkeypatch, **variables):
+    for name in dist.LAUNCHER_VARIABLES + ("LOCAL_RANK",):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_launcher_variables_give_a_stage_a_group_even_of_one_rank(data, tmp_path, monkeypatch, capsys):
+    """`torchrun --nproc_per_node 1` (or a one-task Slurm job): the stage joins a real gloo group, so that DDP,
+    GlobalBatchNorm and the loop's collectives run as on N ranks instead of a plain process's shortcuts."""
+    launcher_env(monkeypatch, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT=str(free_port()))
+    calls, wrapped = [], []
+    reduce, reduce_differentiable, wrap = torch.distributed.all_reduce, dist.funcol.all_reduce, dist.wrap_ddp
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda *a, **kw: (calls.append("all_reduce"), reduce(*a, **kw))[1])
+    monkeypatch.setattr(dist.funcol, "all_reduce",   # GlobalBatchNorm's batch statistics
+                        lambda *a, **kw: (calls.append("all_reduce_sum"), reduce_differentiable(*a, **kw))[1])
+    monkeypatch.setattr(dist, "wrap_ddp", lambda model, rt: (wrapped.append(wrap(model, rt)), wrapped[-1])[1])
+    try:
+        pretrain.main(["--config", f"{ROOT}/configs/demo/pretrain.yaml", f"data.root={data}", f"run.dir={tmp_path}",
+                       *TINY_PRETRAIN, "train.max_steps=2"])
+        group = torch.distributed.get_backend(), torch.distributed.get_world_size()
+    finally:
+        dist.shutdown()
+    assert group == ("gloo", 1)
+    assert "[dist] gloo process group of 1 rank(s); rank 0 on cpu" in capsys.readouterr().out
+    assert isinstance(wrapped[0], nn.parallel.DistributedDataParallel)
+    # the metrics each logged step averages over the ranks (run.log_every=1), and every BatchNorm's statistics
+    assert calls.count("all_reduce") >= 2 and calls.count("all_reduce_sum") > 0, calls
+    assert (tmp_path / "backbone.pt").exists()
+
+
+def test_a_plain_process_has_no_group_and_part_of_a_launchers_variables_is_refused(monkeypatch):
+    launcher_env(monkeypatch)
+    assert dist.init("cpu") == dist.Runtime(0, 0, 1, torch.device("cpu"))
+    assert not torch.distributed.is_initialized()
+    for present in (["RANK"], ["RANK", "WORLD_SIZE", "MASTER_ADDR"]):
+        launcher_env(monkeypatch, **{name: "0" for name in present})
+        missing = [name for name in dist.LAUNCHER_VARIABLES if name not in present]
+        with pytest.raises(InputError, match=f"the environment sets {', '.join(present)} but not {', '.join(missing)}"):
+            dist.init("cpu")
+        assert not torch.distributed.is_initialized()
 
 
 # ---- one place for collectives and for the device: the source tree is checked, not trusted ----

@@ -1,4 +1,5 @@
-"""Distributed runtime: torchrun's environment or a single process; nccl on CUDA, gloo on CPU.
+"""Distributed runtime: a launcher's process group (of any size, one rank included) or a plain single
+process; nccl on CUDA, gloo on CPU.
 
 Launchers that are not torchrun (launch/submit.py under Slurm) export the same variables
 (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) before a stage starts.
@@ -79,10 +80,32 @@ def resolve_device(request: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+# what torchrun, and launch/submit.py under Slurm, set for every process they start (with LOCAL_RANK)
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched() -> bool:
+    """Whether a launcher started this process, as one rank or one of many. A plain `python launch/<stage>.py`
+    sets neither RANK nor WORLD_SIZE; part of a launcher's set is refused, naming what is missing."""
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        return False
+    missing = [name for name in LAUNCHER_VARIABLES if name not in os.environ]
+    if missing:
+        present = [name for name in LAUNCHER_VARIABLES if name in os.environ]
+        raise InputError(f"the environment sets {', '.join(present)} but not {', '.join(missing)}: a launcher "
+                         f"(torchrun, launch/submit.py) sets all of {', '.join(LAUNCHER_VARIABLES)}; unset RANK "
+                         "and WORLD_SIZE to run a single process")
+    return True
+
+
 def init(device: str = "auto") -> Runtime:
-    """Join the process group described by the environment (world size 1 without one) on `device`."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    """Join the process group a launcher describes on `device`, whatever its size: one rank under
+    `torchrun --nproc_per_node 1` gets a real group too, so that its collectives, DDP and synchronised
+    BatchNorm run on the backend eight ranks would use (the GPU smoke run's stage step). A plain process
+    is rank 0 of 1, without a group."""
+    group = launched()
+    world = int(os.environ["WORLD_SIZE"]) if group else 1
+    rank = int(os.environ["RANK"]) if group else 0
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     chosen = resolve_device(device, local_rank)
     if chosen.type == "cuda":
@@ -93,12 +116,14 @@ def init(device: str = "auto") -> Runtime:
         # hang or fail to connect; a store per attempt avoids it
         raise InputError("torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in every torchrun's "
                          "environment (docs/cluster.md)")
-    if world > 1 and not dist.is_initialized():
+    if group and not dist.is_initialized():
         # device_id binds NCCL's communicator to this rank's GPU instead of a guess from the rank number
         # (wrong under Slurm's cyclic task distribution)
         dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(minutes=30),
                                 device_id=chosen if chosen.type == "cuda" else None)
+        if rank == 0:   # the stage's log says which backend its collectives take
+            print(f"[dist] {dist.get_backend()} process group of {world} rank(s); rank 0 on {chosen}", flush=True)
     return Runtime(rank, local_rank, world, chosen)
 
 
@@ -178,6 +203,16 @@ def all_gather_object(obj) -> list:
     return gathered
 
 
+def gather_object(obj) -> list | None:
+    """Every rank's `obj` (picklable), in rank order, on rank 0; None on the others (what only rank 0
+    uses need not cross the network W times nor sit in every rank's memory)."""
+    if not grouped():
+        return [obj]
+    gathered = [None] * world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
 def broadcast_object(obj, src: int = 0):
     """Rank `src`'s `obj` on every rank (the others pass anything, e.g. None)."""
     if not grouped():
@@ -226,7 +261,9 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose batch statistics are those of the global batch, on any backend.
 
     torch.nn.SyncBatchNorm only accepts CUDA tensors; this one all-reduces the per-channel
-    sums with a differentiable collective, so N gloo ranks train exactly like 1 rank.
+    sums with a differentiable collective, so N gloo ranks train exactly like 1 rank. In a group of
+    one rank it still takes the collective path (torch's falls back to plain BatchNorm there), so that
+    `torchrun --nproc_per_node 1` runs what N ranks run.
     """
 
     def _check_input_dim(self, x: torch.Tensor):
@@ -234,7 +271,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise InputError(f"expected at least 2-D input (N, C, ...), got {x.dim()}-D")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or world_size() == 1:
+        if not self.training or not grouped():
             return super().forward(x)
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)

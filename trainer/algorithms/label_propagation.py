@@ -17,6 +17,7 @@ solution to ~1e-6 even at alpha = 0.999, and at C = 1000 classes float64 would b
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -26,7 +27,8 @@ import numpy as np
 import torch
 from data import atomic
 from data.errors import InputError
-from trainer.algorithms.knn import as_numpy, cosine_search, unit_rows
+from trainer import dist
+from trainer.algorithms.knn import as_numpy, cosine_search, import_faiss, unit_rows
 
 
 @dataclass(frozen=True)
@@ -178,17 +180,40 @@ def uninformative(result: Propagation, unlabeled: int, k: int, iterations: int):
                          "classes among their neighbours")
 
 
+@contextlib.contextmanager
+def all_cores():
+    """In a process group, faiss's search and torch's solve on every core this process may use, while it
+    lasts: torchrun gives each of N > 1 ranks one thread (OMP_NUM_THREADS=1), while rank 0 searches and
+    solves alone (faiss-cpu's exact search: N^2 d multiply-adds; docs/cluster.md). Alone, a process keeps
+    the threads it has."""
+    if dist.world_size() == 1:
+        yield
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    faiss = import_faiss()
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(cores)
+    faiss.omp_set_num_threads(cores)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        faiss.omp_set_num_threads(before[1])
+
+
 def write_scores(pred_dir: str, labels, num_classes: int, scorer: str, top_k_classes: int, k: int, alpha: float,
                  iterations: int, gamma: float, gpu: int | None, out_dir: str):
     """A pseudo-label scorer's top-K files (trainer.runtime.predict's layout) in out_dir, from a prediction folder:
     its embeddings.npy (the unlabeled images) and labeled/embeddings.npy (the labeled ones, whose
     `labels` propagate). scorer "propagation": the propagated distribution; "mean": its mean with the
     classifier's (its top-K from topk_class/topk_prob.npy, zero elsewhere). A propagation that ranks no
-    unlabeled image above another is refused (uninformative)."""
+    unlabeled image above another is refused (uninformative). Rank 0's alone in a process group: it
+    takes every core while the other ranks wait (all_cores)."""
     unlabeled = np.load(os.path.join(pred_dir, "embeddings.npy"))
     embeddings = np.concatenate([unlabeled, np.load(os.path.join(pred_dir, "labeled", "embeddings.npy"))])
-    result = propagate(embeddings, np.arange(len(unlabeled), len(embeddings)), labels, num_classes, k, alpha,
-                       iterations, gamma, gpu=gpu)
+    with all_cores():
+        result = propagate(embeddings, np.arange(len(unlabeled), len(embeddings)), labels, num_classes, k, alpha,
+                           iterations, gamma, gpu=gpu)
     uninformative(result, len(unlabeled), k, iterations)
     probs = result.probabilities[:len(unlabeled)]
     if scorer == "mean":

@@ -23,7 +23,7 @@ class RunConfig:
     dir: str = "runs/stage"   # where the run writes config.yaml, metrics.jsonl, checkpoint.pt and its outputs
     seed: int = number(0, "[0, 2147483647]")      # faiss's k-means (active) takes it as a C int
     log_every: int = number(20, ">= 1")           # steps between metrics.jsonl lines / progress refreshes
-    checkpoint_every: int = number(200, ">= 1")   # steps between checkpoint.pt writes (also written every epoch end)
+    checkpoint_every: int = number(200, ">= 1")   # steps between checkpoint.pt writes (and one at the run's end)
     device: str = choice("auto", "auto", "cuda", "cpu")   # auto: the GPU when torch can use one
     restart: bool = False           # --restart: move a previous run in run.dir aside (to replaced/) and start over
 
@@ -88,7 +88,7 @@ class TrainConfig:
     # a time budget for the training loop: the steps that fit it, measured as it trains, at most those
     # train.steps or train.epochs (and train.max_steps) plan; the schedule ends when the time does. 0 = none
     minutes: float = number(0.0, ">= 0")
-    # auto: bf16 on a GPU; on a CPU the faster of fp32 and bf16 for this model and batch, measured at start
+    # auto: bf16 on a GPU with native bf16 (fp16 where it is only emulated); on a CPU the faster of fp32 and bf16 for this model and batch, measured at start
     precision: str = choice("fp32", "fp32", "bf16", "fp16", "auto")
     # What a training stage does when a loss is not finite: stop with one line naming the step, or
     # skip that step's update (counted and logged), so that one bad batch (e.g. an fp16 overflow)

@@ -25,6 +25,13 @@ def scan_for_dali(split: Split, workers: int) -> dict:
     return found
 
 
+def data_backend(cfg) -> str:
+    """data.backend resolved on rank 0, on every rank: with `auto`, a rank whose DALI does not import would
+    otherwise take the torch path alone and skip the scan's broadcast the others wait in; with rank 0's
+    choice, such a rank stops with the one line that says DALI does not import."""
+    return resolve_backend(dist.rank0_decides(lambda: resolve_backend(cfg.data.backend)))
+
+
 def augment_of(cfg) -> Augment:
     """data.augment (trainer.runtime.config.AugmentConfig) as the loaders take it."""
     return Augment(**dataclasses.asdict(cfg.data.augment))
@@ -33,7 +40,7 @@ def augment_of(cfg) -> Augment:
 def loader(split: Split, kind: str, cfg, rt: Runtime, *, global_batch: int, seed: int | None = None,
            shuffle: bool = True, drop_last: bool = True, scales: list[int] | None = None):
     """This rank's loader of `split` for augmentation `kind`; eval loaders pass shuffle/drop_last False."""
-    backend = resolve_backend(cfg.data.backend)
+    backend = data_backend(cfg)
     scanned = scan_for_dali(split, cfg.data.workers) if backend == "dali" else None
     return build_loader(split, kind, image_size=cfg.data.image_size, global_batch=global_batch, rank=rt.rank,
                         world=rt.world, seed=cfg.run.seed if seed is None else seed, shuffle=shuffle,

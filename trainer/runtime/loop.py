@@ -2,21 +2,25 @@
 
 The loop owns the position in the data (epoch, step in it), the learning-rate schedule, the progress
 bar with images/s, the metrics log (what the step returns, averaged over ranks every run.log_every
-steps) and the checkpoints (every run.checkpoint_every steps inside an epoch, and at each epoch's end).
-What must survive a restart is registered by name: any object with state_dict() / load_state_dict()
-(model, optimizer, grad scaler, EMA, best model, per-epoch sums). A resumed run restores each by its
-name and continues as if it had never stopped.
+steps) and the checkpoints (every run.checkpoint_every steps, and at the run's end). A checkpoint holds
+the work of every epoch that ended before it: a run resumed from one taken in an earlier epoch does the
+later epochs' end-of-epoch work again, on the same state. What must survive a restart is registered by
+name: any object with state_dict() / load_state_dict() (model, optimizer, grad scaler, EMA, best model,
+per-epoch sums). A resumed run restores each by its name and continues as if it had never stopped.
+A loss that is not finite (train.on_nan=stop) is looked for where the loop waits for the device anyway:
+at each logged step, before each epoch's end work and before each checkpoint (amp.check_losses).
 """
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from typing import Callable, Protocol
 
 import torch
 
 from trainer import dist
-from trainer.runtime import checkpoint, schedule
+from trainer.runtime import amp, checkpoint, schedule
 
 
 class Stateful(Protocol):
@@ -153,6 +157,7 @@ class Loop:
         bar.refresh()
 
     def save(self):
+        amp.check_losses()   # weights updated with a loss that is not finite are never saved
         self.run.save_checkpoint({name: obj.state_dict() for name, obj in self.state.items()}, self.step,
                                  self.epoch, self.step_in_epoch, self.state["model"])
 
@@ -164,9 +169,14 @@ class Loop:
             if not self.budget.total:
                 run.say(f"time budget {self.budget.minutes:g} min: the steps are sized after "
                         f"{schedule.TimeBudget.TIMED_STEPS} timed ones (at most {self.total:,})")
+        # one iterator over every epoch left: a DALI loader reads on across epochs instead of building a
+        # pipeline per epoch (data.dali.DaliLoader.stream)
+        spe = self.loader.steps_per_epoch
+        batches = self.loader.stream(self.epoch * spe + self.step_in_epoch)
         while self.step < self.total:
             t0, done = time.time(), 0
-            for i, batch in enumerate(self.loader.epoch(self.epoch, self.step_in_epoch), start=self.step_in_epoch):
+            epoch_left = itertools.islice(batches, spe - self.step_in_epoch)
+            for i, batch in enumerate(epoch_left, start=self.step_in_epoch):
                 schedule.apply_lr(self.optimizer, schedule.lr_factor(self.step, self.total, self.warmup,
                                                                      self.final_lr_factor))
                 metrics = step_fn(batch, self.step)
@@ -175,6 +185,7 @@ class Loop:
                 if self.budget and self.budget.due(self.step):
                     self._fit_budget(bar)
                 if self.step % cfg.log_every == 0 or self.step == self.total:
+                    amp.check_losses()
                     values = dict(zip(metrics, dist.all_reduce_mean_(torch.stack(
                         [v.detach().float() for v in metrics.values()])).tolist()))
                     img_s = done * self.images_per_step / (time.time() - t0)
@@ -183,13 +194,17 @@ class Loop:
                             img_s=round(img_s, 1))
                 if self.step == self.total:
                     break
-                if self.step % cfg.checkpoint_every == 0 and i + 1 < self.loader.steps_per_epoch:
+                if self.step % cfg.checkpoint_every == 0 and i + 1 < spe:
                     self.step_in_epoch = i + 1
                     self.save()
             img_s = done * self.images_per_step / max(time.time() - t0, 1e-9)
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            amp.check_losses()   # the epoch's work (a val pass, a best model) is not done on weights gone bad
             event = end_of_epoch(self.epoch, self.step, img_s) if end_of_epoch else {}
             if event:
                 run.log(epoch=self.epoch, step=self.step, **event)
-            self.save()
+            # a checkpoint due at the epoch's last step comes after the epoch's work, so that it holds its
+            # results; the run's end always has one (a rerun finds the training done)
+            if self.step % cfg.checkpoint_every == 0 or self.step == self.total:
+                self.save()
         bar.close()

@@ -10,7 +10,7 @@ import torch
 
 from data import atomic
 from trainer.runtime.amp import autocast
-from trainer.dist import Runtime, all_gather_object, all_reduce_, barrier, world_size
+from trainer.dist import Runtime, all_reduce_, barrier, gather_object, world_size
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,9 @@ def outputs(fn, loader, rt: Runtime, precision: str = "fp32"):
         yield batch["index"], out.float().cpu()
 
 
-def embed(backbone, loader, rt: Runtime, num_rows: int, precision: str = "fp32") -> np.ndarray:
-    """Backbone features of every row (first view), gathered on every rank, ordered by row.
+def embed(backbone, loader, rt: Runtime, num_rows: int, precision: str = "fp32") -> np.ndarray | None:
+    """Backbone features of every row (first view), ordered by row, on rank 0; None on the other ranks,
+    which only compute their share (rank 0 alone searches them).
 
     Meant for sets that fit in memory (labeled, val); the unlabeled set streams to files instead.
     """
@@ -36,7 +37,10 @@ def embed(backbone, loader, rt: Runtime, num_rows: int, precision: str = "fp32")
     backbone.eval()
     parts = [(i.numpy(), f.numpy()) for i, f in outputs(lambda v: backbone(v[0]), loader, rt, precision)]
     backbone.train(was_training)
-    parts = [p for rank_parts in all_gather_object(parts) for p in rank_parts]
+    gathered = gather_object(parts)
+    if gathered is None:
+        return None
+    parts = [p for rank_parts in gathered for p in rank_parts]
     index = np.concatenate([i for i, _ in parts])
     feats = np.concatenate([f for _, f in parts])
     out = np.zeros((num_rows, feats.shape[1]), np.float32)

@@ -133,14 +133,23 @@ class Lock:
     """An exclusive lock on RUN_DIR/.lock for the life of this object. A POSIX record lock (lockf), not
     flock: it belongs to this process alone, so data-loader workers forked from it do not keep it after
     the run is killed, and the kernel drops it the moment the process dies. The price: closing any other
-    descriptor of .lock in this process drops it too, so nothing else here opens that file."""
+    descriptor of .lock in this process drops it too, so nothing else here opens that file.
+
+    A filesystem without POSIX locks (Lustre mounted noflock, NFS without lockd) answers every lockf with
+    an error other than "held": the run warns that it goes on unguarded instead of refusing every stage."""
+
+    HELD = (errno.EACCES, errno.EAGAIN)   # what lockf answers when another process holds the lock
 
     def __init__(self, run_dir: str):
         path = os.path.join(run_dir, LOCK)
         self._file = open(path, "a")
         try:
             fcntl.lockf(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in self.HELD:
+                log.warning("run.dir=%s: cannot lock %s (%s): going on without the guard against a second live "
+                            "run writing to it", run_dir, path, e.strerror or e)
+                return
             self._file.close()
             raise RunDirError(f"run.dir={run_dir}: another live run is writing to it ({path} is locked)") from None
 
