@@ -25,8 +25,6 @@ import os
 import shutil
 import time
 
-import yaml
-
 from trainer.operations import pipeline_answers, report
 from trainer.runtime import config, engine, rundir, stages
 from trainer.runtime.config import PipelineConfig
@@ -115,8 +113,9 @@ def main(argv=None):
         if i >= forced:
             remove(step.name)
         argv = step_argv(step)
-        if step.name in stages.BASELINES and os.path.exists(os.path.join(folder, rundir.CONFIG)):
-            changes = config_changes(step, argv, folder)
+        if step.name in stages.BASELINES:
+            stage = STAGES[step.stage]
+            changes = rundir.changed_config(folder, config.to_dict(stage.parse(argv)), config.to_dict(stage.config()))
             if changes:   # its own settings, or the recipe's minutes once a recipe step ran again
                 print(f"[pipeline] {step.name}: made with another config ({'; '.join(changes)}): running it and "
                       "its evaluation again", flush=True)
@@ -144,15 +143,6 @@ def main(argv=None):
     print(f"[pipeline] labels: {os.path.join(stage_dir('predict'), 'predictions.csv')} (model: "
           f"{os.path.join(stage_dir(final), 'model.pt')})", flush=True)
     print(f"[pipeline] report: {os.path.join(cfg.run.dir, 'report.md')}", flush=True)
-
-
-def config_changes(step, argv: list[str], folder: str) -> list[str]:
-    """`key: old -> new` where the config `argv` resolves to differs from the one the run in `folder` was made
-    with (its config.yaml), result-changing keys only."""
-    stage = STAGES[step.stage]
-    with open(os.path.join(folder, rundir.CONFIG), encoding="utf-8") as f:
-        previous = yaml.safe_load(f)
-    return rundir.config_differences(previous, config.to_dict(stage.parse(argv)), config.to_dict(stage.config()))
 
 
 if __name__ == "__main__":

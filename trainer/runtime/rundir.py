@@ -118,6 +118,13 @@ def check(run_dir: str, stage: str, resolved: dict, restart: bool, defaults: dic
     return False
 
 
+def changed_config(run_dir: str, resolved: dict, defaults: dict | None = None) -> list[str]:
+    """`key: old -> new` for each result-changing key where `resolved` differs from the config the run in
+    `run_dir` was made with (config_differences); [] where it holds no config.yaml."""
+    previous = _read_config(os.path.join(run_dir, CONFIG))
+    return [] if previous is None else config_differences(previous, resolved, defaults)
+
+
 def _read_config(path: str) -> dict | None:
     if not os.path.exists(path):
         return None
