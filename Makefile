@@ -16,7 +16,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: setup.py
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[$(FAISS),dali,dev]'
+	$(BIN)/pip install -q -e '.[$(FAISS),dali,dev,track]'
 	touch $@
 
 $(FMNIST):
@@ -30,6 +30,7 @@ demo: data
 
 test: setup $(FMNIST) gpu-bundle
 	sh tests/slurm_harness/install.sh
+	sh tests/chromium_install.sh
 	$(BIN)/python -m pytest -q tests
 
 # No network: runs with the python on PATH and this checkout on PYTHONPATH (torch, torchvision, numpy, pillow); what

@@ -18,6 +18,11 @@ from data.datasets import Split
 from data.errors import InputError
 
 
+def eval_block(num_samples: int, rank: int, world: int) -> tuple[int, int]:
+    """(first, end) of the rows rank `rank` of `world` owns in an eval loader: its contiguous block."""
+    return rank * num_samples // world, (rank + 1) * num_samples // world
+
+
 class ShardedSampler:
     """Yields this rank's list of row indices per step; `set_epoch(epoch, start_step)` resumes mid-epoch."""
 
@@ -60,8 +65,7 @@ class ShardedSampler:
 
     def _order(self, epoch: int) -> torch.Tensor:
         if self.contiguous:
-            n, world = self.num_samples, self.world
-            return torch.arange(self.rank * n // world, (self.rank + 1) * n // world)
+            return torch.arange(*eval_block(self.num_samples, self.rank, self.world))
         if self.shuffle:
             return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
         return torch.arange(self.num_samples)

@@ -2,4 +2,5 @@
 tests: the stages (`python launch/<stage>.py --config ...`, declared in trainer.runtime.stages: pretrain,
 finetune, pseudolabel, fixmatch, active, evaluate, predict, and pipeline, which runs them in order) and
 the tools around them, each with its own options: prepare (builds a dataset), export (a classifier as
-TorchScript and ONNX), bench (the benchmark suites in launch/benches/) and submit (a stage as a Slurm job)."""
+TorchScript and ONNX), bench (the benchmark suites in launch/benches/), submit (a stage as a Slurm job) and
+report (a finished run's TensorBoard event files)."""

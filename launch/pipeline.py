@@ -9,8 +9,9 @@ and a stage that was killed resumes from its checkpoint, so rerunning the comman
 
 Active learning's queries are answered by unlabeled.csv's hidden labels with pipeline.oracle=true (the
 demo's simulation). With pipeline.oracle=false (your own images) the run stops once
-run.dir/active/queries.csv is written, with one line saying what to label and the command that goes on:
-the same one with pipeline.answers=ANSWERS.csv (path,label), which imports them and runs the rest. Every
+run.dir/active/queries.csv is written, with one line saying what to label (first: in a browser, with
+`active.py serve`'s annotation page) and the command that goes on: the same one with
+pipeline.answers=ANSWERS.csv (path,label), which imports them and runs the rest. Every
 row of ANSWERS.csv is checked before any stage runs; answers corrected after the run finished are imported
 again and the steps that read them (FixMatch after active learning, its evaluation, predict) rerun.
 pipeline.active_learning=false leaves active learning out: FixMatch's model is then the final one.

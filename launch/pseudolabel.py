@@ -84,8 +84,8 @@ def main(argv=None):
         folder = run.path(f"iter{it}")
         pred_dir, csv_path = os.path.join(folder, "predictions"), os.path.join(folder, "pseudo_labels.csv")
         scores = pseudo_labeling.predict(current, unlabeled, labeled, cfg, rt, pred_dir)
-        if rt.is_main and not os.path.exists(csv_path):
-            pseudo_labeling.select(scores, unlabeled, num_classes, given, cfg, csv_path,
+        if dist.rank0_decides(lambda: not os.path.exists(csv_path)):   # every rank selects from its own rows
+            pseudo_labeling.select(scores, unlabeled, num_classes, given, cfg, rt, csv_path,
                                    os.path.join(folder, "selection.json"))
         dist.barrier()
         summary = engine.read_json(os.path.join(folder, "selection.json"))
@@ -117,9 +117,10 @@ def main(argv=None):
     dist.barrier()
     scores = pseudo_labeling.predict(run.path("model.pt"), unlabeled, labeled, cfg, rt, run.path("predictions"))
     fixmatch = None
-    if rt.is_main and fixmatch_given:
-        fixmatch = pseudo_labeling.select(scores, unlabeled, num_classes, fixmatch_given, cfg,
+    if fixmatch_given:   # every rank selects from its own rows; rank 0 gets the summary
+        fixmatch = pseudo_labeling.select(scores, unlabeled, num_classes, fixmatch_given, cfg, rt,
                                           run.path("pseudo_labels.csv"), run.path("fixmatch_selection.json"))
+    if fixmatch:
         run.say("FixMatch selection: " + fixmatch_given.describe(fixmatch["p"], len(unlabeled), num_classes)
                 + landed_outside(fixmatch, fixmatch["selected"], "pseudo-labels"))
     if rt.is_main:

@@ -376,7 +376,7 @@ def small_classifier(rt):
 def s2_collectives(smoke: Smoke) -> str:
     from data.datasets import read_split
     from trainer.runtime.loading import eval_loader
-    from trainer.runtime.predict import accuracy, embed, write_predictions
+    from trainer.runtime.predict import accuracy, embed, whole_top_k, write_predictions
     rt = one_rank_group(smoke)
     notes = []
     if smoke.cuda:   # the check itself can fail: NCCL refuses what the helpers are there to fix
@@ -411,7 +411,7 @@ def s2_collectives(smoke: Smoke) -> str:
     check(features.shape == (len(val), model.backbone.out_dim), f"embed gave {features.shape}")
     out_dir = os.path.join(smoke.out, "s2_predictions")
     write_predictions(model, loader, rt, out_dir, len(val), top_k=2)
-    check(np.load(os.path.join(out_dir, "topk_class.npy")).shape == (len(val), 2), "write_predictions")
+    check(whole_top_k(out_dir)[0].shape == (len(val), 2), "write_predictions")
     sums = EpochSums(EPOCH_SUMS, rt.device)
     sums.add({name: torch.ones((), device=rt.device) for name in EPOCH_SUMS})
     summary = epoch_summary(sums.mean_over_ranks(), True)

@@ -56,7 +56,9 @@ def expected(oracle_run):
         embeddings = torch.nn.functional.normalize(backbone(x), dim=1).numpy()
     top2 = np.sort(probs, axis=1)[:, -2:]
     return {"rows": {os.path.relpath(p, unlabeled.root): i for i, p in enumerate(candidates)},
-            "margin": top2[:, 1] - top2[:, 0], "guess": probs.argmax(1), "embeddings": embeddings}
+            "margin": top2[:, 1] - top2[:, 0], "confidence": top2[:, 1], "guess": probs.argmax(1),
+            "runner_up": np.argsort(probs, 1)[:, -2],
+            "embeddings": embeddings}
 
 
 def check_queries(run, expected, classes):
@@ -68,7 +70,9 @@ def check_queries(run, expected, classes):
     # float32 logits of batches of 64 here and of 660 there differ in the last bits
     np.testing.assert_allclose([float(q["margin"]) for q in queries], margin[chosen], atol=5e-5)
     assert [float(q["margin"]) for q in queries] == sorted(float(q["margin"]) for q in queries)
+    np.testing.assert_allclose([float(q["confidence"]) for q in queries], expected["confidence"][chosen], atol=5e-5)
     assert [q["guess"] for q in queries] == [classes[c] for c in expected["guess"][chosen]]
+    assert [q["runner_up"] for q in queries] == [classes[c] for c in expected["runner_up"][chosen]]
 
     assignment = np.load(run / "assignment.npy")
     assert assignment.shape == margin.shape and [int(q["cluster"]) for q in queries] == list(assignment[chosen])
@@ -88,8 +92,9 @@ def test_two_ranks_stream_and_merge_the_same_predictions(oracle_run, expected, t
     data, _, _, _, args = oracle_run
     stage("active", *args, f"run.dir={tmp_path}", "active.oracle=false", torchrun=2)
     check_queries(tmp_path, expected, read_classes(data))
-    assert sorted(os.listdir(tmp_path)) == [".lock", "assignment.npy", "config.yaml", "embeddings.npy", "guess.npy",
-                                            "metrics.jsonl", "queries.csv", "queries.png", "run.json", "top2.npy"]
+    assert sorted(os.listdir(tmp_path)) == [".lock", "answering.json", "assignment.npy", "config.yaml", "embeddings.npy",
+                                            "guess.npy", "metrics.jsonl", "queries.csv", "queries.png", "run.json",
+                                            "top2.npy"]
 
 
 def test_oracle_answers_are_the_hidden_labels_merged_into_labeled_csv(oracle_run):

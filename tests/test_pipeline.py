@@ -6,12 +6,12 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import yaml
 
 from tiny import ROOT, TINY_FINETUNE, TINY_PRETRAIN, fashion
 from data.datasets import read_classes, read_split
 from trainer.runtime import stages
+from trainer.runtime.predict import whole_top_k
 
 COMMON = ["data.workers=0", "run.log_every=1"]
 TINY_STAGES = {
@@ -128,7 +128,7 @@ def test_pipeline_with_two_ranks_per_stage(tmp_path_factory, tmp_path):
     for stage in ("supervised", "finetune", "pseudolabel", "fixmatch", "fixmatch_active"):
         scores = json.load(open(run / f"evaluate_{stage}" / "eval.json"))["splits"]["val"]
         assert scores["images"] == val_rows   # each rank's share counted once
-    predictions = np.load(run / "pseudolabel" / "predictions" / "topk_class.npy")
+    predictions = whole_top_k(run / "pseudolabel" / "predictions")[0]
     assert len(predictions) == sum(1 for _ in open(os.path.join(data, "unlabeled.csv"))) - 1
     assert (predictions >= 0).all()
     queries = list(csv.DictReader(open(run / "active" / "queries.csv")))

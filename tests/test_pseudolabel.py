@@ -13,6 +13,7 @@ from tiny import (ROOT, TINY_FINETUNE, fashion, kill_after_checkpoint, pretraine
 from data.datasets import read_classes
 from trainer.algorithms.balanced_selection import ConfiguredP
 from trainer.runtime import checkpoint
+from trainer.runtime.predict import whole_top_k
 
 FINETUNE = os.path.join(ROOT, "configs", "demo", "finetune.yaml")
 PSEUDO = os.path.join(ROOT, "configs", "demo", "pseudolabel.yaml")
@@ -122,8 +123,7 @@ def test_pseudolabel_iterations(tmp_path_factory, tmp_path):
         folder = run / f"iter{it}"
         with open(folder / "pseudo_labels.csv") as f:
             chosen = list(csv.DictReader(f))
-        topk_class = np.load(folder / "predictions" / "topk_class.npy")
-        topk_prob = np.load(folder / "predictions" / "topk_prob.npy")
+        topk_class, topk_prob = whole_top_k(folder / "predictions")
         counts = np.bincount([int(r["label"]) for r in chosen], minlength=10)
         assert counts.max() <= p and len({r["path"] for r in chosen}) == len(chosen)
         for r in chosen:   # every pseudo-label is one of the image's top-K with its probability
@@ -135,7 +135,9 @@ def test_pseudolabel_iterations(tmp_path_factory, tmp_path):
         assert (folder / "labeled" / "model.pt").exists() and (folder / "pseudo" / "model.pt").exists()
     with open(run / "pseudo_labels.csv") as f:
         assert np.bincount([int(r["label"]) for r in csv.DictReader(f)], minlength=10).max() <= 2
-    assert (run / "model.pt").exists() and np.load(run / "predictions" / "embeddings.npy").shape[0] == len(rows)
+    assert (run / "model.pt").exists() and whole_top_k(run / "predictions")[0].shape == (len(rows), 3)
+    # the classifier's scores alone: no embeddings written, their one reader (label propagation) does not run
+    assert not any(path.name == "embeddings.npy" for path in run.rglob("*.npy"))
 
 
 def test_reinitialise_starts_each_iteration_from_the_pretrained_backbone(tmp_path_factory, tmp_path):
@@ -180,8 +182,8 @@ def test_mean_scorer_ranks_by_the_classifier_and_label_propagation_together(tmp_
     assert len(embeddings) == len(unlabeled) + len(labeled)
     spread = label_propagation.propagate(embeddings, np.arange(len(unlabeled), len(embeddings)), labeled.labels, 10, k=5)
     classifier = np.zeros((len(unlabeled), 10), np.float32)
-    np.put_along_axis(classifier, np.load(predictions / "topk_class.npy").astype(np.int64),
-                      np.load(predictions / "topk_prob.npy"), axis=1)
+    top_classes, top_probs = whole_top_k(predictions)
+    np.put_along_axis(classifier, top_classes.astype(np.int64), top_probs, axis=1)
     mean = (spread.probabilities[:len(unlabeled)] + classifier) / 2
     classes, scores = np.load(predictions / "mean" / "topk_class.npy"), np.load(predictions / "mean" / "topk_prob.npy")
     np.testing.assert_array_equal(classes[:, 0], mean.argmax(1))
@@ -193,10 +195,15 @@ def test_mean_scorer_ranks_by_the_classifier_and_label_propagation_together(tmp_
         assert abs(mean[i, int(r["label"])] - float(r["score"])) < 1e-5
 
 
-def _predict(rank, data, world_dir, on_bad_image="error"):
+def _predict(rank, data, world_dir, on_bad_image="error", p=0):
+    """write_predictions with embeddings; with p, then the stage's selection of P=p from them (every rank its
+    own rows) into world_dir.csv."""
+    from types import SimpleNamespace
+
     from data.datasets import read_split
     from data.loaders import build_loader
     from trainer.dist import init
+    from trainer.operations import pseudo_labeling
     from trainer.runtime.models import Classifier, build_backbone
     from trainer.runtime.predict import write_predictions
     torch.manual_seed(0)
@@ -205,19 +212,40 @@ def _predict(rank, data, world_dir, on_bad_image="error"):
     rt = init()
     loader = build_loader(split, "eval", image_size=28, global_batch=64, rank=rt.rank, world=rt.world,
                           shuffle=False, drop_last=False, workers=0, backend="torch", on_bad_image=on_bad_image)
-    write_predictions(model, loader, rt, world_dir, len(split), 3)
+    write_predictions(model, loader, rt, world_dir, len(split), 3, embeddings=True)
+    if p:
+        cfg = SimpleNamespace(pseudo=SimpleNamespace(chunk=100, class_adaptive=False, top_k=3))
+        pseudo_labeling.select(world_dir, split, 10, ConfiguredP("pseudo.schedule[0]", p, False), cfg, rt,
+                               f"{world_dir}.csv", f"{world_dir}.json")
     return rank
 
 
-def test_two_rank_predictions_equal_one_rank(tmp_path_factory, tmp_path):
+def test_two_rank_predictions_and_selection_equal_one_rank(tmp_path_factory, tmp_path):
+    from data.datasets import read_split
+    from trainer.algorithms import balanced_selection
     data = fashion(tmp_path_factory)
-    run_ranks(_predict, 1, data, str(tmp_path / "one"))
-    run_ranks(_predict, 2, data, str(tmp_path / "two"))
-    for name in ("topk_class.npy", "topk_prob.npy", "embeddings.npy"):
-        a, b = np.load(tmp_path / "one" / name), np.load(tmp_path / "two" / name)
-        assert a.shape == b.shape and a.shape[0] == 660
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
-    assert sorted(os.listdir(tmp_path / "two")) == ["embeddings.npy", "topk_class.npy", "topk_prob.npy"]
+    run_ranks(_predict, 1, data, str(tmp_path / "one"), "error", 20)
+    run_ranks(_predict, 2, data, str(tmp_path / "two"), "error", 20)
+    for one, two in zip(whole_top_k(tmp_path / "one"), whole_top_k(tmp_path / "two")):
+        assert one.shape == two.shape == (660, 3)
+        np.testing.assert_allclose(one, two, rtol=0, atol=1e-5)
+    one, two = np.load(tmp_path / "one" / "embeddings.npy"), np.load(tmp_path / "two" / "embeddings.npy")
+    assert one.dtype == two.dtype == np.float16 and one.shape == two.shape and len(one) == 660
+    np.testing.assert_allclose(np.linalg.norm(two.astype(np.float32), axis=1), 1, atol=2e-3)   # unit rows
+    np.testing.assert_allclose(one, two, rtol=0, atol=1e-3)   # float16 steps of unit rows: <= 2^-11
+    assert sorted(os.listdir(tmp_path / "two")) == ["embeddings.npy", "shards.json", "topk_class.rank-0.npy",
+                                                    "topk_class.rank-1.npy", "topk_prob.rank-0.npy",
+                                                    "topk_prob.rank-1.npy"]
+    # the stage's selection on 2 ranks is, byte for byte, the one a single process makes over the same rows
+    for name, array in zip(("c.npy", "p.npy"), whole_top_k(tmp_path / "two")):
+        np.save(tmp_path / name, array)
+    alone = balanced_selection.select_balanced_from_npy(tmp_path / "c.npy", tmp_path / "p.npy", 10, 20)
+    balanced_selection.write_pseudo_labels(str(tmp_path / "alone.csv"), alone, read_split(data, "unlabeled"))
+    assert (tmp_path / "two.csv").read_text() == (tmp_path / "alone.csv").read_text()
+    assert len(alone.indices) > 40 and alone.class_counts.max() == 20   # P=20 binds: a ranking decided the rows
+    assert json.load(open(tmp_path / "two.json"))["selected"] == len(alone.indices)
+    # and the one-rank stage's: its predictions equal the two ranks' bit for bit here (eval mode, per image)
+    assert (tmp_path / "one.csv").read_text() == (tmp_path / "two.csv").read_text()
 
 
 def test_skipped_images_carry_their_stand_ins_predictions(tmp_path_factory, tmp_path):
@@ -229,11 +257,12 @@ def test_skipped_images_carry_their_stand_ins_predictions(tmp_path_factory, tmp_
         (data / paths[bad]).write_bytes(b"not an image")
     run_ranks(_predict, 1, str(fashion(tmp_path_factory)), str(tmp_path / "clean"))
     run_ranks(_predict, 2, str(data), str(tmp_path / "skip"), "skip")
-    for name in ("topk_class.npy", "topk_prob.npy", "embeddings.npy"):
-        clean, skip = np.load(tmp_path / "clean" / name), np.load(tmp_path / "skip" / name)
+    arrays = {folder: [*whole_top_k(tmp_path / folder), np.load(tmp_path / folder / "embeddings.npy")]
+              for folder in ("clean", "skip")}
+    for clean, skip, atol in zip(arrays["clean"], arrays["skip"], (1e-5, 1e-5, 1e-3)):
         expected = clean.copy()
         expected[5], expected[-1] = clean[6], clean[0]
-        np.testing.assert_allclose(skip, expected, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(skip, expected, rtol=0, atol=atol)
 
 
 def _finetune_then_read_as_pseudolabel_does(rank, data, init, run_dir):

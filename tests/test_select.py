@@ -76,9 +76,11 @@ def test_chunked_equals_whole(tmp_path, chunk):
                    brute_force(classes, scores, NUM_CLASSES, 9))
 
 
-def test_huge_indices_take_the_general_path_with_the_same_result():
+# beyond what the packed sort key holds with the class (2^28 at 12 classes): sorted within each class's segment
+# below 2^32, by np.lexsort above
+@pytest.mark.parametrize("offset", [1 << 30, 1 << 40])
+def test_huge_indices_take_the_general_path_with_the_same_result(offset):
     classes, scores = random_topk(300, 4, NUM_CLASSES, seed=6)
-    offset = 1 << 40  # beyond what fits in the packed sort key
     tracker = TopPerClass(NUM_CLASSES, 5)
     for start in range(0, 300, 64):
         tracker.update(classes[start:start + 64], scores[start:start + 64], offset + start)

@@ -257,6 +257,24 @@ def rank0_decides(decide: Callable[[], T]) -> T:
     return broadcast_object(decision)
 
 
+def gathered_on_rank0(work: Callable[[], T]) -> list[T] | None:
+    """Every rank runs `work` on its own share; rank 0 gets every rank's result, in rank order, the others
+    None. An InputError on any rank (a bad row in its share) is raised on every rank, the lowest such
+    rank's, the same class with the same message, so that no rank waits in a collective for one that
+    stopped. Any other exception is a bug: that rank keeps its traceback and torchrun stops the others."""
+    if not grouped():
+        return [work()]
+    result, refusal = None, None
+    try:
+        result = work()
+    except InputError as e:
+        refusal = _Refusal(type(e), e.args, vars(e))
+    refusals = [r for r in all_gather_object(refusal) if r is not None]
+    if refusals:
+        raise refusals[0].rebuild()
+    return gather_object(result)
+
+
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose batch statistics are those of the global batch, on any backend.
 

@@ -56,23 +56,25 @@ def check_counts(clusters: int, queries: int, images: int, budget_key: str = "ac
 @torch.no_grad()
 def embed_and_classify(ssl, model, loader, rt: Runtime, out_dir: str, num_rows: int, precision: str):
     """out_dir/{embeddings,top2,guess}.npy: unit SSL embeddings, the model's top-2 probabilities and
-    its guess per row, streamed; rank 0 gets the mask of rows covered (an undecodable image's is not)."""
+    their classes (its guess, then the runner-up, which the annotation page offers first) per row, streamed;
+    rank 0 gets the mask of rows covered (an undecodable image's is not)."""
     ssl.eval()
     model.eval()
 
     def embedding_top2_guess(views):
         probs, classes = torch.softmax(model(views[0]).float(), 1).topk(2, dim=1)
-        return torch.cat([F.normalize(ssl(views[0]).float(), dim=1), probs, classes[:, :1].float()], 1)
+        return torch.cat([F.normalize(ssl(views[0]).float(), dim=1), probs, classes.float()], 1)
 
     columns = [(os.path.join(out_dir, "embeddings.npy"), ssl.out_dim, np.float32),
-               (os.path.join(out_dir, "top2.npy"), 2, np.float32), (os.path.join(out_dir, "guess.npy"), 1, np.int64)]
+               (os.path.join(out_dir, "top2.npy"), 2, np.float32), (os.path.join(out_dir, "guess.npy"), 2, np.int64)]
     return stream_rows(embedding_top2_guess, loader, rt, columns, num_rows, precision)
 
 
 def read_embedded(out_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """What embed_and_classify streamed to out_dir: (embeddings, memory-mapped; top-2 probabilities; guesses)."""
+    """What embed_and_classify streamed to out_dir: (embeddings, memory-mapped; top-2 probabilities; their
+    classes, N x 2: the guess, the runner-up)."""
     embeddings = np.load(os.path.join(out_dir, "embeddings.npy"), mmap_mode="r")
-    return embeddings, np.load(os.path.join(out_dir, "top2.npy")), np.load(os.path.join(out_dir, "guess.npy"))[:, 0]
+    return embeddings, np.load(os.path.join(out_dir, "top2.npy")), np.load(os.path.join(out_dir, "guess.npy"))
 
 
 def select_queries(embeddings, top2, covered, count: int, clusters: int, *, niter: int, seed: int,

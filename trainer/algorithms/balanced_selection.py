@@ -9,8 +9,11 @@ Ties are broken exactly and independently of chunking:
   - for a duplicate image, equal scores -> the lower class id wins.
 
 Selection streams: `TopPerClass.update` takes the top-K rows chunk by chunk and keeps only the current
-top-P of every class, so memory is O(chunk·K + P·C), never O(N·C). The rows come from the one pair of
-top-K files that trainer.runtime.predict writes, its ranks' shards already merged.
+top-P of every class, so memory is O(chunk·K + P·C), never O(N·C). Across ranks nothing is merged but
+candidates: every rank keeps the top-P of its own rows (trainer.runtime.predict's per-rank top-K files, or
+its block of a scorer's whole files) and rank 0 keeps the top-P of the world x C x P candidates it gathers
+(`select_across_ranks`). The top-P of a union is the top-P of the parts' top-Ps under one total order, so
+the selection is the one a single process makes over every row, ties included.
 
 A selection becomes the pseudo-label CSV the fine-tune and FixMatch stages read; in simulations its
 precision is measured against the hidden labels.
@@ -25,6 +28,7 @@ from typing import Iterator
 import numpy as np
 from data import atomic
 from data.errors import InputError
+from trainer import dist
 
 PathLike = str | os.PathLike
 
@@ -79,16 +83,21 @@ def _sort_candidates(cls, score, idx, num_classes):
     """Sort candidates by (class, score descending, image index).
 
     numpy's SIMD sort of one packed uint64 key (class | inverted score | index) is faster than
-    np.lexsort over three keys; indices too large to pack (>= 2^(32 - class bits)) take the lexsort path.
-    Kept over faiss's k-selection (float_minheap_array_t.addn, one heap per class), which needs the
-    sparse top-K scattered into a dense class x image block and was slower for the whole selection
-    (and faiss's Python API has no standalone GPU k-select). Timings: docs/results.md, selection.
+    np.lexsort over three keys. Indices too large to pack with the class (>= 2^(32 - class bits): 4M
+    images at 800 classes) but below 2^32 sort each class's segment by one key (_sort_within_classes),
+    as fast; larger ones take np.lexsort, 6x slower. Kept over faiss's k-selection
+    (float_minheap_array_t.addn, one heap per class), which needs the sparse top-K scattered into a dense
+    class x image block and was slower for the whole selection (and faiss's Python API has no
+    standalone GPU k-select). Timings: docs/results.md, selection.
     """
     class_bits = max(1, (num_classes - 1).bit_length())
     index_bits = 32 - class_bits
-    if index_bits <= 0 or (len(idx) and idx.max() >= (1 << index_bits)):
+    largest = int(idx.max()) if len(idx) else 0
+    if largest >= 1 << 32:
         order = np.lexsort((idx, -score, cls))
         return cls[order], score[order], idx[order]
+    if index_bits <= 0 or largest >= (1 << index_bits):
+        return _sort_within_classes(cls, score, idx, num_classes)
     key = cls.astype(np.uint64) << (32 + index_bits)
     key |= (~_sortable(score)).astype(np.uint64) << index_bits
     key |= idx.astype(np.uint64)
@@ -97,6 +106,19 @@ def _sort_candidates(cls, score, idx, num_classes):
     score = _unsortable(~((key >> index_bits) & 0xFFFFFFFF))
     idx = (key & ((1 << index_bits) - 1)).astype(np.int64)
     return cls, score, idx
+
+
+def _sort_within_classes(cls, score, idx, num_classes):
+    """_sort_candidates for indices below 2^32: the candidates grouped by class (a radix sort where the
+    ids fit 16 bits), then each class's segment sorted by one uint64 key (inverted score | index)."""
+    order = np.argsort(cls.astype(np.int16) if num_classes <= 1 << 15 else cls, kind="stable")
+    cls = cls[order]
+    key = (~_sortable(score[order])).astype(np.uint64) << np.uint64(32)
+    key |= idx[order].astype(np.uint64)
+    bounds = np.searchsorted(cls, np.arange(num_classes + 1)).tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        key[start:end].sort()
+    return cls, _unsortable(~(key >> np.uint64(32))), (key & np.uint64(0xFFFFFFFF)).astype(np.int64)
 
 
 class TopPerClass:
@@ -126,6 +148,12 @@ class TopPerClass:
         score = topk_prob.astype(np.float32, copy=False).ravel() + np.float32(0)  # -0.0 -> +0.0
         passing = np.flatnonzero(score >= self._threshold[cls])
         self._add_pending(cls[passing], score[passing], row_index[passing // k])
+        return self
+
+    def add_kept(self, cls, score, idx) -> "TopPerClass":
+        """Add the candidates another TopPerClass kept (its `kept()`: another rank's, of other images)."""
+        passing = np.flatnonzero(score >= self._threshold[cls])
+        self._add_pending(cls[passing], score[passing], idx[passing])
         return self
 
     def kept(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -208,22 +236,44 @@ def _npy_header(path: PathLike) -> tuple[tuple[int, ...], np.dtype, int]:
         return shape, dtype, f.tell()
 
 
-def _npy_chunks(path: PathLike, chunk: int) -> Iterator[np.ndarray]:
-    """The rows of a .npy file, `chunk` rows at a time, read straight from the file.
+def _npy_chunks(path: PathLike, chunk: int, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+    """Rows start..stop (all: None) of a .npy file, `chunk` rows at a time, read straight from the file.
 
     np.fromfile rather than np.load(mmap_mode="r"): pages of a memory map stay resident (and count in
     the process's RSS) until unmapped, so memory would grow to the whole file.
     """
     shape, dtype, offset = _npy_header(path)
     row_size = int(np.prod(shape[1:], dtype=np.int64))
+    stop = shape[0] if stop is None else stop
     with open(path, "rb") as f:
-        f.seek(offset)
-        for start in range(0, shape[0], chunk):
-            rows = min(chunk, shape[0] - start)
+        f.seek(offset + start * row_size * dtype.itemsize)
+        for first in range(start, stop, chunk):
+            rows = min(chunk, stop - first)
             block = np.fromfile(f, dtype=dtype, count=rows * row_size)
             if block.size != rows * row_size:
-                raise InputError(f"{path}: file truncated at row {start}")
+                raise InputError(f"{path}: file truncated at row {first}")
             yield block.reshape((rows,) + tuple(shape[1:]))
+
+
+def _stream_rows(tracker: TopPerClass, class_path: PathLike, prob_path: PathLike, first_image: int = 0,
+                 start: int = 0, stop: int | None = None, *, chunk: int) -> TopPerClass:
+    """Rows start..stop (all: None) of .npy files of top-K class ids (N, K) and scores (N, K), file row r
+    being image first_image + r, into `tracker`, `chunk` rows at a time."""
+    shape = _npy_header(class_path)[0]
+    paths = {"topk_class": class_path, "topk_prob": prob_path}
+    if len(shape) != 2 or _npy_header(prob_path)[0] != shape:
+        raise InputError(f"{class_path} {shape} and {prob_path} {_npy_header(prob_path)[0]} must have the "
+                         "same 2-D shape (images, K)")
+    stop = shape[0] if stop is None else stop
+    for first, (classes, probs) in zip(range(start, stop, chunk), zip(_npy_chunks(class_path, chunk, start, stop),
+                                                                       _npy_chunks(prob_path, chunk, start, stop))):
+        try:
+            tracker.update(classes, probs, first_image + first)
+        except BadRowError as error:
+            raise InputError(f"{paths[error.array]} row {first + error.row}: {error.reason}") from None
+        except ValueError as error:
+            raise InputError(f"{class_path} / {prob_path}: {error}") from None
+    return tracker
 
 
 def select_balanced_from_npy(class_path: PathLike, prob_path: PathLike, num_classes: int, p: int, *,
@@ -231,21 +281,31 @@ def select_balanced_from_npy(class_path: PathLike, prob_path: PathLike, num_clas
     """Balanced selection streamed from .npy files of top-K class ids (N, K) and scores (N, K), row r
     being image r, `chunk` rows at a time: memory stays O(chunk·K + P·C)."""
     _check_params(num_classes, p)
-    tracker = TopPerClass(num_classes, p)
-    shape = _npy_header(class_path)[0]
-    paths = {"topk_class": class_path, "topk_prob": prob_path}
-    if len(shape) != 2 or _npy_header(prob_path)[0] != shape:
-        raise InputError(f"{class_path} {shape} and {prob_path} {_npy_header(prob_path)[0]} must have the "
-                         "same 2-D shape (images, K)")
-    for start, (classes, probs) in zip(range(0, shape[0], chunk),
-                                       zip(_npy_chunks(class_path, chunk), _npy_chunks(prob_path, chunk))):
-        try:
-            tracker.update(classes, probs, start)
-        except BadRowError as error:
-            raise InputError(f"{paths[error.array]} row {start + error.row}: {error.reason}") from None
-        except ValueError as error:
-            raise InputError(f"{class_path} / {prob_path}: {error}") from None
-    return tracker.result()
+    return _stream_rows(TopPerClass(num_classes, p), class_path, prob_path, chunk=chunk).result()
+
+
+def select_across_ranks(parts, num_classes: int, p: int, *, chunk: int = 32768) -> Selection | None:
+    """Balanced selection over every rank's `parts`, (class_path, prob_path, first_image, start, stop) each
+    (trainer.runtime.predict.TopKRows: file rows start..stop, row r being image first_image + r): each rank
+    streams its own parts into a TopPerClass, rank 0 gathers the C x P candidates of every rank and keeps
+    their top-P per class. The same selection as select_balanced_from_npy over every row in one process,
+    ties included (module docstring), on rank 0; None on the others. A bad row on any rank stops every rank
+    with its line."""
+    _check_params(num_classes, p)
+
+    def own_candidates():
+        tracker = TopPerClass(num_classes, p)
+        for part in parts:
+            _stream_rows(tracker, *part, chunk=chunk)
+        return tracker.kept()
+
+    gathered = dist.gathered_on_rank0(own_candidates)
+    if gathered is None:
+        return None
+    merged = TopPerClass(num_classes, p)
+    for candidates in gathered:
+        merged.add_kept(*candidates)
+    return merged.result()
 
 
 def confidence_adapted(selection: Selection, num_classes: int) -> Selection:

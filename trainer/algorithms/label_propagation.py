@@ -29,6 +29,7 @@ from data import atomic
 from data.errors import InputError
 from trainer import dist
 from trainer.algorithms.knn import as_numpy, cosine_search, import_faiss, unit_rows
+from trainer.runtime.predict import EMBEDDINGS, whole_top_k
 
 
 @dataclass(frozen=True)
@@ -206,11 +207,11 @@ def write_scores(pred_dir: str, labels, num_classes: int, scorer: str, top_k_cla
     """A pseudo-label scorer's top-K files (trainer.runtime.predict's layout) in out_dir, from a prediction folder:
     its embeddings.npy (the unlabeled images) and labeled/embeddings.npy (the labeled ones, whose
     `labels` propagate). scorer "propagation": the propagated distribution; "mean": its mean with the
-    classifier's (its top-K from topk_class/topk_prob.npy, zero elsewhere). A propagation that ranks no
+    classifier's (its top-K, the folder's per-rank top-K files, zero elsewhere). A propagation that ranks no
     unlabeled image above another is refused (uninformative). Rank 0's alone in a process group: it
     takes every core while the other ranks wait (all_cores)."""
-    unlabeled = np.load(os.path.join(pred_dir, "embeddings.npy"))
-    embeddings = np.concatenate([unlabeled, np.load(os.path.join(pred_dir, "labeled", "embeddings.npy"))])
+    unlabeled = np.load(os.path.join(pred_dir, EMBEDDINGS))
+    embeddings = np.concatenate([unlabeled, np.load(os.path.join(pred_dir, "labeled", EMBEDDINGS))])
     with all_cores():
         result = propagate(embeddings, np.arange(len(unlabeled), len(embeddings)), labels, num_classes, k, alpha,
                            iterations, gamma, gpu=gpu)
@@ -218,8 +219,8 @@ def write_scores(pred_dir: str, labels, num_classes: int, scorer: str, top_k_cla
     probs = result.probabilities[:len(unlabeled)]
     if scorer == "mean":
         classifier = np.zeros_like(probs)
-        np.put_along_axis(classifier, np.load(os.path.join(pred_dir, "topk_class.npy")).astype(np.int64),
-                          np.load(os.path.join(pred_dir, "topk_prob.npy")), axis=1)
+        top_classes, top_probs = whole_top_k(pred_dir)
+        np.put_along_axis(classifier, top_classes.astype(np.int64), top_probs, axis=1)
         probs = (probs + classifier) / 2
     classes, scores = top_k(probs, top_k_classes, result.reached[:len(unlabeled)])
     os.makedirs(out_dir, exist_ok=True)

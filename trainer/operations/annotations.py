@@ -10,16 +10,18 @@ import os
 import posixpath
 
 import numpy as np
+import yaml
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from data import atomic
 from data.datasets import Split, load_image, read_split
 from data.labels import OUTSIDE_CLASSES, label_ids, landed_outside, outside_classes, read_csv
-from trainer.runtime import engine
+from trainer.operations import label_studio
+from trainer.runtime import engine, rundir
 from trainer.runtime.config import ConfigError
 from trainer.runtime.engine import StageError
 
-QUERY_COLUMNS = ["path", "cluster", "margin", "guess"]
+QUERY_COLUMNS = ["path", "cluster", "margin", "guess", "runner_up", "confidence"]
 
 
 def _relative(split: Split, path: str) -> str:
@@ -28,13 +30,26 @@ def _relative(split: Split, path: str) -> str:
 
 # ---- queries.csv ----
 
-def write_queries(path, split: Split, chosen, margin, assignment, guess, classes):
-    """queries.csv: path,cluster,margin,guess per chosen row of `split`, in the order given (query n = data row n)."""
+def write_queries(path, split: Split, chosen, margin, assignment, top2, guesses, classes):
+    """queries.csv: path,cluster,margin,guess,runner_up,confidence per chosen row of `split`, in the order given
+    (query n = data row n); `top2`, `guesses`: every row's two largest probabilities and their classes
+    (active_learning.read_embedded); confidence: the guess's probability."""
     with atomic.writing(path) as f:
         writer = csv.writer(f)
         writer.writerow(QUERY_COLUMNS)
         for row, m in zip(chosen, margin):
-            writer.writerow([_relative(split, split.paths[row]), int(assignment[row]), f"{m:.6f}", classes[guess[row]]])
+            writer.writerow([_relative(split, split.paths[row]), int(assignment[row]), f"{m:.6f}",
+                             classes[guesses[row, 0]], classes[guesses[row, 1]], f"{top2[row, 0]:.6f}"])
+
+
+def active_run_config(run_dir: str) -> dict:
+    """The resolved config of the active learning run in `run_dir` (its config.yaml), for what reads its
+    queries after the run: the annotation page, the Label Studio export."""
+    if rundir.recorded_stage(run_dir) != "active":
+        raise StageError(f"{run_dir}: not an active learning run dir (no {rundir.RUN_RECORD} naming the active "
+                         "stage): expected the run.dir of `launch/active.py`, e.g. runs/demo/active")
+    with open(os.path.join(run_dir, rundir.CONFIG), encoding="utf-8") as f:
+        return yaml.safe_load(f)
 
 
 def read_queries(path) -> list[dict]:
@@ -96,31 +111,47 @@ def write_contact_sheets(out_dir, image_paths, captions, per_page=COLUMNS * ROWS
 # ---- answers ----
 
 def import_answers(path: str, queries: list[dict], queries_path: str, root: str, classes: list[str]) -> dict:
-    """{query path: class id} from an annotator's CSV; bad rows raise one line naming path:line. Its labels
-    are class names or class ids (data.labels.label_ids: a column of one kind)."""
+    """{query path: class id}, in query order, from an annotator's answers: a CSV with columns path and label
+    (the annotation page's, one by hand, Label Studio's CSV export) or Label Studio's JSON export (.json);
+    bad rows raise one line naming path:line (path:task ID). Its labels are class names or class ids
+    (data.labels.label_ids: a column of one kind)."""
     queried = {q["path"] for q in queries}
+    rows = label_studio.answer_rows(path) if path.endswith(".json") else _csv_answer_rows(path)
+    answered, lines = [], {}   # (path, label, line) of the rows that give a label; path -> (line, label)
+    for line, given_path, label in rows:
+        rel, label = posixpath.normpath(given_path.strip()), label.strip()
+        if rel.startswith("/") or rel == ".." or rel.startswith("../"):
+            raise StageError(f"{path}:{line}: path {given_path!r} escapes the dataset: expected a path "
+                             f"relative to and inside {root}")
+        if rel not in queried:
+            raise StageError(f"{path}:{line}: {rel} is not one of the {len(queried)} queries in {queries_path}")
+        if rel in lines:   # the same answer twice (Label Studio's CSV: a row per annotator) is one answer
+            if lines[rel][1] == label:
+                continue
+            first = lines[rel][0]
+            on = f"line {first}" if isinstance(first, int) else first
+            raise StageError(f"{path}:{line}: {rel} is already answered on {on}, with another label")
+        lines[rel] = (line, label)
+        if label:   # empty: the annotator could not tell
+            answered.append((rel, label, line))
+    ids = label_ids([label for _, label, _ in answered], [line for *_, line in answered], path, classes,
+                    f"{root}/classes.txt")
+    given = {rel: c for (rel, _, _), c in zip(answered, ids)}
+    # in the order of the queries, not of the rows (the annotation page writes them as given): labeled.csv,
+    # and so what trains on it, does not depend on the order in which the queries were answered
+    return {q["path"]: given[q["path"]] for q in queries if q["path"] in given}
+
+
+def _csv_answer_rows(path: str) -> list[tuple[int, str, str]]:
+    """(line, path, label) per row of an answers CSV, whose header names the columns path and label."""
     header, rows = read_csv(path, "the answers")
     if "path" not in header or "label" not in header:
         raise StageError(f"{path}:1: expected a header with columns path and label, got {header}")
     path_col, label_col = header.index("path"), header.index("label")
-    answered, lines = [], {}   # (path, label, line) of the rows that give a label
     for lineno, row in enumerate(rows, start=2):
         if len(row) != len(header):
             raise StageError(f"{path}:{lineno}: expected {len(header)} fields ({','.join(header)}), got {row}")
-        rel, label = posixpath.normpath(row[path_col].strip()), row[label_col].strip()
-        if rel.startswith("/") or rel == ".." or rel.startswith("../"):
-            raise StageError(f"{path}:{lineno}: path {row[path_col]!r} escapes the dataset: expected a path "
-                             f"relative to and inside {root}")
-        if rel not in queried:
-            raise StageError(f"{path}:{lineno}: {rel} is not one of the {len(queried)} queries in {queries_path}")
-        if rel in lines:
-            raise StageError(f"{path}:{lineno}: {rel} is already answered on line {lines[rel]}")
-        lines[rel] = lineno
-        if label:   # empty: the annotator could not tell
-            answered.append((rel, label, lineno))
-    ids = label_ids([label for _, label, _ in answered], [line for *_, line in answered], path, classes,
-                    f"{root}/classes.txt")
-    return {rel: c for (rel, _, _), c in zip(answered, ids)}
+    return [(lineno, row[path_col], row[label_col]) for lineno, row in enumerate(rows, start=2)]
 
 
 def imported_answers(run_dir: str) -> dict:

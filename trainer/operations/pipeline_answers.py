@@ -6,7 +6,7 @@ import shlex
 import yaml
 
 from data.datasets import read_classes, read_split
-from trainer.operations import annotations
+from trainer.operations import annotate, annotations
 from trainer.runtime import config, rundir
 from trainer.runtime.config import PipelineSection
 from trainer.runtime.stages import STAGES
@@ -72,7 +72,8 @@ def check_answers(cfg, active_dir: str, active_argv: list[str] | None, forced: b
 
 def pause_line(script: str, args, cfg, active_dir: str) -> str:
     """What to label, where to write it, and the command (`script` with the same config and overrides, and
-    pipeline.answers) that goes on from there."""
+    pipeline.answers) that goes on from there; the annotation page (`active.py serve`, named first) learns
+    the last two from active_dir/answering.json, written here."""
     queries = os.path.join(active_dir, "queries.csv")
     with open(queries, encoding="utf-8") as f:
         count = sum(1 for _ in f) - 1
@@ -81,8 +82,11 @@ def pause_line(script: str, args, cfg, active_dir: str) -> str:
     answers = os.path.join(cfg.run.dir, "answers.csv")
     command = ["python", os.path.relpath(script), "--config", args.config,
                *(o for o in args.overrides if not o.startswith("pipeline.answers=")), f"pipeline.answers={answers}"]
-    return (f"[pipeline] paused for your labels: label the {count} images of {queries} (pictures: "
-            f"{', '.join(sheets)}) in {answers}, columns path,label (e.g. queries.csv with its column guess "
+    annotate.write_next_step(active_dir, answers, command)
+    serve = ["python", os.path.relpath(os.path.join(os.path.dirname(script), "active.py")), "serve", active_dir]
+    return (f"[pipeline] paused for your labels: answer them in your browser with {shlex.join(serve)} (a page "
+            f"on 127.0.0.1:8000 that writes {answers}), or label the {count} images of {queries} (pictures: "
+            f"{', '.join(sheets)}) in {answers} by hand, columns path,label (e.g. queries.csv with its column guess "
             f"renamed label and the wrong guesses corrected; a label is a class name of "
             f"{os.path.join(cfg.data.root, 'classes.txt')}, empty when unsure), then continue with: "
             f"{shlex.join(command)}")

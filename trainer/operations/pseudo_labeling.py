@@ -11,20 +11,21 @@ from trainer import dist
 from trainer.runtime import engine
 from trainer.runtime.loading import eval_loader
 from trainer.runtime.models import load_classifier
-from trainer.runtime.predict import accuracy, write_predictions
+from trainer.runtime.predict import SHARDS, accuracy, top_k_share, write_predictions
 
 
 def predict(model_path, unlabeled, labeled, cfg, rt, out_dir):
-    """out_dir: the model's top-K and embeddings of the unlabeled images (and, for a scorer that propagates,
-    the labeled images' in out_dir/labeled), then the scorer's top-K in out_dir/<scorer>/."""
+    """out_dir: the model's top-K of the unlabeled images, then for a scorer that propagates their embeddings
+    and the labeled images' (out_dir/labeled), its one reader, and the scorer's top-K in out_dir/<scorer>/."""
     model = None
+    propagates = cfg.pseudo.scorer != "classifier"
     for split, folder in ((unlabeled, out_dir), (labeled, os.path.join(out_dir, "labeled"))):
-        if folder != out_dir and cfg.pseudo.scorer == "classifier":
+        if folder != out_dir and not propagates:
             break
-        if not os.path.exists(os.path.join(folder, "embeddings.npy")):
+        if not os.path.exists(os.path.join(folder, SHARDS)):
             model = model or rt.place(load_classifier(model_path)[0])
             write_predictions(model, eval_loader(split, cfg, rt, cfg.inference.batch_size), rt, folder, len(split),
-                              cfg.pseudo.top_k, cfg.inference.precision)
+                              cfg.pseudo.top_k, cfg.inference.precision, embeddings=propagates)
     scored = os.path.join(out_dir, cfg.pseudo.scorer)
 
     def propagated():   # rank 0's; an uninformative propagation stops every rank with its one line
@@ -34,10 +35,10 @@ def predict(model_path, unlabeled, labeled, cfg, rt, out_dir):
                                            cfg.pseudo.top_k, p.k, p.alpha, p.iterations, p.gamma,
                                            faiss_gpu(rt.device), scored)
 
-    if cfg.pseudo.scorer != "classifier":
+    if propagates:
         dist.rank0_decides(propagated)
     dist.barrier()
-    return scored if cfg.pseudo.scorer != "classifier" else out_dir
+    return scored if propagates else out_dir
 
 
 def val_top1(model_path, cfg, rt) -> float:
@@ -46,14 +47,17 @@ def val_top1(model_path, cfg, rt) -> float:
                     cfg.inference.precision)["top1"]
 
 
-def select(pred_dir, unlabeled, num_classes, given, cfg, out_csv, out_json) -> dict:
+def select(pred_dir, unlabeled, num_classes, given, cfg, rt, out_csv, out_json) -> dict | None:
     """Top-P images per class from the predictions, P = `given` (a balanced_selection.ConfiguredP) resolved
-    against the unlabeled images; writes the CSV (path,label,score) and a summary (p: the images per class
-    used, p_given: the configured value it was resolved from)."""
+    against the unlabeled images. Every rank calls it: each selects from its share of the rows, rank 0 from
+    their candidates (balanced_selection.select_across_ranks), and writes the CSV (path,label,score) and a
+    summary (p: the images per class used, p_given: the configured value it was resolved from), which it
+    returns; the other ranks get None."""
     p = given.images(len(unlabeled), num_classes)
-    chosen = balanced_selection.select_balanced_from_npy(os.path.join(pred_dir, "topk_class.npy"),
-                                                         os.path.join(pred_dir, "topk_prob.npy"), num_classes, p,
-                                                         chunk=cfg.pseudo.chunk)
+    chosen = balanced_selection.select_across_ranks(top_k_share(pred_dir, rt.rank, rt.world), num_classes, p,
+                                                    chunk=cfg.pseudo.chunk)
+    if chosen is None:
+        return None
     if cfg.pseudo.class_adaptive:
         chosen = balanced_selection.confidence_adapted(chosen, num_classes)
     summary = {"p": p, "p_given": given.recorded(), "top_k": cfg.pseudo.top_k,

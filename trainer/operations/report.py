@@ -15,8 +15,9 @@ import yaml  # noqa: E402
 from data import atomic  # noqa: E402
 from data.datasets import load_image, read_classes, read_split  # noqa: E402
 from data.transforms import evaluate as eval_transform  # noqa: E402
-from trainer.runtime import keep, rundir, stages  # noqa: E402
+from trainer.runtime import keep, rundir, stages, tracking  # noqa: E402
 from trainer.runtime.models import build_backbone, load_backbone_weights, load_classifier, residual_stages  # noqa: E402
+from trainer.runtime.predict import SHARDS, whole_top_k  # noqa: E402
 
 # the ablation table's rows that score no step's model (each model step declares its own row: stages.RECIPE)
 EVALUATION_ROWS = {"knn": "Barlow Twins features, kNN on the {labels} labels", "tta": "+ multi-scale TTA"}
@@ -134,6 +135,7 @@ def write(run_dir: str, stage_seconds: dict, steps: list, recipe_timed: list[str
     plots = [p for p in (plot_ablation(run_dir, accuracy), plot_curves(run_dir, [s.name for s in steps]),
                          plot_precision(run_dir),
                          plot_top_images(run_dir), plot_feature_maps(run_dir, list(model_rows))) if p]
+    tracking.log_images(run_dir, plots)   # run.log=[..., tensorboard]: beside the stages' curves
     lines = ["# semiscale run report", "", f"Run dir: `{os.path.abspath(run_dir)}`", "", data_line(run_dir),
              *open_set_lines(run_dir, iterations), "",
              "## Accuracy after each stage (top-1 %)", "", "| stage | val | test |", "|---|---|---|"]
@@ -257,12 +259,11 @@ def plot_precision(run_dir):
 def plot_top_images(run_dir, per_class: int = 8, classes_shown: int = 3):
     """Fig. 2 style: the most confident unlabeled images of the best and worst classes (by precision)."""
     pred = os.path.join(run_dir, "pseudolabel", "predictions")
-    if not os.path.exists(os.path.join(pred, "topk_prob.npy")):
+    if not os.path.exists(os.path.join(pred, SHARDS)):
         return None
     root = _data_root(run_dir)
     unlabeled, names = read_split(root, "unlabeled"), read_classes(root)
-    prob = np.load(os.path.join(pred, "topk_prob.npy"), mmap_mode="r")[:, 0]
-    label = np.load(os.path.join(pred, "topk_class.npy"), mmap_mode="r")[:, 0]
+    label, prob = (top[:, 0] for top in whole_top_k(pred))
     top = {c: np.where(label == c)[0][np.argsort(-prob[label == c], kind="stable")[:per_class]] for c in range(len(names))}
     if unlabeled.hidden_labels is not None:
         precision = {c: float((unlabeled.hidden_labels[i] == c).mean()) if len(i) else 0 for c, i in top.items()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from trainer.runtime.registry import SELF_SUPERVISED, SEMI_SUPERVISED
+from trainer.runtime.tracking import BACKENDS as TRACKERS
 from trainer.runtime.config_fields import Bounds, ConfigError, choice, counts, fractions, nonempty, number, path
 # the stages load, dump and describe their configs through this module
 from trainer.runtime.config_fields import dumps, keys_help, load, to_dict  # noqa: F401 (re-exported)
@@ -26,6 +27,10 @@ class RunConfig:
     checkpoint_every: int = number(200, ">= 1")   # steps between checkpoint.pt writes (and one at the run's end)
     device: str = choice("auto", "auto", "cuda", "cpu")   # auto: the GPU when torch can use one
     restart: bool = False           # --restart: move a previous run in run.dir aside (to replaced/) and start over
+    # where the metrics go: metrics.jsonl always, and tensorboard (run.dir/tb/), wandb (offline unless WANDB_MODE
+    # says otherwise), mlflow (a file store unless MLFLOW_TRACKING_URI); these two in wandb/ and mlruns/ of the
+    # outermost run dir (a pipeline's, for its stages); the step counts images trained on (README: Watching a run)
+    log: list[str] = choice(["jsonl"], TRACKERS)
 
 
 @dataclass
@@ -315,7 +320,7 @@ class ActiveSection:
     # faiss trains k-means on at most clusters x this many points; 0 = all
     max_points_per_centroid: int = number(256, ">= 0")
     oracle: bool = False            # answer from unlabeled.csv's hidden labels (simulations only)
-    answers: str = ""               # an annotator's CSV (path,label) to import instead
+    answers: str = ""               # an annotator's answers to import instead: a CSV (path,label) or Label Studio's JSON export
 
     def __post_init__(self):
         """The budget comes from one key of the pair."""
@@ -387,7 +392,9 @@ class PipelineSection:
     # false = you: the pipeline stops once run.dir/active/queries.csv is written, and continues when rerun
     # with `answers`
     oracle: bool = True
-    answers: str = ""   # your labels for run.dir/active/queries.csv: a CSV path,label (label: a class name or id)
+    # your labels for run.dir/active/queries.csv: a CSV path,label (label: a class name or id), or Label
+    # Studio's JSON export (active.py export --format label-studio)
+    answers: str = ""
     # Other ways to a model, run after the recipe and scored against its final model at equal minutes (the
     # report's difference line): each trains the recipe's network on the run's labeled split, for the wall
     # minutes of the steps that make the final model (not the supervised reference, the other evaluations or

@@ -39,10 +39,12 @@ class ConfigError(InputError):
 
 
 def choice(default, *choices):
-    """A str field restricted to `choices`, or to the names of one collection given instead (a
-    trainer.runtime.registry.Registry), read each time a config is validated: a name registered
-    since counts."""
+    """A str field (or a list of str: each item) restricted to `choices`, or to the names of one collection
+    given instead (a trainer.runtime.registry.Registry), read each time a config is validated: a name
+    registered since counts."""
     names = choices[0] if len(choices) == 1 and not isinstance(choices[0], str) else choices
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"choices": names})
     return field(default=default, metadata={"choices": names})
 
 
@@ -201,8 +203,9 @@ def _build(cls, tree, prefix: str, base=None):
         else:
             value = getattr(base, name)
         allowed = f.metadata.get("choices")
-        if allowed and value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        outside = [v for v in (value if isinstance(value, list) else [value]) if allowed and v not in allowed]
+        if outside:   # a list's items each
+            raise ConfigError(f"{key}: {outside[0]!r} is not one of {', '.join(map(str, allowed))}")
         if name in tree or not partner or value != unset:   # bounds hold for what is set
             _check_range(key, hint, value, f.metadata)
         if value == "" and "required" in f.metadata:
@@ -322,7 +325,8 @@ def _default_and_kind(hint, metadata, value) -> str:
     if "path" in metadata:
         kind = "path"
     elif "choices" in metadata:
-        kind = "one of " + ", ".join(map(str, metadata["choices"]))
+        kind = ("list, each " if typing.get_origin(hint) is list else "") + "one of " + ", ".join(
+            map(str, metadata["choices"]))
     else:
         item = typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
         # str(hint): an Optional (which _coerce takes) has no __name__

@@ -10,6 +10,7 @@ import os
 import random
 import sys
 import time
+import weakref
 
 import torch
 from tqdm import tqdm
@@ -17,7 +18,7 @@ from tqdm import tqdm
 from data import atomic, datasets
 from data.errors import InputError
 from trainer import dist
-from trainer.runtime import checkpoint, config, rundir
+from trainer.runtime import checkpoint, config, rundir, tracking
 from trainer.dist import Runtime, barrier, shutdown
 
 
@@ -73,7 +74,8 @@ def check_dataset(cfg, rt: Runtime, labeled: str = "labeled"):
 
 class Run:
     """A stage's run dir (trainer.runtime.rundir): claimed before anything is written, then config.yaml,
-    metrics.jsonl and checkpoint.pt; rank 0 writes. Make it after every check that can refuse the run."""
+    metrics.jsonl (and the trackers run.log adds: trainer.runtime.tracking) and checkpoint.pt; rank 0
+    writes. Make it after every check that can refuse the run."""
 
     def __init__(self, stage: str, cfg, rt: Runtime, note: str = ""):
         """`note`: a line to say once the run dir is claimed (e.g. a batch lowered to fit the images)."""
@@ -81,12 +83,16 @@ class Run:
         self.dir = cfg.run.dir
         self.checkpoint_path = os.path.join(self.dir, "checkpoint.pt")
         self._lock = None
+        self.tracking = None   # rank 0's
         dist.rank0_decides(self._claim)   # a refusal stops every rank with rank 0's one line
+        if self.tracking:   # closed once the stage drops its Run (an inner fine-tune's before its caller's), or at exit
+            weakref.finalize(self, self.tracking.close)
         self._t0 = time.time()
         if note:
             self.say(note)
 
     def _claim(self):
+        tracking.check(self.cfg.run.log)
         resolved = config.to_dict(self.cfg)
         replace = rundir.check(self.dir, self.stage, resolved, self.cfg.run.restart,
                                config.to_dict(type(self.cfg)()))
@@ -103,16 +109,21 @@ class Run:
         if not os.path.exists(self.path(rundir.RUN_RECORD)):
             write_json(self.path(rundir.RUN_RECORD), {"stage": self.stage})
         write_text(self.path(rundir.CONFIG), config.dumps(self.cfg))
+        self.tracking = tracking.Tracking(self.cfg.run.log, self.dir)
 
     def path(self, name: str) -> str:
         return os.path.join(self.dir, name)
 
     def log(self, **event):
-        """One JSON object per line; rank 0 only. Other ranks' values must be reduced first."""
-        if not self.rt.is_main:
-            return
-        event = {"stage": self.stage, "time": round(time.time() - self._t0, 3), **event}
-        rundir.append_line(self.path(rundir.METRICS), json.dumps(event))
+        """One event: a JSON line of metrics.jsonl, and its numbers to the trackers of run.log; rank 0 only.
+        Other ranks' values must be reduced first."""
+        if self.rt.is_main:
+            self.tracking.log({"stage": self.stage, "time": round(time.time() - self._t0, 3), **event})
+
+    def log_image(self, path: str):
+        """A PNG the run wrote (active learning's contact sheets), to the trackers that show images; rank 0 only."""
+        if self.rt.is_main:
+            self.tracking.image(path)
 
     def say(self, message: str):
         if self.rt.is_main:

@@ -9,6 +9,7 @@ name: any object with state_dict() / load_state_dict() (model, optimizer, grad s
 per-epoch sums). A resumed run restores each by its name and continues as if it had never stopped.
 A loss that is not finite (train.on_nan=stop) is looked for where the loop waits for the device anyway:
 at each logged step, before each epoch's end work and before each checkpoint (amp.check_losses).
+Each event the loop logs carries `images`, the images trained on so far: run.log's trackers plot by it.
 """
 from __future__ import annotations
 
@@ -151,10 +152,16 @@ class Loop:
             self.run.say(f"time budget {self.budget.minutes:g} min -> {total:,} steps ({rate:.3g} s/step measured "
                          f"over {timed:,} steps{'' if first else ', end-of-epoch work included'}"
                          f"{', all that were planned' if total == self.budget.planned else ''})")
-        self.run.log(event="time_budget", step=self.step, total=total, s_per_step=rate, timed_steps=timed)
+        self.run.log(event="time_budget", step=self.step, images=self.images, total=total, s_per_step=rate,
+                     timed_steps=timed)
         self._take_length(total)
         bar.total = total
         bar.refresh()
+
+    @property
+    def images(self) -> int:
+        """Images trained on so far (views: a step's images_per_step)."""
+        return self.step * self.images_per_step
 
     def save(self):
         amp.check_losses()   # weights updated with a loss that is not finite are never saved
@@ -190,8 +197,8 @@ class Loop:
                         [v.detach().float() for v in metrics.values()])).tolist()))
                     img_s = done * self.images_per_step / (time.time() - t0)
                     bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()} | {"img_s": f"{img_s:.0f}"})
-                    run.log(epoch=self.epoch, step=self.step, **values, lr=self.optimizer.param_groups[0]["lr"],
-                            img_s=round(img_s, 1))
+                    run.log(epoch=self.epoch, step=self.step, images=self.images, **values,
+                            lr=self.optimizer.param_groups[0]["lr"], img_s=round(img_s, 1))
                 if self.step == self.total:
                     break
                 if self.step % cfg.checkpoint_every == 0 and i + 1 < spe:
@@ -202,7 +209,7 @@ class Loop:
             amp.check_losses()   # the epoch's work (a val pass, a best model) is not done on weights gone bad
             event = end_of_epoch(self.epoch, self.step, img_s) if end_of_epoch else {}
             if event:
-                run.log(epoch=self.epoch, step=self.step, **event)
+                run.log(epoch=self.epoch, step=self.step, images=self.images, **event)
             # a checkpoint due at the epoch's last step comes after the epoch's work, so that it holds its
             # results; the run's end always has one (a rerun finds the training done)
             if self.step % cfg.checkpoint_every == 0 or self.step == self.total:

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from data import atomic
+from data.sampler import eval_block
 from trainer.runtime.amp import autocast
 from trainer.dist import Runtime, all_reduce_, barrier, gather_object, world_size
 
@@ -93,43 +97,77 @@ def accuracy(model, loader, rt: Runtime, precision: str = "fp32") -> dict[str, f
 MERGE_ROWS = 65536   # rows copied at a time when merging the ranks' shards: bounded memory
 
 
+class Column(NamedTuple):
+    """One .npy file that stream_rows writes: `width` columns of fn's outputs, stored as `dtype`.
+    Merged (per_rank=False): rank 0 joins every rank's rows into `path`, ordered by row. per_rank: never
+    merged; each rank's rows stay in rank_file(path, rank), those of its contiguous block of an eval loader
+    (data.sampler) in order, one a slot, so a row the loader could not read carries its stand-in's outputs
+    there as a merge would give it."""
+    path: str
+    width: int
+    dtype: type
+    per_rank: bool = False
+
+
+def rank_file(path: str, rank: int) -> str:
+    """topk_class.npy -> topk_class.rank-3.npy: rank 3's own rows of a per-rank Column."""
+    stem, extension = os.path.splitext(path)
+    return f"{stem}.rank-{rank}{extension}"
+
+
 @torch.no_grad()
 def stream_rows(fn, loader, rt: Runtime, columns, num_rows: int, precision: str = "fp32", stand_ins: bool = False):
-    """Run fn over this rank's shard of a split and write its outputs to .npy files ordered by row.
+    """Run fn over this rank's shard of a split and write its outputs to .npy files.
 
-    fn returns one float tensor per batch whose columns are, in order, those of `columns`:
-    [(path.npy, width, dtype), ...]. Each rank streams its rows to <path>.rank-<r> files, so no rank
-    holds N x D numbers; rank 0 merges them by row and returns the bool mask of rows the loader
-    produced (all of them unless on_bad_image=skip met an undecodable image); other ranks get None.
-    stand_ins=True gives the rows not produced their stand-in's outputs before the files appear.
+    fn returns one float tensor per batch whose columns are, in order, those of `columns`: Columns, or
+    (path.npy, width, dtype) tuples, merged. Each rank streams its rows to its own files, so no rank holds
+    N x D numbers; rank 0 merges the merged columns' rows by row and returns the bool mask of rows the loader
+    produced (all of them unless on_bad_image=skip met an undecodable image); the other ranks, and a call
+    without merged columns, get None. stand_ins=True gives the rows not produced their stand-in's outputs
+    before the merged files appear.
     """
-    index_file = f"{columns[0][0]}.rank-{rt.rank}.index"
-    shards = [open(f"{path}.rank-{rt.rank}", "wb") for path, _, _ in columns]
-    with open(index_file, "wb") as index_out:
+    columns = [Column(*column) for column in columns]
+    merged = [column for column in columns if not column.per_rank]
+    first, end = eval_block(num_rows, rt.rank, rt.world)
+    rows = 0
+    with contextlib.ExitStack() as files:
+        shards = []
+        for column in columns:
+            if column.per_rank:   # a .npy whose header the block's length gives before any row is known
+                shards.append(files.enter_context(open(rank_file(column.path, rt.rank), "wb")))
+                np.lib.format.write_array_header_1_0(shards[-1], {
+                    "descr": np.lib.format.dtype_to_descr(np.dtype(column.dtype)), "fortran_order": False,
+                    "shape": (end - first, column.width)})
+            else:
+                shards.append(files.enter_context(open(f"{column.path}.rank-{rt.rank}", "wb")))
+        index_out = files.enter_context(open(f"{merged[0].path}.rank-{rt.rank}.index", "wb")) if merged else None
         for index, out in outputs(fn, loader, rt, precision):
-            index_out.write(index.numpy().astype(np.int64).tobytes())
+            if index_out:
+                index_out.write(index.numpy().astype(np.int64).tobytes())
+            rows += len(index)
             start = 0
-            for shard, (_, width, dtype) in zip(shards, columns):
-                shard.write(out[:, start:start + width].numpy().astype(dtype).tobytes())
-                start += width
-    for shard in shards:
-        shard.close()
+            for shard, column in zip(shards, columns):
+                shard.write(out[:, start:start + column.width].numpy().astype(column.dtype).tobytes())
+                start += column.width
+    if len(merged) < len(columns) and rows != end - first:
+        raise RuntimeError(f"rank {rt.rank}: the eval loader gave {rows} rows of its block {first}..{end}: expected "
+                           "contiguous blocks, one row a slot (data.sampler)")
     barrier()
-    covered = _merge(columns, world_size(), num_rows, stand_ins) if rt.is_main else None
+    covered = _merge(merged, world_size(), num_rows, stand_ins) if rt.is_main and merged else None
     barrier()
     return covered
 
 
 def _merge(columns, world: int, num_rows: int, stand_ins: bool) -> np.ndarray:
     with contextlib.ExitStack() as temporaries:   # every file appears once all are whole
-        merged = [np.lib.format.open_memmap(temporaries.enter_context(atomic.replacing(path)), "w+", dtype,
-                                            (num_rows, width)) for path, width, dtype in columns]
+        merged = [np.lib.format.open_memmap(temporaries.enter_context(atomic.replacing(column.path)), "w+",
+                                            column.dtype, (num_rows, column.width)) for column in columns]
         covered = np.zeros(num_rows, bool)
         for rank in range(world):
-            index_file = f"{columns[0][0]}.rank-{rank}.index"
+            index_file = f"{columns[0].path}.rank-{rank}.index"
             index = np.fromfile(index_file, np.int64)
             covered[index] = True
-            for array, (path, width, dtype) in zip(merged, columns):
+            for array, (path, width, dtype, _) in zip(merged, columns):
                 shard = np.memmap(f"{path}.rank-{rank}", dtype, "r", shape=(len(index), width)) if len(index) else []
                 for start in range(0, len(index), MERGE_ROWS):
                     array[index[start:start + MERGE_ROWS]] = shard[start:start + MERGE_ROWS]
@@ -144,13 +182,19 @@ def _merge(columns, world: int, num_rows: int, stand_ins: bool) -> np.ndarray:
     return covered
 
 
-PREDICTION_FILES = ("topk_class.npy", "topk_prob.npy", "embeddings.npy")
+TOP_K_FILES = ("topk_class.npy", "topk_prob.npy")
+EMBEDDINGS = "embeddings.npy"
+SHARDS = "shards.json"   # written last: the folder's per-rank top-K files are complete
 
 
 def write_predictions(model, loader, rt: Runtime, out_dir: str, num_rows: int, top_k: int,
-                      precision: str = "fp32"):
-    """out_dir/{topk_class,topk_prob,embeddings}.npy: top-K classes and probabilities plus the
-    backbone embedding of every row, ordered by row, streamed (nobody holds N x C probabilities)."""
+                      precision: str = "fp32", embeddings: bool = False):
+    """out_dir: the top-K classes and probabilities of every row, each rank's block in its own files,
+    never merged (topk_class.rank-<r>.npy, topk_prob.rank-<r>.npy; top_k_share and whole_top_k read them),
+    and with `embeddings` the backbone embedding of every row in embeddings.npy, merged by rank 0, as
+    L2-normalised float16 rows: their one reader, label propagation, compares them by cosine alone
+    (docs/results.md measures what float16 changes). shards.json, written last, lists the ranks' blocks.
+    Streamed: nobody holds N x C probabilities."""
     os.makedirs(out_dir, exist_ok=True)
     was_training = model.training
     model.eval()
@@ -158,9 +202,54 @@ def write_predictions(model, loader, rt: Runtime, out_dir: str, num_rows: int, t
     def classes_probs_features(views):
         features = model.backbone(views[0])
         probs, classes = torch.softmax(model.head(features).float(), 1).topk(top_k, dim=1)
-        return torch.cat([classes.float(), probs, features.float()], 1)   # class ids < 2**24: exact in float32
+        kept = [classes.float(), probs]   # class ids < 2**24: exact in float32
+        if embeddings:   # unit rows fit float16's range whatever the features' scale; a zero row stays zero
+            kept.append(F.normalize(features.float(), dim=1))
+        return torch.cat(kept, 1)
 
-    paths = [os.path.join(out_dir, name) for name in PREDICTION_FILES]
-    columns = list(zip(paths, (top_k, top_k, model.backbone.out_dim), (np.int32, np.float32, np.float32)))
+    class_path, prob_path = (os.path.join(out_dir, name) for name in TOP_K_FILES)
+    columns = [Column(class_path, top_k, np.int32, per_rank=True), Column(prob_path, top_k, np.float32, per_rank=True)]
+    if embeddings:
+        columns.append(Column(os.path.join(out_dir, EMBEDDINGS), model.backbone.out_dim, np.float16))
     stream_rows(classes_probs_features, loader, rt, columns, num_rows, precision, stand_ins=True)
+    if rt.is_main:
+        record_shards(out_dir, num_rows, top_k, [eval_block(num_rows, r, rt.world) for r in range(rt.world)])
+    barrier()
     model.train(was_training)
+
+
+def record_shards(out_dir: str, num_rows: int, top_k: int, blocks) -> None:
+    """shards.json: the (first, end) rows of each rank's top-K files, rank by rank; written once they are whole."""
+    atomic.write_json(os.path.join(out_dir, SHARDS), {"rows": num_rows, "top_k": top_k, "blocks": list(blocks)})
+
+
+class TopKRows(NamedTuple):
+    """Rows start..stop of a pair of top-K .npy files (class ids, scores), file row r holding image first_image + r."""
+    class_path: str
+    prob_path: str
+    first_image: int
+    start: int
+    stop: int
+
+
+def top_k_share(folder: str, rank: int = 0, world: int = 1) -> list[TopKRows]:
+    """Rank `rank`'s share of a folder's top-K rows, for work that every rank does on its own rows: of
+    write_predictions' per-rank files, those of ranks rank, rank + world, ... (a resumed run may have
+    another world than the run that wrote them); of one whole pair of files (a scorer's,
+    trainer.algorithms.label_propagation), the rank's contiguous block. rank 0 of 1: every row."""
+    class_path, prob_path = (os.path.join(folder, name) for name in TOP_K_FILES)
+    if os.path.exists(os.path.join(folder, SHARDS)):
+        with open(os.path.join(folder, SHARDS)) as f:
+            blocks = json.load(f)["blocks"]
+        return [TopKRows(rank_file(class_path, r), rank_file(prob_path, r), first, 0, end - first)
+                for r, (first, end) in enumerate(blocks)][rank::world]
+    first, end = eval_block(len(np.load(class_path, mmap_mode="r")), rank, world)
+    return [TopKRows(class_path, prob_path, 0, first, end)]
+
+
+def whole_top_k(folder: str) -> tuple[np.ndarray, np.ndarray]:
+    """(classes, probabilities), (N, K) each, of every row of a folder in row order, for a reader that holds
+    them all anyway (label propagation's mean scorer, the report's figure)."""
+    parts = top_k_share(folder)
+    return (np.concatenate([np.load(part.class_path)[part.start:part.stop] for part in parts]),
+            np.concatenate([np.load(part.prob_path)[part.start:part.stop] for part in parts]))

@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 RUN_RECORD, CONFIG, METRICS, LOCK, REPLACED = "run.json", "config.yaml", "metrics.jsonl", ".lock", "replaced"
 # Keys that change how a run is carried out but not what it computes: a resumed run may change them.
 # active.answers / active.oracle: an annotator's answers are imported into the run dir of the queries.
-RESULT_NEUTRAL = {"run.dir", "run.restart", "run.log_every", "run.checkpoint_every", "run.device", "data.workers",
-                  "inference.batch_size", "active.answers", "active.oracle"}
+RESULT_NEUTRAL = {"run.dir", "run.restart", "run.log_every", "run.log", "run.checkpoint_every", "run.device",
+                  "data.workers", "inference.batch_size", "active.answers", "active.oracle"}
 # What a stage leaves behind once it has started computing: a run dir holding none of these is a fresh one.
 RESULTS = (METRICS, "checkpoint.pt")
 
@@ -147,8 +147,10 @@ class Lock:
 
     HELD = (errno.EACCES, errno.EAGAIN)   # what lockf answers when another process holds the lock
 
-    def __init__(self, run_dir: str):
-        path = os.path.join(run_dir, LOCK)
+    def __init__(self, run_dir: str, name: str = LOCK):
+        """`name`: the lock file's, for a lock on something else in the folder than the run (the annotation
+        page's on its answers file)."""
+        path = os.path.join(run_dir, name)
         self._file = open(path, "a")
         try:
             fcntl.lockf(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)

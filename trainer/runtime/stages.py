@@ -27,7 +27,7 @@ import yaml
 
 from data.errors import InputError
 from trainer import dist
-from trainer.runtime import engine
+from trainer.runtime import engine, tracking
 from trainer.runtime.config import (ActiveConfig, ConfigError, EvaluateConfig, FinetuneConfig, FixmatchConfig,
                                     PipelineConfig,
                                     PredictConfig, PretrainConfig, PseudolabelConfig)
@@ -71,6 +71,7 @@ class Stage:
 
     def check(self, cfg):
         """Every check the stage can make before its inputs exist (the stage calls it too)."""
+        tracking.check(cfg.run.log)   # the run checks it again when it claims its dir: this is for the pipeline
         check = getattr(self.module, "check", None)
         if check:
             check(cfg)
@@ -96,7 +97,7 @@ STAGES = {s.name: s for s in [
 ALWAYS = ("run.seed", "run.device", "data.root", "data.backend")
 # Forwarded where the parent's value differs from the default: a child config's own setting otherwise stays
 # (the demo's FixMatch config sets its own strong view).
-WHERE_SET = ("data.augment", "train.precision")
+WHERE_SET = ("data.augment", "train.precision", "run.log")
 
 
 def _declared(cfg_or_cls, dotted: str):
