@@ -102,6 +102,8 @@ def main(argv=None):
         val = pseudo_labeling.val_top1(current, cfg, rt)
         iterations.append({"iteration": it, "p": p, "p_given": given.recorded(), "selected": summary["selected"],
                            "duplicates": summary["duplicates"], "precision": summary.get("precision"),
+                           # the balance of the selection, as scalars a tracker can draw
+                           "fewest_per_class": min(summary["class_counts"]), "most_per_class": max(summary["class_counts"]),
                            **({"outside_classes": summary["outside_classes"]} if "outside_classes" in summary else {}),
                            "model": current, "val_top1": val})
         run.log(**{k: v for k, v in iterations[-1].items() if k != "model"})

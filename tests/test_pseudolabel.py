@@ -132,6 +132,9 @@ def test_pseudolabel_iterations(tmp_path_factory, tmp_path):
             assert abs(topk_prob[i, k] - float(r["score"])) < 1e-5
         precision = np.mean([hidden[r["path"]] == int(r["label"]) for r in chosen])
         assert abs(summary["iterations"][it]["precision"] - precision) < 1e-9
+        # the selection's balance, counted here from the CSV (the CSV's class ids are the class list's)
+        assert (summary["iterations"][it]["fewest_per_class"], summary["iterations"][it]["most_per_class"]) == \
+            (counts.min(), counts.max())
         assert (folder / "labeled" / "model.pt").exists() and (folder / "pseudo" / "model.pt").exists()
     with open(run / "pseudo_labels.csv") as f:
         assert np.bincount([int(r["label"]) for r in csv.DictReader(f)], minlength=10).max() <= 2
