@@ -7,13 +7,17 @@ clusters of their self-supervised embeddings.
     python launch/active.py export RUN_DIR --format label-studio [--out DIR] [--document-root DIR | --url-prefix URL]
 
 run: embeds every unlabeled image that active.labeled does not already label with active.backbone
-(L2-normalised, streamed to run.dir/embeddings.npy) and classifies it with active.model (top2.npy,
-guess.npy); clusters the embeddings with spherical k-means (active.clusters, or as many clusters as queries when
-the budget buys fewer: said in one line); takes from each cluster the images with the smallest margin p1 - p2 of
-the model's softmax, the budget split evenly over the clusters. Writes
+(L2-normalised, each rank's block of candidates streamed to run.dir/embeddings.rank-<r>.npy) and classifies it
+with active.model (top2.rank-<r>.npy, guess.rank-<r>.npy); clusters the embeddings with spherical k-means
+(active.clusters, or as many clusters as queries when the budget buys fewer: said in one line), fitted on
+active.clusters x active.max_points_per_centroid of them; takes from each cluster the images with the
+smallest margin p1 - p2 of the model's softmax, the budget split evenly over the clusters. Every rank assigns
+and ranks its own rows a chunk at a time and rank 0 merges their candidates
+(trainer/algorithms/active_learning.select_queries). Writes
 run.dir/queries.csv (path,cluster,margin,guess,runner_up,confidence: the guess's probability; most uncertain
 first; query number = data row),
-assignment.npy (every candidate's cluster) and contact sheets for the annotator: queries.png
+assignment.rank-<r>.npy (the clusters of rank r's candidates; the ranks' files in rank order are the
+candidates in order) and contact sheets for the annotator: queries.png
 (queries 1-100), queries-2.png (101-200), ... With active.oracle=true the hidden labels of
 unlabeled.csv then answer the queries (simulations; nothing beyond the queries is revealed); a query on
 an image of a class outside the class list (`prepare fashion-mnist --open-set-classes`) is answered
@@ -46,7 +50,6 @@ import shlex
 import sys
 import time
 
-from data import atomic
 from data.datasets import read_classes
 from trainer import dist
 from trainer.algorithms import active_learning, knn
@@ -98,26 +101,26 @@ def make_queries(cfg, rt, run, classes, inputs) -> dict:
                 f"{clusters} clusters instead, one query each")
     run.say(f"{len(pool)} candidate images, {count} queries over {clusters} clusters")
     t0 = time.time()
-    covered = active_learning.embed_and_classify(rt.place(ssl), rt.place(model), loader, rt, run.dir, len(pool),
-                                                 cfg.inference.precision)
+    shard = active_learning.embed_and_classify(rt.place(ssl), rt.place(model), loader, rt, run.dir, len(pool),
+                                               cfg.inference.precision)
     timing = {"inference_seconds": time.time() - t0}
+    queries, seconds = active_learning.select_queries(
+        shard, count, clusters, niter=cfg.active.niter, seed=cfg.run.seed,
+        max_points_per_centroid=cfg.active.max_points_per_centroid or None, gpu=knn.faiss_gpu(rt.device))
+    timing.update(seconds)
     if rt.is_main:
-        embeddings, top2, guesses = active_learning.read_embedded(run.dir)
-        chosen, margin, assignment, timing["kmeans_seconds"] = active_learning.select_queries(
-            embeddings, top2, covered, count, clusters, niter=cfg.active.niter, seed=cfg.run.seed,
-            max_points_per_centroid=cfg.active.max_points_per_centroid or None, gpu=knn.faiss_gpu(rt.device))
-        atomic.save_npy(run.path("assignment.npy"), assignment)
-        annotations.write_queries(run.path("queries.csv"), pool, chosen, margin, assignment, top2, guesses, classes)
+        annotations.write_queries(run.path("queries.csv"), pool, queries, classes)
         t1 = time.time()
-        sheets = annotations.write_contact_sheets(run.dir, [pool.paths[i] for i in chosen],
-                                                  [classes[guesses[i, 0]] for i in chosen])
+        sheets = annotations.write_contact_sheets(run.dir, [pool.paths[i] for i in queries.rows],
+                                                  [classes[guess] for guess in queries.guesses[:, 0]])
         timing["sheet_seconds"] = time.time() - t1
         for sheet in sheets:
             run.log_image(sheet)
-        run.say(f"{len(chosen)} queries in {run.path('queries.csv')}, contact sheets {', '.join(sheets)}; "
-                f"k-means {timing['kmeans_seconds']:.1f} s")
-        run.log(candidates=len(pool), uncovered=int((~covered).sum()), queries=len(chosen), clusters=clusters,
-                mean_margin=float(margin.mean()), **{k: round(v, 3) for k, v in timing.items()})
+        run.say(f"{len(queries.rows)} queries in {run.path('queries.csv')}, contact sheets {', '.join(sheets)}; "
+                f"k-means {timing['kmeans_seconds']:.1f} s, assignment {timing['assignment_seconds']:.1f} s, "
+                f"choice {timing['choice_seconds']:.1f} s")
+        run.log(candidates=len(pool), uncovered=queries.uncovered, queries=len(queries.rows), clusters=clusters,
+                mean_margin=float(queries.margin.mean()), **{k: round(v, 3) for k, v in timing.items()})
     dist.barrier()
     return {"queries": count, **timing}
 

@@ -61,8 +61,14 @@ def expected(oracle_run):
             "embeddings": embeddings}
 
 
+def whole(run, name):
+    """Every candidate's rows of a per-rank file of an active run dir: the ranks' files in rank order."""
+    files = [run / f"{name}.rank-{rank}.npy" for rank in range(2)]
+    return np.concatenate([np.load(path) for path in files if path.exists()])
+
+
 def check_queries(run, expected, classes):
-    np.testing.assert_allclose(np.load(run / "embeddings.npy"), expected["embeddings"], atol=1e-5)
+    np.testing.assert_allclose(whole(run, "embeddings"), expected["embeddings"], atol=1e-5)
     queries = rows(run / "queries.csv")
     chosen = np.array([expected["rows"][q["path"]] for q in queries])   # KeyError: not a candidate (or labeled)
     assert len(queries) == QUERIES and len(set(chosen)) == QUERIES
@@ -74,7 +80,7 @@ def check_queries(run, expected, classes):
     assert [q["guess"] for q in queries] == [classes[c] for c in expected["guess"][chosen]]
     assert [q["runner_up"] for q in queries] == [classes[c] for c in expected["runner_up"][chosen]]
 
-    assignment = np.load(run / "assignment.npy")
+    assignment = whole(run, "assignment")
     assert assignment.shape == margin.shape and [int(q["cluster"]) for q in queries] == list(assignment[chosen])
     quota = split_budget(np.bincount(assignment, minlength=CLUSTERS), QUERIES)
     for c in range(CLUSTERS):
@@ -88,13 +94,37 @@ def test_queries_are_the_smallest_margins_of_each_cluster(oracle_run, expected):
     check_queries(oracle_run[3], expected, read_classes(oracle_run[0]))
 
 
-def test_two_ranks_stream_and_merge_the_same_predictions(oracle_run, expected, tmp_path):
+def test_two_ranks_each_keep_their_rows_and_choose_the_same_queries(oracle_run, expected, tmp_path):
     data, _, _, _, args = oracle_run
     stage("active", *args, f"run.dir={tmp_path}", "active.oracle=false", torchrun=2)
     check_queries(tmp_path, expected, read_classes(data))
-    assert sorted(os.listdir(tmp_path)) == [".lock", "answering.json", "assignment.npy", "config.yaml", "embeddings.npy",
-                                            "guess.npy", "metrics.jsonl", "queries.csv", "queries.png", "run.json",
-                                            "top2.npy"]
+    per_rank = [f"{name}.rank-{rank}.npy" for name in ("assignment", "embeddings", "guess") for rank in (0, 1)]
+    assert sorted(os.listdir(tmp_path)) == [".lock", "answering.json", *per_rank[:2], "config.yaml", *per_rank[2:],
+                                            "metrics.jsonl", "queries.csv", "queries.png", "run.json",
+                                            "top2.rank-0.npy", "top2.rank-1.npy"]
+    one_rank = rows(oracle_run[3] / "queries.csv")
+    # one process's queries, although the two ranks' batches give embeddings and margins other last bits
+    assert [q["path"] for q in rows(tmp_path / "queries.csv")] == [q["path"] for q in one_rank]
+
+
+def test_an_unreadable_candidate_is_never_clustered_nor_queried(oracle_run, expected, tmp_path):
+    """data.on_bad_image=skip: the loader fills an undecodable image's slot of a rank's files with the next
+    image's outputs; that row gets no cluster (-1) and no query, and the run counts it."""
+    data, _, _, _, args = oracle_run
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    smallest = min(expected["rows"], key=lambda path: expected["margin"][expected["rows"][path]])
+    (copy / smallest).write_bytes(b"not an image")   # the first query of every run otherwise
+    run = tmp_path / "run"
+    stage("active", *args, f"data.root={copy}", "data.on_bad_image=skip", f"run.dir={run}",
+          "active.oracle=false", torchrun=2)
+    queries = [q["path"] for q in rows(run / "queries.csv")]
+    assert len(queries) == QUERIES and smallest not in queries
+    assignment = whole(run, "assignment")
+    assert np.flatnonzero(assignment < 0).tolist() == [expected["rows"][smallest]]
+    embeddings = whole(run, "embeddings")
+    np.testing.assert_array_equal(embeddings[expected["rows"][smallest]], embeddings[expected["rows"][smallest] + 1])
+    assert [e["uncovered"] for e in map(json.loads, open(run / "metrics.jsonl")) if "uncovered" in e] == [1]
 
 
 def test_oracle_answers_are_the_hidden_labels_merged_into_labeled_csv(oracle_run):
@@ -201,5 +231,5 @@ def test_a_budget_below_the_clusters_gets_one_cluster_per_query(oracle_run, tmp_
                     "3 clusters instead, one query each"]
     queries = rows(tmp_path / "queries.csv")
     assert len(queries) == 3 and sorted(int(q["cluster"]) for q in queries) == [0, 1, 2]
-    assert set(np.load(tmp_path / "assignment.npy")) == {0, 1, 2}
+    assert set(whole(tmp_path, "assignment")) == {0, 1, 2}
     assert [e["clusters"] for e in map(json.loads, open(tmp_path / "metrics.jsonl")) if "clusters" in e] == [3]

@@ -1,7 +1,8 @@
 """The second GPU review's cluster defects (docs/cluster.md), each shown on the CPU: a lock error other than
-"held" (D2), rank 0's data backend (D3), label propagation on every core (D4), checkpoints that follow
-run.checkpoint_every (D5), the DALI scan's per-file cache (D6), bf16 only where native (D7), embeddings on
-rank 0 only (D8), no host sync per step for the finite-loss check (D9), one DALI pipeline across epochs (D10)."""
+"held" (D2), rank 0's data backend (D3), label propagation's search shared by the ranks and its solve on every
+core of rank 0 (D4), checkpoints that follow run.checkpoint_every (D5), the DALI scan's per-file cache (D6), bf16
+only where native (D7), embeddings on rank 0 only (D8), no host sync per step for the finite-loss check (D9), one
+DALI pipeline across epochs (D10)."""
 import errno
 import itertools
 import json
@@ -72,10 +73,10 @@ def test_a_lock_held_by_another_process_still_refuses(tmp_path, monkeypatch, cod
 
 def _on_two_ranks(rank, root, pred_dir):
     """What each rank gets: the data backend when DALI imports on one rank only (either), embed's result,
-    and the threads that label propagation's search ran on (rank 0) and had after it, from one thread each."""
+    and the threads that label propagation's search (every rank) and solve (rank 0) ran on and those each
+    rank had after it, from one thread each."""
     import faiss
 
-    from trainer import dist
     from trainer.algorithms import label_propagation
     from trainer.runtime.loading import data_backend
     from trainer.runtime.models import build_backbone
@@ -100,15 +101,17 @@ def _on_two_ranks(rank, root, pred_dir):
 
     torch.set_num_threads(1)   # as torchrun's OMP_NUM_THREADS=1 leaves each rank
     faiss.omp_set_num_threads(1)
-    search = label_propagation.cosine_search
+    search, solve = label_propagation._neighbours, label_propagation._conjugate_gradient
 
-    def seen(*args, **kwargs):
-        got["search_threads"] = torch.get_num_threads(), faiss.omp_get_max_threads()
-        return search(*args, **kwargs)
-    label_propagation.cosine_search = seen
-    dist.rank0_decides(lambda: label_propagation.write_scores(
-        pred_dir, np.array([0, 0, 1, 1]), 2, "propagation", 2, 3, 0.99, 20, 3.0, None,
-        os.path.join(pred_dir, "propagation")))
+    def threads_of(step, run):
+        def counted(*args):
+            got[f"{step}_threads"] = torch.get_num_threads(), faiss.omp_get_max_threads()
+            return run(*args)
+        return counted
+    label_propagation._neighbours = threads_of("search", search)
+    label_propagation._conjugate_gradient = threads_of("solve", solve)
+    label_propagation.write_scores(pred_dir, np.array([0, 0, 1, 1]), 2, "propagation", 2, 3, 0.99, 20, 3.0, None,
+                                   os.path.join(pred_dir, "propagation"))
     got["threads_after"] = torch.get_num_threads(), faiss.omp_get_max_threads()
     return got
 
@@ -146,10 +149,13 @@ def test_embeddings_are_gathered_on_rank_0_only(two_ranks, noise):
     np.testing.assert_allclose(first["embedded"], expected, rtol=0, atol=1e-5)
 
 
-def test_rank_0_propagates_labels_on_every_core_and_gives_them_back(two_ranks):
+def test_the_ranks_share_the_cores_to_search_and_rank_0_solves_on_all_of_them(two_ranks):
     (first, second), pred_dir = two_ranks
     cores = len(os.sched_getaffinity(0))
-    assert first["search_threads"] == (cores, cores) and "search_threads" not in second
+    # both ranks search at once on this machine's cores: half each (one thread of a single core)
+    assert first["search_threads"] == second["search_threads"] == (max(1, cores // 2),) * 2
+    # rank 0 alone builds the graph and solves while rank 1 waits
+    assert first["solve_threads"] == (cores, cores) and "solve_threads" not in second
     assert first["threads_after"] == second["threads_after"] == (1, 1)
     assert np.load(os.path.join(pred_dir, "propagation", "topk_class.npy")).shape == (20, 2)
 

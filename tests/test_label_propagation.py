@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from trainer.algorithms.balanced_selection import TopPerClass
-from trainer.algorithms.label_propagation import _normalised_graph, propagate, top_k
+from trainer.algorithms.label_propagation import _index, _neighbours, _normalised_graph, propagate, top_k
 
 
 def dense_reference(x, labeled_index, labels, num_classes, k, alpha, gamma):
@@ -126,7 +126,7 @@ def test_images_no_label_reaches_are_flagged():
 def test_graph_is_symmetric_without_self_loops_even_for_duplicates():
     x = np.repeat(np.random.default_rng(1).standard_normal((4, 5)), 10, axis=0).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    w = _normalised_graph(x, 3, 3.0, None).to_dense().numpy()
+    w = _normalised_graph(*_neighbours(_index([x], None), 0, len(x), 3), 3.0).to_dense().numpy()
     np.testing.assert_array_equal(np.diag(w), 0)
     np.testing.assert_allclose(w, w.T)
     assert ((w > 0).sum(axis=1) >= 3).all()
@@ -150,3 +150,18 @@ def test_bad_inputs_name_the_argument(change, message):
     args = dict(embeddings=x, labeled_index=np.array([0, 60]), labels=np.array([0, 1]), num_classes=3, k=8)
     with pytest.raises(ValueError, match=message):
         propagate(**(args | change))
+
+
+def test_parts_are_one_pile_whose_bad_rows_are_named_by_their_row_in_it():
+    x, truth = blobs_with_outlier()
+    labeled_index = np.array([0, 60, 120])
+    whole = propagate(x, labeled_index, truth[labeled_index], 3, k=8)
+    parts = propagate([x[:100], x[100:]], labeled_index, truth[labeled_index], 3, k=8)
+    np.testing.assert_array_equal(parts.probabilities, whole.probabilities)
+    rest = x[100:].copy()
+    rest[3] = 0
+    with pytest.raises(ValueError, match=r"embeddings row 103 has norm 0.0"):
+        propagate([x[:100], rest], labeled_index, truth[labeled_index], 3, k=8)
+    with pytest.raises(ValueError, match=r"embeddings must be 2-D \(rows, dim\) of one dim, got shapes \(100, 8\), "
+                                         r"\(81, 4\)"):
+        propagate([x[:100], x[100:, :4]], labeled_index, truth[labeled_index], 3, k=8)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
@@ -136,6 +137,10 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def grouped() -> bool:
     """A process group exists. The helpers below use it whenever it does, even with one rank, so that a
     one-GPU smoke run (tests/gpu_smoke.py) sends every collective through NCCL as eight GPUs would."""
@@ -201,6 +206,23 @@ def all_gather_object(obj) -> list:
     gathered = [None] * world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def own_cores() -> int:
+    """The CPU cores this process may run on (its affinity), whatever OMP_NUM_THREADS says: torchrun sets it
+    to 1 for each of several ranks, which is right while they all compute and wrong for one that works
+    while the others wait."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cores_per_rank() -> int:
+    """The CPU cores this rank may use while every rank computes at once: its own cores (own_cores) divided
+    among the ranks on its machine whose cores overlap them (torchrun's ranks all see the node's cores; a
+    launcher that binds each rank to cores of its own leaves them whole). Every rank calls it."""
+    mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(own_cores()))
+    host = socket.gethostname()
+    sharing = sum(1 for other_host, cores in all_gather_object((host, mine)) if other_host == host and cores & mine)
+    return max(1, len(mine) // sharing)
 
 
 def gather_object(obj) -> list | None:

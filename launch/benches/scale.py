@@ -7,6 +7,21 @@ a fixed fraction as pseudo.schedule_fraction gives it (500 at 512k: the candidat
 N). balanced_selection.select_across_ranks reads them on 1 rank (both files) and on 2 gloo ranks under
 torchrun (one file each, rank 0 merging the candidates); each run is a fresh process, so its peak resident
 memory is its own, counted from just before the selection. 1 and 2 ranks must choose the same pseudo-labels.
+
+Label propagation (trainer.algorithms.label_propagation.propagate, k = 20) on generated embeddings as
+write_predictions leaves them (unit float16 rows, d = 128, around one centre a class, 2 labeled images a
+class), on 1 rank and on 2 (each searching half the images, rank 0 solving): seconds of the whole call on
+rank 0 and, with 2 ranks, of rank 1's (the search: rank 1 waits for rank 0's share of it, then stops),
+peak memory (the larger rank's), and how far 2 ranks' top-K scores are from 1 rank's. The exact kNN search
+costs N^2 d and the solve N C per step, so its N stop far below the selection's.
+
+Active learning's query choice (trainer.algorithms.active_learning.select_queries) on generated files as
+embed_and_classify leaves them (unit float32 embeddings, d = 128, around 1024 centres; top-2 probabilities
+and classes), in the paper's settings (configs/paper/active.yaml: 256 clusters, k-means on 256 x 256 of the
+embeddings, a budget of 0.25% of N): on 1 rank and on 2 (each assigning and ranking its own half, rank 0
+fitting and merging), the seconds of the fit (rank 0's: gathering the sample and Lloyd's iterations), of
+the assignment and of the choice, and peak memory, which should stay flat in N beyond the chunk
+(active_learning.CHUNK_ROWS). 1 and 2 ranks must choose the same queries.
 """
 from __future__ import annotations
 
@@ -25,10 +40,16 @@ from launch.benches.select import memory_kib
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FULL = (500_000, 2_000_000, 8_000_000)   # the largest N whose runs keep the suite within 3 minutes on 2 cores
 QUICK = (50_000, 200_000)
+PROPAGATION_FULL = (10_000, 20_000, 40_000)   # 40k: 40 s a run on 2 loaded cores (80k: 75-195 s)
+PROPAGATION_QUICK = (5_000, 10_000)
+DIM, LABELED_PER_CLASS, NEIGHBOURS = 128, 2, 20
 CLASSES, TOP_K = 800, 10
 P = {"p500": lambda n: 500, "pn1024": lambda n: max(1, n // 1024)}   # images per class at N images
 WRITERS = 2   # the ranks that "predicted": the files the selection reads
 ROW_BLOCK = 1 << 20   # rows generated at a time
+ACTIVE_FULL = (500_000, 2_000_000)
+ACTIVE_QUICK = (50_000, 200_000)
+ACTIVE_CENTRES, ACTIVE_CLUSTERS, ACTIVE_SAMPLE_PER_CLUSTER, ACTIVE_BUDGET = 1024, 256, 256, 0.0025
 
 
 def generate_predictions(folder: str, rows: int, seed: int = 0) -> None:
@@ -55,6 +76,93 @@ def generate_predictions(folder: str, rows: int, seed: int = 0) -> None:
     record_shards(folder, rows, TOP_K, blocks)
 
 
+def generate_embeddings(folder: str, rows: int, seed: int = 0) -> None:
+    """What label propagation reads from a prediction folder: embeddings.npy (`rows` unlabeled images) and
+    labeled/embeddings.npy (LABELED_PER_CLASS a class), unit float16 rows of DIM around a random centre per
+    class; labels.npy, the labeled images' classes."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((CLASSES, DIM)).astype(np.float32)
+
+    def around(classes):
+        x = centres[classes] + rng.standard_normal((len(classes), DIM), dtype=np.float32)
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+
+    os.makedirs(os.path.join(folder, "labeled"))
+    unlabeled = np.lib.format.open_memmap(os.path.join(folder, "embeddings.npy"), "w+", np.float16, (rows, DIM))
+    for start in range(0, rows, ROW_BLOCK):
+        unlabeled[start:start + ROW_BLOCK] = around(rng.integers(0, CLASSES, min(ROW_BLOCK, rows - start)))
+    unlabeled.flush()
+    del unlabeled
+    labels = np.repeat(np.arange(CLASSES), LABELED_PER_CLASS)
+    np.save(os.path.join(folder, "labeled", "embeddings.npy"), around(labels))
+    np.save(os.path.join(folder, "labels.npy"), labels)
+
+
+def generate_embedded(folder: str, rows: int, seed: int = 0) -> None:
+    """embed_and_classify's files of `rows` candidates as 1 rank and as 2 ranks leave them, the same rows in
+    folder/world-1 and folder/world-2: unit embeddings of DIM around ACTIVE_CENTRES random centres, top-2
+    probabilities (p1 > p2, p1 + p2 <= 1) and their classes."""
+    from data.sampler import eval_block
+    from trainer.algorithms.active_learning import EMBEDDINGS, GUESS, TOP2
+    from trainer.runtime.predict import rank_file
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((ACTIVE_CENTRES, DIM)).astype(np.float32)
+    for world in (1, 2):
+        os.makedirs(os.path.join(folder, f"world-{world}"))
+    one = {name: np.lib.format.open_memmap(rank_file(os.path.join(folder, "world-1", name), 0), "w+", dtype,
+                                           (rows, width))
+           for name, width, dtype in ((EMBEDDINGS, DIM, np.float32), (TOP2, 2, np.float32), (GUESS, 2, np.int64))}
+    for start in range(0, rows, ROW_BLOCK):
+        n = min(ROW_BLOCK, rows - start)
+        x = centres[rng.integers(0, ACTIVE_CENTRES, n)] + rng.standard_normal((n, DIM), dtype=np.float32)
+        one[EMBEDDINGS][start:start + n] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        first = rng.uniform(0.2, 1, n).astype(np.float32)
+        one[TOP2][start:start + n] = np.stack([first, np.minimum(first, 1 - first) * rng.random(n, np.float32)], 1)
+        one[GUESS][start:start + n] = rng.integers(0, CLASSES, (n, 2))
+    for name, whole in one.items():
+        whole.flush()
+        for rank in range(2):
+            first, end = eval_block(rows, rank, 2)
+            own = np.lib.format.open_memmap(rank_file(os.path.join(folder, "world-2", name), rank), "w+", whole.dtype,
+                                            (end - first, whole.shape[1]))
+            for start in range(first, end, ROW_BLOCK):
+                own[start - first:min(start + ROW_BLOCK, end) - first] = whole[start:min(start + ROW_BLOCK, end)]
+            own.flush()
+            del own
+    del one, whole
+
+
+def measured_from_here():
+    """Counts peak resident memory (VmHWM) from now on (imports and the group's start are not the work's);
+    returns the resident memory now, kiB."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    return memory_kib()["VmRSS"]
+
+
+def propagate_in_child(argv: list[str]) -> None:
+    """One rank's label propagation over a generate_embeddings folder; rank 0 prints every rank's seconds and
+    peak memory, and saves the top-K of the result as propagated-<world>.npz in the folder."""
+    from trainer import dist
+    from trainer.algorithms.label_propagation import propagate, top_k
+    folder = argv[0]
+    rt = dist.init("cpu")
+    parts = [np.load(os.path.join(folder, *name), mmap_mode="r") for name in (["embeddings.npy"],
+                                                                              ["labeled", "embeddings.npy"])]
+    labels = np.load(os.path.join(folder, "labels.npy"))
+    before = measured_from_here()
+    dist.barrier()
+    start = time.perf_counter()
+    result = propagate(parts, np.arange(len(parts[0]), len(parts[0]) + len(labels)), labels, CLASSES, NEIGHBOURS)
+    seconds = time.perf_counter() - start
+    ranks = dist.gather_object({"seconds": seconds, "rss_increase_mb": (memory_kib()["VmHWM"] - before) / 1024})
+    if rt.is_main:
+        classes, scores = top_k(result.probabilities, TOP_K, result.reached)
+        np.savez(os.path.join(folder, f"propagated-{rt.world}.npz"), classes=classes, scores=scores)
+        print(json.dumps({"ranks": ranks, "reached": int(result.reached.sum())}))
+    dist.shutdown()
+
+
 def select_in_child(argv: list[str]) -> None:
     """One rank's selection (a plain process: rank 0 of 1; under torchrun: its rank); rank 0 prints every
     rank's seconds and peak memory, and a digest of the selection."""
@@ -63,9 +171,7 @@ def select_in_child(argv: list[str]) -> None:
     from trainer.runtime.predict import top_k_share
     folder, p = argv[0], int(argv[1])
     rt = dist.init("cpu")
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")   # peak := now: imports and the group's start are not the selection's
-    before = memory_kib()["VmRSS"]
+    before = measured_from_here()
     dist.barrier()
     start = time.perf_counter()
     selection = select_across_ranks(top_k_share(folder, rt.rank, rt.world), CLASSES, p)
@@ -77,16 +183,39 @@ def select_in_child(argv: list[str]) -> None:
     dist.shutdown()
 
 
-def select(folder: str, p: int, world: int) -> dict:
-    """select_in_child on `world` ranks (torchrun for more than one) in fresh processes."""
+def active_in_child(argv: list[str]) -> None:
+    """One rank's active-learning query choice over a generate_embedded folder; rank 0 prints every rank's
+    seconds and peak memory, and a digest of the queries."""
+    from data.sampler import eval_block
+    from trainer import dist
+    from trainer.algorithms.active_learning import EmbeddedShard, select_queries
+    folder, rows = argv[0], int(argv[1])
+    rt = dist.init("cpu")
+    first, end = eval_block(rows, rt.rank, rt.world)
+    shard = EmbeddedShard(os.path.join(folder, f"world-{rt.world}"), rt.rank, first, end - first, np.empty(0, np.int64))
+    count = round(ACTIVE_BUDGET * rows)
+    before = measured_from_here()
+    dist.barrier()
+    # as launch/active.py: a budget of fewer queries than clusters gets one cluster per query
+    queries, seconds = select_queries(shard, count, min(ACTIVE_CLUSTERS, count), niter=20, seed=0,
+                                      max_points_per_centroid=ACTIVE_SAMPLE_PER_CLUSTER)
+    ranks = dist.gather_object({**seconds, "rss_increase_mb": (memory_kib()["VmHWM"] - before) / 1024})
+    if rt.is_main:
+        digest = hashlib.sha1(queries.rows.tobytes() + queries.cluster.tobytes()).hexdigest()
+        print(json.dumps({"ranks": ranks, "queries": len(queries.rows), "digest": digest}))
+    dist.shutdown()
+
+
+def in_child(world: int, work: str, *argv: str) -> dict:
+    """CHILDREN[work](argv) on `world` ranks (torchrun for more than one) in fresh processes: what rank 0 printed."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", "-m"]
                 if world > 1 else [sys.executable, "-m"])
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    child = subprocess.run(launcher + ["launch.benches.scale", folder, str(p)], env=env, cwd=ROOT,
+    child = subprocess.run(launcher + ["launch.benches.scale", work, *argv], env=env, cwd=ROOT,
                            capture_output=True, text=True)
     if child.returncode:
-        raise RuntimeError(f"selection on {world} rank(s) failed:\n{child.stderr[-3000:]}")
+        raise RuntimeError(f"{work} on {world} rank(s) failed:\n{child.stderr[-3000:]}")
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
@@ -106,7 +235,7 @@ def run(args) -> dict:
             generate_predictions(folder, n)
             for rule, images in P.items():
                 p = images(n)
-                runs = {world: select(folder, p, world) for world in (1, 2)}
+                runs = {world: in_child(world, "select", folder, str(p)) for world in (1, 2)}
                 if runs[1]["digest"] != runs[2]["digest"]:
                     raise AssertionError(f"N={n}, P={p}: 1 and 2 ranks selected differently")
                 key = f"{label}_{rule}"
@@ -120,8 +249,63 @@ def run(args) -> dict:
     for (rule, world), times in seconds.items():
         figures[f"time_slope_{rule}_{world}rank"] = slope(sizes, times)
     figures["identical_1_and_2_ranks"] = 1.0
+    figures.update(propagation(PROPAGATION_QUICK if args.quick else PROPAGATION_FULL))
+    figures.update(active_learning(ACTIVE_QUICK if args.quick else ACTIVE_FULL))
     return figures
 
 
+def propagation(sizes) -> dict:
+    """propagate_in_child's figures at each N on 1 and 2 ranks, and the fitted slopes of rank 0's seconds."""
+    figures, seconds = {}, {1: [], 2: []}
+    for n in sizes:
+        key = f"propagation_{n / 1e3:g}k"
+        with tempfile.TemporaryDirectory(prefix="semiscale-bench-propagation-") as folder:
+            generate_embeddings(folder, n)
+            for world in (1, 2):
+                result = in_child(world, "propagate", folder)
+                seconds[world].append(result["ranks"][0]["seconds"])
+                figures[f"{key}_{world}rank_s"] = seconds[world][-1]
+                figures[f"{key}_{world}rank_peak_rss_mb"] = max(r["rss_increase_mb"] for r in result["ranks"])
+            figures[f"{key}_2rank_search_s"] = result["ranks"][1]["seconds"]
+            figures[f"{key}_reached"] = float(result["reached"])
+            one, two = (np.load(os.path.join(folder, f"propagated-{world}.npz")) for world in (1, 2))
+            figures[f"{key}_2rank_max_score_diff"] = float(np.abs(one["scores"] - two["scores"]).max())
+            figures[f"{key}_2rank_same_top1"] = float((one["classes"][:, 0] == two["classes"][:, 0]).mean())
+        figures[f"{key}_2rank_speedup"] = seconds[1][-1] / seconds[2][-1]
+    for world, times in seconds.items():
+        figures[f"time_slope_propagation_{world}rank"] = slope(sizes, times)
+    return figures
+
+
+def active_learning(sizes) -> dict:
+    """active_in_child's figures at each N on 1 and 2 ranks, and the fitted slopes of the assignment and choice
+    seconds."""
+    figures, seconds = {}, {1: [], 2: []}
+    for n in sizes:
+        key = f"active_{n / 1e6:g}M"
+        # read: every embedding, the sample again, the top-2, classes and clusters; written: the clusters
+        figures[f"{key}_read_mb"] = (n * (DIM * 4 + 40) + ACTIVE_CLUSTERS * ACTIVE_SAMPLE_PER_CLUSTER * DIM * 4) / 2**20
+        figures[f"{key}_written_mb"] = n * 8 / 2**20
+        with tempfile.TemporaryDirectory(prefix="semiscale-bench-active-") as folder:
+            generate_embedded(folder, n)
+            runs = {world: in_child(world, "active", folder, str(n)) for world in (1, 2)}
+        if runs[1]["digest"] != runs[2]["digest"]:
+            raise AssertionError(f"N={n}: 1 and 2 ranks chose different queries")
+        figures[f"{key}_queries"] = float(runs[1]["queries"])
+        for world, result in runs.items():
+            figures[f"{key}_{world}rank_kmeans_s"] = result["ranks"][0]["kmeans_seconds"]
+            for phase in ("assignment", "choice"):
+                figures[f"{key}_{world}rank_{phase}_s"] = max(r[f"{phase}_seconds"] for r in result["ranks"])
+            seconds[world].append(figures[f"{key}_{world}rank_assignment_s"] + figures[f"{key}_{world}rank_choice_s"])
+            figures[f"{key}_{world}rank_peak_rss_mb"] = max(r["rss_increase_mb"] for r in result["ranks"])
+        figures[f"{key}_2rank_assignment_choice_speedup"] = seconds[1][-1] / seconds[2][-1]
+    for world, times in seconds.items():
+        figures[f"time_slope_active_assignment_choice_{world}rank"] = slope(sizes, times)
+    figures["active_identical_1_and_2_ranks"] = 1.0
+    return figures
+
+
+CHILDREN = {"select": select_in_child, "propagate": propagate_in_child, "active": active_in_child}
+
 if __name__ == "__main__":
-    select_in_child(sys.argv[1:])
+    CHILDREN[sys.argv[1]](sys.argv[2:])

@@ -236,7 +236,7 @@ def _npy_header(path: PathLike) -> tuple[tuple[int, ...], np.dtype, int]:
         return shape, dtype, f.tell()
 
 
-def _npy_chunks(path: PathLike, chunk: int, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+def npy_chunks(path: PathLike, chunk: int, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
     """Rows start..stop (all: None) of a .npy file, `chunk` rows at a time, read straight from the file.
 
     np.fromfile rather than np.load(mmap_mode="r"): pages of a memory map stay resident (and count in
@@ -265,8 +265,8 @@ def _stream_rows(tracker: TopPerClass, class_path: PathLike, prob_path: PathLike
         raise InputError(f"{class_path} {shape} and {prob_path} {_npy_header(prob_path)[0]} must have the "
                          "same 2-D shape (images, K)")
     stop = shape[0] if stop is None else stop
-    for first, (classes, probs) in zip(range(start, stop, chunk), zip(_npy_chunks(class_path, chunk, start, stop),
-                                                                       _npy_chunks(prob_path, chunk, start, stop))):
+    for first, (classes, probs) in zip(range(start, stop, chunk), zip(npy_chunks(class_path, chunk, start, stop),
+                                                                       npy_chunks(prob_path, chunk, start, stop))):
         try:
             tracker.update(classes, probs, first_image + first)
         except BadRowError as error:

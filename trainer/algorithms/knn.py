@@ -22,11 +22,12 @@ def as_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def unit_rows(x, name: str = "x") -> np.ndarray:
+def unit_rows(x, name: str = "x", first_row: int = 0) -> np.ndarray:
     """Rows of x as float32, C-contiguous and L2-normalised (faiss's inner product is cosine only then).
 
     x is returned without a copy when it already qualifies; otherwise a normalised copy, built block
-    by block. A zero or non-finite row raises ValueError naming it.
+    by block. A zero or non-finite row raises ValueError naming it, numbered from first_row (x a block of
+    a larger array).
     """
     x = np.ascontiguousarray(as_numpy(x), dtype=np.float32)
     if x.ndim != 2 or x.shape[1] == 0:
@@ -38,7 +39,8 @@ def unit_rows(x, name: str = "x") -> np.ndarray:
     bad = ~np.isfinite(norms) | (norms == 0)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise InputError(f"{name} row {row} has norm {norms[row]}: cosine similarity needs finite non-zero rows")
+        raise InputError(f"{name} row {first_row + row} has norm {norms[row]}: cosine similarity needs finite "
+                         "non-zero rows")
     if np.all(np.abs(norms - 1) <= _NORM_TOLERANCE):
         return x
     out = np.empty_like(x)

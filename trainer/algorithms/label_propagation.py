@@ -14,6 +14,13 @@ Row-normalised, Z gives each image a class distribution; `top_k` turns it into t
 trainer.algorithms.balanced_selection consumes. The graph is searched with trainer.algorithms.knn (faiss, GPU `gpu` or the
 CPU); the solve runs on the CPU with a torch sparse CSR matrix, in float32: converged, it matches the exact
 solution to ~1e-6 even at alpha = 0.999, and at C = 1000 classes float64 would be 3x slower.
+
+In a process group the search, N^2 d multiply-adds, is shared: every rank indexes all N images on its own
+device and searches the neighbours of its block of them; rank 0 gathers the N x k neighbours (12 bytes
+each) and solves alone. The solve is not split over ranks: each CG step multiplies the whole (N, C) matrix
+by the graph, so a rank holding a block of rows would need the other rows' values at every step, an
+exchange as large as the matrix; the graph and the CG's five (N, C) float32 matrices are rank 0's memory
+(docs/cluster.md).
 """
 from __future__ import annotations
 
@@ -27,9 +34,12 @@ import numpy as np
 import torch
 from data import atomic
 from data.errors import InputError
+from data.sampler import eval_block
 from trainer import dist
-from trainer.algorithms.knn import as_numpy, cosine_search, import_faiss, unit_rows
+from trainer.algorithms.knn import as_numpy, import_faiss, inner_product_index, unit_rows
 from trainer.runtime.predict import EMBEDDINGS, whole_top_k
+
+SEARCH_BLOCK = 65536   # rows normalised and added, or searched, at a time: bounds the temporaries
 
 
 @dataclass(frozen=True)
@@ -54,14 +64,37 @@ def _check_index(values, name: str, size: int, what: str) -> np.ndarray:
     return values.astype(np.int64)
 
 
-def _normalised_graph(x: np.ndarray, k: int, gamma: float, gpu: int | None) -> torch.Tensor:
-    """W_n = D^-1/2 (A + A^T) D^-1/2 as an (N, N) float32 CSR tensor, from unit rows x."""
-    n = len(x)
-    sims, ids = cosine_search(x, x, k + 1, gpu=gpu, normalise=False)
-    # drop each row's own hit; a row whose self is not among its k + 1 hits (exact duplicates) drops its last
-    own = ids == np.arange(n)[:, None]
-    own[~own.any(axis=1), -1] = True
-    sims, ids = sims[~own].reshape(n, k), ids[~own].reshape(n, k)
+def _index(parts: list[np.ndarray], gpu: int | None):
+    """An exact inner-product index (on GPU `gpu`, None: the CPU) of the unit rows of `parts`, one after
+    another, normalised and added a block at a time: beside the index, no copy of every row."""
+    index = inner_product_index(parts[0].shape[1], gpu)
+    offset = 0
+    for part in parts:
+        for start in range(0, len(part), SEARCH_BLOCK):
+            index.add(unit_rows(part[start:start + SEARCH_BLOCK], "embeddings", offset + start))
+        offset += len(part)
+    return index
+
+
+def _neighbours(index, first: int, end: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k most cosine-similar other rows of each of the index's rows first..end: (similarities float32,
+    ids int64), (end - first, k) each."""
+    sims, ids = np.empty((end - first, k), np.float32), np.empty((end - first, k), np.int64)
+    for start in range(first, end, SEARCH_BLOCK):
+        stop = min(start + SEARCH_BLOCK, end)
+        found_sims, found_ids = index.search(index.reconstruct_n(start, stop - start), k + 1)
+        # drop each row's own hit; a row whose self is not among its k + 1 hits (exact duplicates) drops its last
+        own = found_ids == np.arange(start, stop)[:, None]
+        own[~own.any(axis=1), -1] = True
+        sims[start - first:stop - first] = found_sims[~own].reshape(-1, k)
+        ids[start - first:stop - first] = found_ids[~own].reshape(-1, k)
+    return sims, ids
+
+
+def _normalised_graph(sims: np.ndarray, ids: np.ndarray, gamma: float) -> torch.Tensor:
+    """W_n = D^-1/2 (A + A^T) D^-1/2 as an (N, N) float32 CSR tensor, from each image's k neighbours
+    (similarities and ids, (N, k) each)."""
+    n, k = ids.shape
     rows, cols = np.repeat(np.arange(n), k), ids.ravel()
     weights = np.maximum(sims.ravel().astype(np.float64), 0) ** gamma
     degree = np.bincount(rows, weights, n) + np.bincount(cols, weights, n)
@@ -99,13 +132,24 @@ def _conjugate_gradient(matvec, b: torch.Tensor, iterations: int, tol: float) ->
 
 def propagate(embeddings, labeled_index, labels, num_classes: int, k: int = 20, alpha: float = 0.99,
               iterations: int = 20, gamma: float = 3.0, tol: float = 1e-6, *,
-              gpu: int | None = None) -> Propagation:
+              gpu: int | None = None) -> Propagation | None:
     """Spreads labels[i] of images labeled_index[i] over the kNN graph of embeddings (N, d), see the module
     docstring. Labelled images keep their propagated row in `probabilities` (the closed form's, which other
-    labels may outvote) but their given label in `labels`. gpu: the faiss GPU of the graph search, None
-    for the CPU (see trainer.algorithms.knn.faiss_gpu); the solve itself stays on the CPU."""
-    x = unit_rows(embeddings, "embeddings")
-    n = len(x)
+    labels may outvote) but their given label in `labels`. embeddings: an array, or a list of arrays whose
+    rows follow one another, read a block at a time (memory-mapped files stay on disk). gpu: this
+    process's faiss GPU for the search, None for the CPU (see trainer.algorithms.knn.faiss_gpu); the solve
+    stays on the CPU.
+
+    In a process group every rank calls it with the same arguments: each searches its block of the images
+    (on its share of the machine's cores where it searches on the CPU, dist.cores_per_rank), rank 0 solves
+    on every core it may use while the others wait and returns the Propagation; the other ranks get None.
+    A process alone keeps the threads it was given."""
+    parts = [as_numpy(part) for part in (embeddings if isinstance(embeddings, (list, tuple)) else [embeddings])]
+    for part in parts:
+        if part.ndim != 2 or part.shape[1] != parts[0].shape[1] or part.shape[1] == 0:
+            raise InputError(f"embeddings must be 2-D (rows, dim) of one dim, got shapes "
+                             f"{', '.join(str(p.shape) for p in parts)}")
+    n = sum(len(part) for part in parts)
     if num_classes < 2:
         raise InputError(f"num_classes must be >= 2 to propagate between classes, got {num_classes}")
     labeled_index = _check_index(labeled_index, "labeled_index", n, "an embeddings row")
@@ -128,7 +172,22 @@ def propagate(embeddings, labeled_index, labels, num_classes: int, k: int = 20, 
     if iterations < 1:
         raise InputError(f"iterations must be >= 1, got {iterations}")
 
-    graph = _normalised_graph(x, k, gamma, gpu)
+    alone = not dist.grouped()
+    with _threads(None if alone else dist.cores_per_rank()):
+        first, end = eval_block(n, dist.rank(), dist.world_size())
+        # the index (N x d floats, on the GPU or here) lives while it searches, not through the solve
+        found = dist.gathered_on_rank0(lambda: _neighbours(_index(parts, gpu), first, end, k))
+    if found is None:
+        return None
+    sims, ids = (np.concatenate(column) for column in zip(*found))
+    with _threads(None if alone else dist.own_cores()):
+        return _solve(_normalised_graph(sims, ids, gamma), labeled_index, labels, num_classes, alpha, iterations,
+                      tol)
+
+
+def _solve(graph: torch.Tensor, labeled_index: np.ndarray, labels: np.ndarray, num_classes: int, alpha: float,
+           iterations: int, tol: float) -> Propagation:
+    n = graph.shape[0]
     seeds = torch.zeros(n, num_classes, dtype=torch.float32)
     seeds[torch.from_numpy(labeled_index), torch.from_numpy(labels)] = 1
     z = _conjugate_gradient(lambda p: p - alpha * (graph @ p), seeds, iterations, tol).clamp_(min=0)
@@ -182,19 +241,18 @@ def uninformative(result: Propagation, unlabeled: int, k: int, iterations: int):
 
 
 @contextlib.contextmanager
-def all_cores():
-    """In a process group, faiss's search and torch's solve on every core this process may use, while it
-    lasts: torchrun gives each of N > 1 ranks one thread (OMP_NUM_THREADS=1), while rank 0 searches and
-    solves alone (faiss-cpu's exact search: N^2 d multiply-adds; docs/cluster.md). Alone, a process keeps
-    the threads it has."""
-    if dist.world_size() == 1:
+def _threads(count: int | None):
+    """faiss's and torch's threads set to `count` while it lasts, then back to what they were; None leaves
+    them. torchrun's OMP_NUM_THREADS=1 reaches both, and each keeps its own OpenMP runtime (faiss-cpu's
+    wheel bundles one), so each is set on its own; faiss's setting holds for the calling thread only, the
+    one that searches."""
+    if count is None:
         yield
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     faiss = import_faiss()
     before = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(cores)
-    faiss.omp_set_num_threads(cores)
+    torch.set_num_threads(count)
+    faiss.omp_set_num_threads(count)
     try:
         yield
     finally:
@@ -208,21 +266,25 @@ def write_scores(pred_dir: str, labels, num_classes: int, scorer: str, top_k_cla
     its embeddings.npy (the unlabeled images) and labeled/embeddings.npy (the labeled ones, whose
     `labels` propagate). scorer "propagation": the propagated distribution; "mean": its mean with the
     classifier's (its top-K, the folder's per-rank top-K files, zero elsewhere). A propagation that ranks no
-    unlabeled image above another is refused (uninformative). Rank 0's alone in a process group: it
-    takes every core while the other ranks wait (all_cores)."""
-    unlabeled = np.load(os.path.join(pred_dir, EMBEDDINGS))
-    embeddings = np.concatenate([unlabeled, np.load(os.path.join(pred_dir, "labeled", EMBEDDINGS))])
-    with all_cores():
-        result = propagate(embeddings, np.arange(len(unlabeled), len(embeddings)), labels, num_classes, k, alpha,
-                           iterations, gamma, gpu=gpu)
-    uninformative(result, len(unlabeled), k, iterations)
-    probs = result.probabilities[:len(unlabeled)]
-    if scorer == "mean":
-        classifier = np.zeros_like(probs)
-        top_classes, top_probs = whole_top_k(pred_dir)
-        np.put_along_axis(classifier, top_classes.astype(np.int64), top_probs, axis=1)
-        probs = (probs + classifier) / 2
-    classes, scores = top_k(probs, top_k_classes, result.reached[:len(unlabeled)])
-    os.makedirs(out_dir, exist_ok=True)
-    for name, array in (("topk_class.npy", classes.astype(np.int32)), ("topk_prob.npy", scores)):
-        atomic.save_npy(os.path.join(out_dir, name), array)
+    unlabeled image above another is refused (uninformative), on every rank. In a process group every rank
+    calls it: each searches its share on its own device (`gpu`: this rank's), rank 0 solves and writes
+    (propagate)."""
+    unlabeled, labeled = (np.load(path, mmap_mode="r") for path in (os.path.join(pred_dir, EMBEDDINGS),
+                                                                    os.path.join(pred_dir, "labeled", EMBEDDINGS)))
+    result = propagate([unlabeled, labeled], np.arange(len(unlabeled), len(unlabeled) + len(labeled)), labels,
+                       num_classes, k, alpha, iterations, gamma, gpu=gpu)
+
+    def written():   # rank 0's, which holds the result
+        uninformative(result, len(unlabeled), k, iterations)
+        probs = result.probabilities[:len(unlabeled)]
+        if scorer == "mean":
+            classifier = np.zeros_like(probs)
+            top_classes, top_probs = whole_top_k(pred_dir)
+            np.put_along_axis(classifier, top_classes.astype(np.int64), top_probs, axis=1)
+            probs = (probs + classifier) / 2
+        classes, scores = top_k(probs, top_k_classes, result.reached[:len(unlabeled)])
+        os.makedirs(out_dir, exist_ok=True)
+        for name, array in (("topk_class.npy", classes.astype(np.int32)), ("topk_prob.npy", scores)):
+            atomic.save_npy(os.path.join(out_dir, name), array)
+
+    dist.rank0_decides(written)

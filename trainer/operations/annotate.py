@@ -255,6 +255,10 @@ def make_server(run_dir: str, answers: str | None = None, host: str = "127.0.0.1
     except rundir.RunDirError:
         raise InputError(f"{answers}: another `active.py serve` is writing it ({answers}.lock is locked): "
                          "use its page, or stop it first") from None
+    folder = os.path.dirname(answers)
+    for name in os.listdir(folder):   # what a server killed mid-write left: the answers file itself is whole
+        if atomic.temporary_target(name) == os.path.basename(answers):
+            os.remove(os.path.join(folder, name))
     try:
         session = Session(run_dir, answers)
         try:

@@ -30,16 +30,16 @@ def _relative(split: Split, path: str) -> str:
 
 # ---- queries.csv ----
 
-def write_queries(path, split: Split, chosen, margin, assignment, top2, guesses, classes):
-    """queries.csv: path,cluster,margin,guess,runner_up,confidence per chosen row of `split`, in the order given
-    (query n = data row n); `top2`, `guesses`: every row's two largest probabilities and their classes
-    (active_learning.read_embedded); confidence: the guess's probability."""
+def write_queries(path, split: Split, queries, classes):
+    """queries.csv: path,cluster,margin,guess,runner_up,confidence per query (active_learning.Queries: rows of
+    `split`), in their order (query n = data row n); confidence: the guess's probability."""
     with atomic.writing(path) as f:
         writer = csv.writer(f)
         writer.writerow(QUERY_COLUMNS)
-        for row, m in zip(chosen, margin):
-            writer.writerow([_relative(split, split.paths[row]), int(assignment[row]), f"{m:.6f}",
-                             classes[guesses[row, 0]], classes[guesses[row, 1]], f"{top2[row, 0]:.6f}"])
+        for row, cluster, margin, (guess, runner_up), (confidence, _) in zip(
+                queries.rows, queries.cluster, queries.margin, queries.guesses, queries.top2):
+            writer.writerow([_relative(split, split.paths[row]), int(cluster), f"{margin:.6f}", classes[guess],
+                             classes[runner_up], f"{confidence:.6f}"])
 
 
 def active_run_config(run_dir: str) -> dict:

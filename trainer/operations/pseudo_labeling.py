@@ -28,15 +28,11 @@ def predict(model_path, unlabeled, labeled, cfg, rt, out_dir):
                               cfg.pseudo.top_k, cfg.inference.precision, embeddings=propagates)
     scored = os.path.join(out_dir, cfg.pseudo.scorer)
 
-    def propagated():   # rank 0's; an uninformative propagation stops every rank with its one line
-        if not os.path.exists(os.path.join(scored, "topk_prob.npy")):
-            p = cfg.propagation
-            label_propagation.write_scores(out_dir, labeled.labels, len(read_classes(cfg.data.root)), cfg.pseudo.scorer,
-                                           cfg.pseudo.top_k, p.k, p.alpha, p.iterations, p.gamma,
-                                           faiss_gpu(rt.device), scored)
-
-    if propagates:
-        dist.rank0_decides(propagated)
+    if propagates and dist.rank0_decides(lambda: not os.path.exists(os.path.join(scored, "topk_prob.npy"))):
+        p = cfg.propagation   # every rank searches its share of the neighbours, rank 0 solves and writes
+        label_propagation.write_scores(out_dir, labeled.labels, len(read_classes(cfg.data.root)), cfg.pseudo.scorer,
+                                       cfg.pseudo.top_k, p.k, p.alpha, p.iterations, p.gamma, faiss_gpu(rt.device),
+                                       scored)
     dist.barrier()
     return scored if propagates else out_dir
 

@@ -317,7 +317,8 @@ class ActiveSection:
     # dataset of another size; 0 = active.budget's number of queries
     budget_fraction: float = fractions(0.0025, "(0, 1]", counts="budget")
     niter: int = number(20, ">= 1")         # k-means iterations
-    # faiss trains k-means on at most clusters x this many points; 0 = all
+    # k-means trains on a sample of clusters x this many candidates (those faiss would draw), gathered on
+    # rank 0; every rank then assigns its own candidates to the centroids; 0 = train on all of them
     max_points_per_centroid: int = number(256, ">= 0")
     oracle: bool = False            # answer from unlabeled.csv's hidden labels (simulations only)
     answers: str = ""               # an annotator's answers to import instead: a CSV (path,label) or Label Studio's JSON export

@@ -109,6 +109,13 @@ class Column(NamedTuple):
     per_rank: bool = False
 
 
+def write_npy_header(file, shape: tuple[int, ...], dtype) -> None:
+    """Start a .npy in an open binary `file` whose length is known before any row: its rows follow as raw
+    bytes, in order, so a file larger than memory is written without a memory map's resident pages."""
+    np.lib.format.write_array_header_1_0(file, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                "fortran_order": False, "shape": shape})
+
+
 def rank_file(path: str, rank: int) -> str:
     """topk_class.npy -> topk_class.rank-3.npy: rank 3's own rows of a per-rank Column."""
     stem, extension = os.path.splitext(path)
@@ -122,28 +129,30 @@ def stream_rows(fn, loader, rt: Runtime, columns, num_rows: int, precision: str 
     fn returns one float tensor per batch whose columns are, in order, those of `columns`: Columns, or
     (path.npy, width, dtype) tuples, merged. Each rank streams its rows to its own files, so no rank holds
     N x D numbers; rank 0 merges the merged columns' rows by row and returns the bool mask of rows the loader
-    produced (all of them unless on_bad_image=skip met an undecodable image); the other ranks, and a call
-    without merged columns, get None. stand_ins=True gives the rows not produced their stand-in's outputs
-    before the merged files appear.
+    produced (all of them unless on_bad_image=skip met an undecodable image); the other ranks get None. A
+    call without merged columns returns, on every rank, the rows of its own files (ascending) that the loader
+    did not produce, which carry their stand-in's outputs. stand_ins=True gives the rows not produced their
+    stand-in's outputs before the merged files appear.
     """
     columns = [Column(*column) for column in columns]
     merged = [column for column in columns if not column.per_rank]
     first, end = eval_block(num_rows, rt.rank, rt.world)
     rows = 0
+    not_produced = []   # file rows of this rank's block whose slot the loader filled with a stand-in
     with contextlib.ExitStack() as files:
         shards = []
         for column in columns:
-            if column.per_rank:   # a .npy whose header the block's length gives before any row is known
+            if column.per_rank:
                 shards.append(files.enter_context(open(rank_file(column.path, rt.rank), "wb")))
-                np.lib.format.write_array_header_1_0(shards[-1], {
-                    "descr": np.lib.format.dtype_to_descr(np.dtype(column.dtype)), "fortran_order": False,
-                    "shape": (end - first, column.width)})
+                write_npy_header(shards[-1], (end - first, column.width), column.dtype)
             else:
                 shards.append(files.enter_context(open(f"{column.path}.rank-{rt.rank}", "wb")))
         index_out = files.enter_context(open(f"{merged[0].path}.rank-{rt.rank}.index", "wb")) if merged else None
         for index, out in outputs(fn, loader, rt, precision):
             if index_out:
                 index_out.write(index.numpy().astype(np.int64).tobytes())
+            not_produced.extend((rows + np.flatnonzero(index.numpy() != np.arange(first + rows, first + rows +
+                                                                                 len(index)))).tolist())
             rows += len(index)
             start = 0
             for shard, column in zip(shards, columns):
@@ -153,7 +162,9 @@ def stream_rows(fn, loader, rt: Runtime, columns, num_rows: int, precision: str 
         raise RuntimeError(f"rank {rt.rank}: the eval loader gave {rows} rows of its block {first}..{end}: expected "
                            "contiguous blocks, one row a slot (data.sampler)")
     barrier()
-    covered = _merge(merged, world_size(), num_rows, stand_ins) if rt.is_main and merged else None
+    if not merged:
+        return np.array(not_produced, np.int64)
+    covered = _merge(merged, world_size(), num_rows, stand_ins) if rt.is_main else None
     barrier()
     return covered
 
