@@ -53,7 +53,7 @@ import time
 from data.datasets import read_classes
 from trainer import dist
 from trainer.algorithms import active_learning, knn
-from trainer.operations import annotate, annotations, label_studio
+from trainer.operations import annotate, annotations
 from trainer.runtime import config, engine, stages
 from trainer.runtime.loading import eval_loader
 from trainer.runtime.models import load_backbone, load_classifier
@@ -148,18 +148,8 @@ def export(argv):
                                                "holding the dataset (default: data.root)")
     where.add_argument("--url-prefix", default="", help="images at URL_PREFIX/<dataset path> instead (a web server)")
     args = parser.parse_args(argv)
-    cfg = annotations.active_run_config(args.run_dir)
-    root = os.path.abspath(cfg["data"]["root"])
-    out = args.out or os.path.join(args.run_dir, "label-studio")
-    written = label_studio.export(out, annotations.read_queries(os.path.join(args.run_dir, "queries.csv")),
-                                  read_classes(root), root, os.path.abspath(args.document_root or root),
-                                  args.url_prefix)
-    print(f"[active] Label Studio: {', '.join(written)}. In a project, paste the labeling config as its labeling "
-          "interface, " + ("" if args.url_prefix else
-                           f"add a local files storage for {root} (LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true, "
-                           f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={os.path.abspath(args.document_root or root)}), ")
-          + "import tasks.json; once labeled, export JSON or CSV and pass that file to `active.py import` or "
-            "pipeline.answers=", flush=True)
+    print("[active] " + annotations.export_label_studio(args.run_dir, args.out, args.document_root, args.url_prefix),
+          flush=True)
 
 
 def ask_for_answers(run, argv: list[str]):

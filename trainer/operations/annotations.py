@@ -14,7 +14,7 @@ import yaml
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from data import atomic
-from data.datasets import Split, load_image, read_split
+from data.datasets import Split, load_image, read_classes, read_split
 from data.labels import OUTSIDE_CLASSES, label_ids, landed_outside, outside_classes, read_csv
 from trainer.operations import label_studio
 from trainer.runtime import engine, rundir
@@ -50,6 +50,21 @@ def active_run_config(run_dir: str) -> dict:
                          "stage): expected the run.dir of `launch/active.py`, e.g. runs/demo/active")
     with open(os.path.join(run_dir, rundir.CONFIG), encoding="utf-8") as f:
         return yaml.safe_load(f)
+
+
+def export_label_studio(run_dir: str, out: str | None, document_root: str | None, url_prefix: str) -> str:
+    """RUN_DIR's queries as Label Studio's import (OUT, default RUN_DIR/label-studio: tasks.json and the
+    labeling config); returns the line that says what to do with them."""
+    root = os.path.abspath(active_run_config(run_dir)["data"]["root"])
+    document_root = os.path.abspath(document_root or root)
+    written = label_studio.export(out or os.path.join(run_dir, "label-studio"),
+                                  read_queries(os.path.join(run_dir, "queries.csv")), read_classes(root), root,
+                                  document_root, url_prefix)
+    storage = ("" if url_prefix else f"add a local files storage for {root} (LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED"
+               f"=true, LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={document_root}), ")
+    return (f"Label Studio: {', '.join(written)}. In a project, paste the labeling config as its labeling "
+            f"interface, {storage}import tasks.json; once labeled, export JSON or CSV and pass that file to "
+            "`active.py import` or pipeline.answers=")
 
 
 def read_queries(path) -> list[dict]:
