@@ -280,10 +280,11 @@ class Tracking:
             config_text = f.read()
         metrics = os.path.join(run_dir, rundir.METRICS)
         self.step = 0   # the step of the last event
-        earlier = [self._place(event) for event in (rundir.read_lines(metrics) if os.path.exists(metrics) else [])]
         self.trackers = [BACKENDS[name](run_dir, self.stage, config_text) for name in dict.fromkeys(["jsonl", *names])]
-        for tracker in self.trackers:
-            tracker.catch_up(earlier)
+        if len(self.trackers) > 1:   # metrics.jsonl alone needs no catching up: not read at every start
+            earlier = [self._place(event) for event in (rundir.read_lines(metrics) if os.path.exists(metrics) else [])]
+            for tracker in self.trackers:
+                tracker.catch_up(earlier)
 
     def _place(self, event: dict) -> tuple[int, dict[str, float]]:
         """(the event's step, its scalars by name)."""
