@@ -100,12 +100,7 @@ def main(argv=None):
         current = os.path.join(folder, "labeled", "model.pt")
         # not the fine-tune's own val figure: its precision and batch are the fine-tune config's
         val = pseudo_labeling.val_top1(current, cfg, rt)
-        iterations.append({"iteration": it, "p": p, "p_given": given.recorded(), "selected": summary["selected"],
-                           "duplicates": summary["duplicates"], "precision": summary.get("precision"),
-                           # the balance of the selection, as scalars a tracker can draw
-                           "fewest_per_class": min(summary["class_counts"]), "most_per_class": max(summary["class_counts"]),
-                           **({"outside_classes": summary["outside_classes"]} if "outside_classes" in summary else {}),
-                           "model": current, "val_top1": val})
+        iterations.append(pseudo_labeling.iteration_record(it, summary, current, val))
         run.log(**{k: v for k, v in iterations[-1].items() if k != "model"})
 
     own = max(iterations[1:], key=lambda r: r["val_top1"])   # the first of equals

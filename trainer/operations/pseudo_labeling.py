@@ -43,6 +43,17 @@ def val_top1(model_path, cfg, rt) -> float:
                     cfg.inference.precision)["top1"]
 
 
+def iteration_record(iteration: int, summary: dict, model: str, val_top1: float) -> dict:
+    """An iteration's line of selection.json and its event: its selection's summary (`select`), the model it
+    ended with and that model's val top-1."""
+    return {"iteration": iteration, "p": summary["p"], "p_given": summary["p_given"], "selected": summary["selected"],
+            "duplicates": summary["duplicates"], "precision": summary.get("precision"),
+            # the balance of the selection, as scalars a tracker can draw
+            "fewest_per_class": min(summary["class_counts"]), "most_per_class": max(summary["class_counts"]),
+            **({"outside_classes": summary["outside_classes"]} if "outside_classes" in summary else {}),
+            "model": model, "val_top1": val_top1}
+
+
 def select(pred_dir, unlabeled, num_classes, given, cfg, rt, out_csv, out_json) -> dict | None:
     """Top-P images per class from the predictions, P = `given` (a balanced_selection.ConfiguredP) resolved
     against the unlabeled images. Every rank calls it: each selects from its share of the rows, rank 0 from
