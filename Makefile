@@ -8,8 +8,10 @@ FMNIST := /usr/share/datasets/fashion-mnist
 FAISS  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 
 DEVICE ?= cuda
+# pytest-xdist workers: the suite's stage processes run one thread each, so two workers keep 2 cores busy
+TEST_WORKERS ?= 2
 
-.PHONY: setup demo test bench data clean gpu-smoke compare variants gpu-bundle
+.PHONY: setup demo test bench data clean gpu-smoke compare variants gpu-bundle paper-dry-run
 
 setup: $(VENV)/.installed
 
@@ -31,13 +33,18 @@ demo: data
 test: setup $(FMNIST) gpu-bundle
 	sh tests/slurm_harness/install.sh
 	sh tests/chromium_install.sh
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
 
 # No network: runs with the python on PATH and this checkout on PYTHONPATH (torch, torchvision, numpy, pillow); what
 # else it needs (pyyaml, tqdm, submitit, faiss-cpu) and that python lacks, it installs offline from gpu-bundle/ (make
 # gpu-bundle) into a temporary folder; DALI, faiss, submitit and apex steps say SKIP when missing. DEVICE=cpu: the CPU twin.
 gpu-smoke:
 	PYTHONPATH=$(CURDIR) $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) tests/gpu_smoke.py --device $(DEVICE)
+
+# The paper's configs at their shapes (ResNet-50, 8192-d projector, 800 classes, 96/144/192 px) on a generated pile,
+# two steps a stage: every stage accepts them, and each step's peak memory (runs/paper-dry-run/dry_run.json)
+paper-dry-run: setup
+	$(BIN)/python launch/dry_run.py --config configs/paper/pipeline.yaml --classes 800 --out runs/paper-dry-run
 
 bench: setup
 	$(BIN)/python launch/bench.py --json runs/bench.json

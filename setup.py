@@ -18,7 +18,7 @@ setup(
         "cpu": ["faiss-cpu"],
         "gpu": ["faiss-gpu"],
         "dali": ["nvidia-dali-cuda120"],
-        "dev": ["pytest", "scikit-learn", "selenium"],   # selenium: the annotation page's browser test
+        "dev": ["pytest", "pytest-xdist", "scikit-learn", "selenium"],   # selenium: the annotation page's browser test
         "track": ["wandb>=0.19.10", "mlflow-skinny"],   # run.log=[wandb] / [mlflow]; wandb: reinit="create_new"
     },
 )
