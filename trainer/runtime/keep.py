@@ -43,4 +43,7 @@ def note(record: dict | None) -> str:
     """What the report says beside a stage that kept its input: how far its best result fell short, in points."""
     if not record or record["kept"] != "input":
         return ""
-    return f"kept its input: best result −{100 * (record['input_val'] - record['own_best_val']):.2f} val"
+    short = 100 * (record["input_val"] - record["own_best_val"])
+    if short == 0:
+        return "kept its input: best result only tied it on val"
+    return f"kept its input: best result −{max(short, 0.01):.2f} val"   # a fall under 0.005 points is no "−0.00"
