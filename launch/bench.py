@@ -1,6 +1,6 @@
 """Run benchmark suites (launch/benches/<suite>.py): print one table per suite, optionally write JSON.
 
-    python launch/bench.py [--suite NAME ...] [--quick] [--json OUT]
+    python launch/bench.py [--suite NAME ...] [--quick] [--json OUT] [--plots DIR]
 """
 import os
 import sys
@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     parser.add_argument("--suite", action="append", help="suite to run (repeatable; default: all)")
     parser.add_argument("--json", metavar="OUT", help='write {"suite": {"metric": value}} here')
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for smoke runs")
+    parser.add_argument("--plots", metavar="DIR", help="suites that draw their figures (scale) write PNGs here")
     args = parser.parse_args(argv)
 
     available = available_suites()

@@ -1,5 +1,7 @@
-"""Growth with N: seconds and peak memory of the pseudo-label selection on generated predictions of the
-paper's shape (C = 800 classes, K = 10 per image), with 1 and 2 ranks.
+"""Growth with N: seconds and peak memory of the pseudo-label selection, label propagation and active
+learning's query choice on generated files of the paper's shapes (C = 800 classes, K = 10 per image,
+embeddings d = 128 and 2048), with 1 and 2 ranks, one CPU core a rank; the time and memory slopes fitted in
+log-log, and with --plots DIR a PNG of both against N (DIR/scale.png).
 
 The top-K files are written as trainer.runtime.predict leaves them after 2 ranks predicted (a file per rank
 and shards.json). Two P: 500 images per class whatever N (memory should then stay flat in N), and N / 1024,
@@ -9,14 +11,14 @@ torchrun (one file each, rank 0 merging the candidates); each run is a fresh pro
 memory is its own, counted from just before the selection. 1 and 2 ranks must choose the same pseudo-labels.
 
 Label propagation (trainer.algorithms.label_propagation.propagate, k = 20) on generated embeddings as
-write_predictions leaves them (unit float16 rows, d = 128, around one centre a class, 2 labeled images a
+write_predictions leaves them (unit float16 rows of d, around one centre a class, 2 labeled images a
 class), on 1 rank and on 2 (each searching half the images, rank 0 solving): seconds of the whole call on
 rank 0 and, with 2 ranks, of rank 1's (the search: rank 1 waits for rank 0's share of it, then stops),
 peak memory (the larger rank's), and how far 2 ranks' top-K scores are from 1 rank's. The exact kNN search
 costs N^2 d and the solve N C per step, so its N stop far below the selection's.
 
 Active learning's query choice (trainer.algorithms.active_learning.select_queries) on generated files as
-embed_and_classify leaves them (unit float32 embeddings, d = 128, around 1024 centres; top-2 probabilities
+embed_and_classify leaves them (unit float32 embeddings of d, around 1024 centres; top-2 probabilities
 and classes), in the paper's settings (configs/paper/active.yaml: 256 clusters, k-means on 256 x 256 of the
 embeddings, a budget of 0.25% of N): on 1 rank and on 2 (each assigning and ranking its own half, rank 0
 fitting and merging), the seconds of the fit (rank 0's: gathering the sample and Lloyd's iterations), of
@@ -38,18 +40,26 @@ import numpy as np
 from launch.benches.select import memory_kib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FULL = (500_000, 2_000_000, 8_000_000)   # the largest N whose runs keep the suite within 3 minutes on 2 cores
+FULL = (500_000, 2_000_000, 8_000_000, 32_000_000)   # 32M: 2.4 GiB of top-K files, generated in about a minute
 QUICK = (50_000, 200_000)
-PROPAGATION_FULL = (10_000, 20_000, 40_000)   # 40k: 40 s a run on 2 loaded cores (80k: 75-195 s)
-PROPAGATION_QUICK = (5_000, 10_000)
-DIM, LABELED_PER_CLASS, NEIGHBOURS = 128, 2, 20
+DIMS = (128, 2048)   # the demo-sized projection and ResNet-50's pooled features, the paper's embedding
+# N per embedding width: the exact kNN search costs N^2 d, so d = 2048 stops at a smaller N
+PROPAGATION_FULL = {128: (10_000, 20_000, 40_000), 2048: (5_000, 10_000, 20_000)}
+PROPAGATION_QUICK = {128: (5_000, 10_000), 2048: (2_000, 4_000)}
+LABELED_PER_CLASS, NEIGHBOURS = 2, 20
 CLASSES, TOP_K = 800, 10
 P = {"p500": lambda n: 500, "pn1024": lambda n: max(1, n // 1024)}   # images per class at N images
 WRITERS = 2   # the ranks that "predicted": the files the selection reads
-ROW_BLOCK = 1 << 20   # rows generated at a time
-ACTIVE_FULL = (500_000, 2_000_000)
-ACTIVE_QUICK = (50_000, 200_000)
+BLOCK_VALUES = 1 << 27   # values generated at a time (a block of rows x width)
+# active learning's float32 embeddings are written once per world (1 and 2 ranks' files): 2M x 2048 would be
+# 2 x 16 GiB, so d = 2048 stops at 0.5M
+ACTIVE_FULL = {128: (500_000, 2_000_000), 2048: (125_000, 500_000)}
+ACTIVE_QUICK = {128: (50_000, 200_000), 2048: (10_000, 40_000)}
 ACTIVE_CENTRES, ACTIVE_CLUSTERS, ACTIVE_SAMPLE_PER_CLUSTER, ACTIVE_BUDGET = 1024, 256, 256, 0.0025
+
+
+def block_rows(width: int) -> int:
+    return max(1, BLOCK_VALUES // width)
 
 
 def generate_predictions(folder: str, rows: int, seed: int = 0) -> None:
@@ -63,8 +73,8 @@ def generate_predictions(folder: str, rows: int, seed: int = 0) -> None:
         classes, probs = (np.lib.format.open_memmap(rank_file(os.path.join(folder, name), rank), "w+", dtype,
                                                     (end - first, TOP_K))
                           for name, dtype in zip(TOP_K_FILES, (np.int32, np.float32)))
-        for start in range(0, end - first, ROW_BLOCK):
-            n = min(ROW_BLOCK, end - first - start)
+        for start in range(0, end - first, block_rows(TOP_K)):
+            n = min(block_rows(TOP_K), end - first - start)
             steps = rng.integers(1, CLASSES // TOP_K, size=(n, TOP_K), dtype=np.int32)
             steps[:, 0] = rng.integers(0, CLASSES, size=n, dtype=np.int32)
             classes[start:start + n] = np.cumsum(steps, axis=1) % CLASSES
@@ -76,21 +86,24 @@ def generate_predictions(folder: str, rows: int, seed: int = 0) -> None:
     record_shards(folder, rows, TOP_K, blocks)
 
 
-def generate_embeddings(folder: str, rows: int, seed: int = 0) -> None:
+def generate_embeddings(folder: str, rows: int, dim: int, seed: int = 0) -> None:
     """What label propagation reads from a prediction folder: embeddings.npy (`rows` unlabeled images) and
-    labeled/embeddings.npy (LABELED_PER_CLASS a class), unit float16 rows of DIM around a random centre per
+    labeled/embeddings.npy (LABELED_PER_CLASS a class), unit float16 rows of `dim` around a random centre per
     class; labels.npy, the labeled images' classes."""
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((CLASSES, DIM)).astype(np.float32)
+    centres = rng.standard_normal((CLASSES, dim)).astype(np.float32)
+    # the noise of a row as far from its centre, whatever the width: classes overlap alike at d = 128 and 2048
+    spread = np.sqrt(128 / dim, dtype=np.float32)
 
     def around(classes):
-        x = centres[classes] + rng.standard_normal((len(classes), DIM), dtype=np.float32)
+        x = centres[classes] + spread * rng.standard_normal((len(classes), dim), dtype=np.float32)
         return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
 
     os.makedirs(os.path.join(folder, "labeled"))
-    unlabeled = np.lib.format.open_memmap(os.path.join(folder, "embeddings.npy"), "w+", np.float16, (rows, DIM))
-    for start in range(0, rows, ROW_BLOCK):
-        unlabeled[start:start + ROW_BLOCK] = around(rng.integers(0, CLASSES, min(ROW_BLOCK, rows - start)))
+    unlabeled = np.lib.format.open_memmap(os.path.join(folder, "embeddings.npy"), "w+", np.float16, (rows, dim))
+    block = block_rows(dim)
+    for start in range(0, rows, block):
+        unlabeled[start:start + block] = around(rng.integers(0, CLASSES, min(block, rows - start)))
     unlabeled.flush()
     del unlabeled
     labels = np.repeat(np.arange(CLASSES), LABELED_PER_CLASS)
@@ -98,23 +111,25 @@ def generate_embeddings(folder: str, rows: int, seed: int = 0) -> None:
     np.save(os.path.join(folder, "labels.npy"), labels)
 
 
-def generate_embedded(folder: str, rows: int, seed: int = 0) -> None:
+def generate_embedded(folder: str, rows: int, dim: int, seed: int = 0) -> None:
     """embed_and_classify's files of `rows` candidates as 1 rank and as 2 ranks leave them, the same rows in
-    folder/world-1 and folder/world-2: unit embeddings of DIM around ACTIVE_CENTRES random centres, top-2
+    folder/world-1 and folder/world-2: unit embeddings of `dim` around ACTIVE_CENTRES random centres, top-2
     probabilities (p1 > p2, p1 + p2 <= 1) and their classes."""
     from data.sampler import eval_block
     from trainer.algorithms.active_learning import EMBEDDINGS, GUESS, TOP2
     from trainer.runtime.predict import rank_file
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((ACTIVE_CENTRES, DIM)).astype(np.float32)
+    centres = rng.standard_normal((ACTIVE_CENTRES, dim)).astype(np.float32)
+    block = block_rows(dim)
     for world in (1, 2):
         os.makedirs(os.path.join(folder, f"world-{world}"))
     one = {name: np.lib.format.open_memmap(rank_file(os.path.join(folder, "world-1", name), 0), "w+", dtype,
                                            (rows, width))
-           for name, width, dtype in ((EMBEDDINGS, DIM, np.float32), (TOP2, 2, np.float32), (GUESS, 2, np.int64))}
-    for start in range(0, rows, ROW_BLOCK):
-        n = min(ROW_BLOCK, rows - start)
-        x = centres[rng.integers(0, ACTIVE_CENTRES, n)] + rng.standard_normal((n, DIM), dtype=np.float32)
+           for name, width, dtype in ((EMBEDDINGS, dim, np.float32), (TOP2, 2, np.float32), (GUESS, 2, np.int64))}
+    for start in range(0, rows, block):
+        n = min(block, rows - start)
+        x = centres[rng.integers(0, ACTIVE_CENTRES, n)] + np.sqrt(128 / dim, dtype=np.float32) * rng.standard_normal(
+            (n, dim), dtype=np.float32)
         one[EMBEDDINGS][start:start + n] = x / np.linalg.norm(x, axis=1, keepdims=True)
         first = rng.uniform(0.2, 1, n).astype(np.float32)
         one[TOP2][start:start + n] = np.stack([first, np.minimum(first, 1 - first) * rng.random(n, np.float32)], 1)
@@ -125,8 +140,8 @@ def generate_embedded(folder: str, rows: int, seed: int = 0) -> None:
             first, end = eval_block(rows, rank, 2)
             own = np.lib.format.open_memmap(rank_file(os.path.join(folder, "world-2", name), rank), "w+", whole.dtype,
                                             (end - first, whole.shape[1]))
-            for start in range(first, end, ROW_BLOCK):
-                own[start - first:min(start + ROW_BLOCK, end) - first] = whole[start:min(start + ROW_BLOCK, end)]
+            for start in range(first, end, block):
+                own[start - first:min(start + block, end) - first] = whole[start:min(start + block, end)]
             own.flush()
             del own
     del one, whole
@@ -207,13 +222,19 @@ def active_in_child(argv: list[str]) -> None:
 
 
 def in_child(world: int, work: str, *argv: str) -> dict:
-    """CHILDREN[work](argv) on `world` ranks (torchrun for more than one) in fresh processes: what rank 0 printed."""
+    """CHILDREN[work](argv) on `world` ranks (torchrun for more than one) in fresh processes, one CPU core a
+    rank (one rank alone is held to a single core): 2 ranks against 1 is what a second device adds, not the
+    same cores shared out again. What rank 0 printed."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", "-m"]
                 if world > 1 else [sys.executable, "-m"])
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < world:
+        raise RuntimeError(f"{world} ranks need {world} CPU cores, this process may use {len(cores)}")
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     child = subprocess.run(launcher + ["launch.benches.scale", work, *argv], env=env, cwd=ROOT,
-                           capture_output=True, text=True)
+                           capture_output=True, text=True,
+                           preexec_fn=lambda: os.sched_setaffinity(0, cores[:world]))
     if child.returncode:
         raise RuntimeError(f"{work} on {world} rank(s) failed:\n{child.stderr[-3000:]}")
     return json.loads(child.stdout.strip().splitlines()[-1])
@@ -225,9 +246,28 @@ def slope(sizes, values) -> float:
 
 
 def run(args) -> dict:
-    sizes = QUICK if args.quick else FULL
-    figures = {"classes": float(CLASSES), "top_k": float(TOP_K)}
-    seconds = {(rule, world): [] for rule in P for world in (1, 2)}
+    """Every figure of the suite; with --plots DIR, DIR/scale.png draws each curve's seconds and peak memory
+    against N (log-log) with its fitted slopes."""
+    figures, curves = {"classes": float(CLASSES), "top_k": float(TOP_K)}, []
+    figures.update(selection(QUICK if args.quick else FULL, curves))
+    for dim in DIMS:
+        figures.update(propagation(dim, (PROPAGATION_QUICK if args.quick else PROPAGATION_FULL)[dim], curves))
+    for dim in DIMS:
+        figures.update(active_learning(dim, (ACTIVE_QUICK if args.quick else ACTIVE_FULL)[dim], curves))
+    for curve in curves:
+        figures[f"time_slope_{curve['name']}"] = slope(curve["sizes"], curve["seconds"])
+        figures[f"memory_slope_{curve['name']}"] = slope(curve["sizes"], curve["peak_mb"])
+    if args.plots:
+        path = os.path.join(args.plots, "scale.png")
+        plot(curves, path)
+        print(f"bench scale: wrote {path}", flush=True)
+    return figures
+
+
+def selection(sizes, curves: list) -> dict:
+    """select_in_child's figures at each N, both P rules, on 1 and 2 ranks; 1 and 2 ranks must agree."""
+    figures = {}
+    measured = {(rule, world): ([], []) for rule in P for world in (1, 2)}
     for n in sizes:
         label = f"{n / 1e6:g}M"
         figures[f"{label}_read_mb"] = n * TOP_K * 8 / 2**20
@@ -242,67 +282,95 @@ def run(args) -> dict:
                 figures[f"{key}_selected"] = float(runs[1]["selected"])
                 figures[f"{key}_gathered_at_most_mb"] = 2 * CLASSES * p * 16 / 2**20   # 2 ranks x C x P x 16 bytes
                 for world, result in runs.items():
-                    seconds[rule, world].append(max(r["seconds"] for r in result["ranks"]))
-                    figures[f"{key}_{world}rank_s"] = seconds[rule, world][-1]
+                    figures[f"{key}_{world}rank_s"] = max(r["seconds"] for r in result["ranks"])
                     figures[f"{key}_{world}rank_peak_rss_mb"] = max(r["rss_increase_mb"] for r in result["ranks"])
-                figures[f"{key}_2rank_speedup"] = seconds[rule, 1][-1] / seconds[rule, 2][-1]
-    for (rule, world), times in seconds.items():
-        figures[f"time_slope_{rule}_{world}rank"] = slope(sizes, times)
+                    measured[rule, world][0].append(figures[f"{key}_{world}rank_s"])
+                    measured[rule, world][1].append(figures[f"{key}_{world}rank_peak_rss_mb"])
+                figures[f"{key}_2rank_speedup"] = figures[f"{key}_1rank_s"] / figures[f"{key}_2rank_s"]
+    curves += [{"name": f"selection_{rule}_{world}rank", "sizes": sizes, "seconds": s, "peak_mb": m}
+               for (rule, world), (s, m) in measured.items()]
     figures["identical_1_and_2_ranks"] = 1.0
-    figures.update(propagation(PROPAGATION_QUICK if args.quick else PROPAGATION_FULL))
-    figures.update(active_learning(ACTIVE_QUICK if args.quick else ACTIVE_FULL))
     return figures
 
 
-def propagation(sizes) -> dict:
-    """propagate_in_child's figures at each N on 1 and 2 ranks, and the fitted slopes of rank 0's seconds."""
-    figures, seconds = {}, {1: [], 2: []}
+def propagation(dim: int, sizes, curves: list) -> dict:
+    """propagate_in_child's figures at each N on 1 and 2 ranks over embeddings `dim` wide."""
+    figures, measured = {}, {1: ([], []), 2: ([], [])}
     for n in sizes:
-        key = f"propagation_{n / 1e3:g}k"
+        key = f"propagation_d{dim}_{n / 1e3:g}k"
+        figures[f"{key}_read_mb"] = (n + CLASSES * LABELED_PER_CLASS) * dim * 2 / 2**20
         with tempfile.TemporaryDirectory(prefix="semiscale-bench-propagation-") as folder:
-            generate_embeddings(folder, n)
+            generate_embeddings(folder, n, dim)
             for world in (1, 2):
                 result = in_child(world, "propagate", folder)
-                seconds[world].append(result["ranks"][0]["seconds"])
-                figures[f"{key}_{world}rank_s"] = seconds[world][-1]
+                figures[f"{key}_{world}rank_s"] = result["ranks"][0]["seconds"]
                 figures[f"{key}_{world}rank_peak_rss_mb"] = max(r["rss_increase_mb"] for r in result["ranks"])
+                measured[world][0].append(figures[f"{key}_{world}rank_s"])
+                measured[world][1].append(figures[f"{key}_{world}rank_peak_rss_mb"])
             figures[f"{key}_2rank_search_s"] = result["ranks"][1]["seconds"]
             figures[f"{key}_reached"] = float(result["reached"])
             one, two = (np.load(os.path.join(folder, f"propagated-{world}.npz")) for world in (1, 2))
             figures[f"{key}_2rank_max_score_diff"] = float(np.abs(one["scores"] - two["scores"]).max())
             figures[f"{key}_2rank_same_top1"] = float((one["classes"][:, 0] == two["classes"][:, 0]).mean())
-        figures[f"{key}_2rank_speedup"] = seconds[1][-1] / seconds[2][-1]
-    for world, times in seconds.items():
-        figures[f"time_slope_propagation_{world}rank"] = slope(sizes, times)
+        figures[f"{key}_2rank_speedup"] = figures[f"{key}_1rank_s"] / figures[f"{key}_2rank_s"]
+    curves += [{"name": f"propagation_d{dim}_{world}rank", "sizes": sizes, "seconds": s, "peak_mb": m}
+               for world, (s, m) in measured.items()]
     return figures
 
 
-def active_learning(sizes) -> dict:
-    """active_in_child's figures at each N on 1 and 2 ranks, and the fitted slopes of the assignment and choice
-    seconds."""
-    figures, seconds = {}, {1: [], 2: []}
+def active_learning(dim: int, sizes, curves: list) -> dict:
+    """active_in_child's figures at each N on 1 and 2 ranks over embeddings `dim` wide; the curves are the
+    assignment and choice, which stream over the rows (the fit's sample does not grow with N)."""
+    figures, measured = {}, {1: ([], []), 2: ([], [])}
     for n in sizes:
-        key = f"active_{n / 1e6:g}M"
+        key = f"active_d{dim}_{n / 1e6:g}M"
         # read: every embedding, the sample again, the top-2, classes and clusters; written: the clusters
-        figures[f"{key}_read_mb"] = (n * (DIM * 4 + 40) + ACTIVE_CLUSTERS * ACTIVE_SAMPLE_PER_CLUSTER * DIM * 4) / 2**20
+        figures[f"{key}_read_mb"] = (n * (dim * 4 + 40) + ACTIVE_CLUSTERS * ACTIVE_SAMPLE_PER_CLUSTER * dim * 4) / 2**20
         figures[f"{key}_written_mb"] = n * 8 / 2**20
         with tempfile.TemporaryDirectory(prefix="semiscale-bench-active-") as folder:
-            generate_embedded(folder, n)
+            generate_embedded(folder, n, dim)
             runs = {world: in_child(world, "active", folder, str(n)) for world in (1, 2)}
         if runs[1]["digest"] != runs[2]["digest"]:
-            raise AssertionError(f"N={n}: 1 and 2 ranks chose different queries")
+            raise AssertionError(f"N={n}, d={dim}: 1 and 2 ranks chose different queries")
         figures[f"{key}_queries"] = float(runs[1]["queries"])
         for world, result in runs.items():
             figures[f"{key}_{world}rank_kmeans_s"] = result["ranks"][0]["kmeans_seconds"]
             for phase in ("assignment", "choice"):
                 figures[f"{key}_{world}rank_{phase}_s"] = max(r[f"{phase}_seconds"] for r in result["ranks"])
-            seconds[world].append(figures[f"{key}_{world}rank_assignment_s"] + figures[f"{key}_{world}rank_choice_s"])
             figures[f"{key}_{world}rank_peak_rss_mb"] = max(r["rss_increase_mb"] for r in result["ranks"])
-        figures[f"{key}_2rank_assignment_choice_speedup"] = seconds[1][-1] / seconds[2][-1]
-    for world, times in seconds.items():
-        figures[f"time_slope_active_assignment_choice_{world}rank"] = slope(sizes, times)
-    figures["active_identical_1_and_2_ranks"] = 1.0
+            measured[world][0].append(figures[f"{key}_{world}rank_assignment_s"] + figures[f"{key}_{world}rank_choice_s"])
+            measured[world][1].append(figures[f"{key}_{world}rank_peak_rss_mb"])
+        figures[f"{key}_2rank_assignment_choice_speedup"] = measured[1][0][-1] / measured[2][0][-1]
+    curves += [{"name": f"active_d{dim}_{world}rank", "sizes": sizes, "seconds": s, "peak_mb": m}
+               for world, (s, m) in measured.items()]
+    figures[f"active_d{dim}_identical_1_and_2_ranks"] = 1.0
     return figures
+
+
+def plot(curves: list, path: str) -> None:
+    """Seconds and peak memory against N, log-log, a line per curve labelled with its fitted slope."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6))
+    parts = list(dict.fromkeys(curve["name"].rsplit("_", 1)[0] for curve in curves))   # a colour each, 1 and 2 ranks
+    for ax, measure, unit in zip(axes, ("seconds", "peak_mb"), ("seconds", "peak resident memory increase, MB")):
+        for curve in curves:
+            part, ranks = curve["name"].rsplit("_", 1)
+            ax.loglog(curve["sizes"], curve[measure], "--" if ranks == "2rank" else "-", marker="o",
+                      color=f"C{parts.index(part)}",
+                      label=f"{curve['name']} (slope {slope(curve['sizes'], curve[measure]):.2f})")
+        ax.set_xlabel("N (images)")
+        ax.set_ylabel(unit)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_title("time (dashed: 2 ranks)")
+    axes[1].set_title("memory (dashed: 2 ranks; the larger rank)")
+    fig.suptitle(f"launch/bench.py --suite scale: C = {CLASSES}, K = {TOP_K}")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 CHILDREN = {"select": select_in_child, "propagate": propagate_in_child, "active": active_in_child}
