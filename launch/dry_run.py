@@ -79,24 +79,11 @@ def generate_pile(root: str, classes: int, size: int, per_class: int, unlabeled:
 
 def dry_overrides(stage_config: type, args, queries: int, gpu: bool) -> list[str]:
     """key=value settings that make a run of a stage config small, where the config declares the key."""
-    cpu_precision = None if gpu else "bf16"
-    wanted = {"train.max_steps": args.steps, "train.batch_size": args.batch, "train.fit_batch": "true", "data.workers": 0,
-              "inference.batch_size": 8 * args.batch, "active.budget": queries}
-    out = []
-    for key, value in wanted.items():
-        try:
-            stages._declared(stage_config, key)
-        except KeyError:
-            continue
-        out.append(f"{key}={value}")
-    for key in ("train.precision", "inference.precision"):
-        try:
-            stages._declared(stage_config, key)
-        except KeyError:
-            continue
-        if cpu_precision:
-            out.append(f"{key}={cpu_precision}")
-    return out
+    wanted = {"train.max_steps": args.steps, "train.batch_size": args.batch, "train.fit_batch": "true",
+              "data.workers": 0, "inference.batch_size": 8 * args.batch, "active.budget": queries}
+    if not gpu:   # fp16 needs CUDA
+        wanted.update({"train.precision": "bf16", "inference.precision": "bf16"})
+    return [f"{key}={value}" for key, value in wanted.items() if stages.declares(stage_config, key)]
 
 
 def dry_config(args, cfg: PipelineConfig, data_root: str, gpu: bool) -> dict:

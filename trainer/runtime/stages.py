@@ -110,6 +110,15 @@ def _declared(cfg_or_cls, dotted: str):
     return node
 
 
+def declares(cfg_class: type, dotted: str) -> bool:
+    """Whether the config class `cfg_class` has the key `dotted` (e.g. train.max_steps)."""
+    try:
+        _declared(cfg_class, dotted)
+    except KeyError:
+        return False
+    return True
+
+
 def _leaves(node, prefix: str):
     if not dataclasses.is_dataclass(node):
         yield prefix, node
