@@ -28,10 +28,9 @@ from PIL import Image
 
 from data.errors import InputError
 from launch import pipeline
-from launch.benches.scale import measured_from_here
-from launch.benches.select import memory_kib
 from trainer import dist
 from trainer.runtime import config, engine, stages
+from trainer.runtime.memory import measured_from_here, memory_kib
 from trainer.runtime.config import PipelineConfig
 from trainer.runtime.stages import STAGES
 

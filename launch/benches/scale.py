@@ -37,7 +37,7 @@ import time
 
 import numpy as np
 
-from launch.benches.select import memory_kib
+from trainer.runtime.memory import measured_from_here, memory_kib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FULL = (500_000, 2_000_000, 8_000_000, 32_000_000)   # 32M: 2.4 GiB of top-K files, generated in about a minute
@@ -145,14 +145,6 @@ def generate_embedded(folder: str, rows: int, dim: int, seed: int = 0) -> None:
             own.flush()
             del own
     del one, whole
-
-
-def measured_from_here():
-    """Counts peak resident memory (VmHWM) from now on (imports and the group's start are not the work's);
-    returns the resident memory now, kiB."""
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    return memory_kib()["VmRSS"]
 
 
 def propagate_in_child(argv: list[str]) -> None:

@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 
+from trainer.runtime.memory import memory_kib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FULL = dict(n=512_000, c=800, k=10, p=500)
 QUICK = dict(n=20_000, c=100, k=10, p=50)
@@ -64,16 +66,6 @@ def naive_select(probs: np.ndarray, k: int, p: int):
     chosen = chosen[order]
     first = np.r_[True, image[chosen][1:] != image[chosen][:-1]]
     return image[chosen][first], cls[chosen][first]
-
-
-def memory_kib() -> dict[str, int]:
-    """Current (VmRSS) and peak (VmHWM) resident memory of this process, from /proc (Linux).
-
-    Not ru_maxrss: Linux carries the parent's high-water mark over fork+exec into the child's.
-    """
-    with open("/proc/self/status") as status:
-        fields = dict(line.split(":", 1) for line in status)
-    return {name: int(fields[name].split()[0]) for name in ("VmRSS", "VmHWM")}
 
 
 def stream_in_child(argv: list[str]) -> None:
