@@ -388,12 +388,15 @@ def test_stage_job_destroys_the_process_group_the_stage_left(tmp_path, monkeypat
     assert not torch.distributed.is_initialized()
 
 
-def test_cluster_left_by_a_dead_run_is_cleaned_up():
+def test_cluster_left_by_a_dead_run_is_cleaned_up(tmp_path, monkeypatch):
+    # A root of its own: a test worker starting a real cluster beside this one would otherwise clean up the
+    # left-behind home before its daemon starts, and this test's own clean-up would find nothing to kill.
+    monkeypatch.setattr(slurm, "CLUSTERS_ROOT", tmp_path / "clusters")
     owner = subprocess.Popen([sys.executable, "-c", "pass"])
     owner.wait()  # its PID is now free: the "crashed test run"
-    slurm.CLUSTERS_ROOT.mkdir(parents=True, exist_ok=True)
+    slurm.CLUSTERS_ROOT.mkdir(parents=True)
     home = slurm.CLUSTERS_ROOT / f"{slurm.home_prefix(owner.pid)}left-behind"
-    home.mkdir(exist_ok=True)
+    home.mkdir()
     daemon = subprocess.Popen(["sleep", "60"], env={**os.environ, slurm.MARKER: str(home)})
     slurm.remove_stale_clusters()
     assert daemon.wait(timeout=10) == -15

@@ -13,6 +13,7 @@ environment: stop(), and the cleanup of clusters left by a crashed run, kill exa
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pwd
 import shutil
@@ -163,9 +164,13 @@ def remove_stale_clusters() -> None:
 
 
 def ensure_munge_key() -> None:
-    if not MUNGE_KEY.exists():
-        subprocess.run(["mungekey", "--create", f"--keyfile={MUNGE_KEY}"], check=True, capture_output=True)
-        shutil.chown(MUNGE_KEY, "munge", "munge")
+    """Under a lock: two test workers starting their first clusters together must not both create the key."""
+    CLUSTERS_ROOT.mkdir(parents=True, exist_ok=True)
+    with open(CLUSTERS_ROOT / "munge-key.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not MUNGE_KEY.exists():
+            subprocess.run(["mungekey", "--create", f"--keyfile={MUNGE_KEY}"], check=True, capture_output=True)
+            shutil.chown(MUNGE_KEY, "munge", "munge")
 
 
 @dataclass
