@@ -147,7 +147,7 @@ class Loop:
         """Rank 0 sizes the run to its time budget; every rank takes the length (schedule.TimeBudget)."""
         total, rate, timed = dist.rank0_decides(lambda: self.budget.estimate(self.step))
         first = not self.budget.estimates
-        self.budget.sized(total)
+        self.budget.sized(total, self.step)
         if first or total < self.total:
             self.run.say(f"time budget {self.budget.minutes:g} min -> {total:,} steps ({rate:.3g} s/step measured "
                          f"over {timed:,} steps{'' if first else ', end-of-epoch work included'}"

@@ -7,17 +7,20 @@ global_batch / 256 is the caller's job, done once when the groups are built, e.g
 
 A time budget (train.minutes) sets the run's length, not a deadline that cuts it: the cosine must end
 when the time does, so the length is estimated early and the schedule runs to it. The loop (loop.Loop)
-times its steps and rank 0 sizes the run twice, every rank taking its total, at steps that step counts
-alone fix (so every rank stops at the same one):
+times its steps and rank 0 sizes the run up to four times, every rank taking its total, at steps that
+step counts alone fix (so every rank stops at the same one):
 - after TIMED_STEPS steps of this process, not counting its first (loader start-up, kernel choice):
   total = the steps that fit the time left at the measured rate, at most the planned length (train.steps
   or train.epochs, and train.max_steps). Steps alone, not a share of the planned length: a planned
   length far beyond the budget would otherwise spend the budget measuring.
-- once more at half of that total, at the rate of every step since, the end-of-epoch work (evaluation,
-  checkpoints) that ran among them included. This estimate only shortens the run: the first one, which
-  saw little or none of that work, mostly errs long, and a longer run would raise a cosine already on its
-  way down; a shorter one only steepens it. The price: when the first steps ran slower than the later
-  ones, part of the budget goes unused rather than the schedule rising again.
+- at half of that total, at the rate of every step since, the end-of-epoch work (evaluation,
+  checkpoints) that ran among them included; then at three quarters and seven eighths of the total, at
+  the rate of the steps since the estimate before (at least TIMED_STEPS of them): a machine that slows
+  late (a shared host, a throttled card) would otherwise run the rest at a rate it no longer has.
+  These estimates only shorten the run: the first one, which saw little or none of the end-of-epoch
+  work, mostly errs long, and a longer run would raise a cosine already on its way down; a shorter one
+  only steepens it. The price: when the first steps ran slower than the later ones, part of the budget
+  goes unused rather than the schedule rising again.
 The warm-up keeps its length in steps (it tames the first updates, whatever the run's length), at most
 the sized total, as under train.max_steps. The budget counts the training loop's time (steps, end-of-
 epoch work, checkpoints), not a stage's set-up; the total and the time spent are kept in the checkpoint
@@ -70,14 +73,16 @@ class TimeBudget:
     the loop's state. `planned`: the length without a budget, which the budget never exceeds."""
 
     TIMED_STEPS = 10   # steps timed before an estimate: fewer let one slow batch set the run's length
+    ESTIMATES = 4      # after TIMED_STEPS, then at 1/2, 3/4 and 7/8 of the total
 
     def __init__(self, minutes: float, planned: int, clock=time.monotonic):
         self.minutes, self.planned, self.clock = minutes, planned, clock
         self.total = 0          # the sized length; 0 until the first estimate
-        self.estimates = 0      # made so far: 2 at most
+        self.estimates = 0      # made so far: ESTIMATES at most
         self.spent_before = 0.0   # seconds of the loop in earlier processes of this run
         self._started = self._timed_from = None
         self._first_timed_step = 0
+        self._window = (0.0, 0)   # (clock, step) the late estimates time from: the last sizing in this process
 
     def start(self):
         """The loop starts in this process: its time counts from here, its steps are timed after the first."""
@@ -91,21 +96,30 @@ class TimeBudget:
         """Whether the step just taken (the run's `step`-th) is one to estimate after; the same on every rank."""
         if self._timed_from is None:
             self._timed_from, self._first_timed_step = self.clock(), step
+            self._window = (self._timed_from, step)
             return False
         if step - self._first_timed_step < self.TIMED_STEPS:
             return False
-        return self.estimates == 0 or (self.estimates == 1 and step >= self.total // 2)
+        if self.estimates == 0:
+            return True
+        if self.estimates >= self.ESTIMATES or step < int(self.total * (1 - 0.5 ** self.estimates)):
+            return False
+        return self.estimates == 1 or step - self._window[1] >= self.TIMED_STEPS
 
     def estimate(self, step: int) -> tuple[int, float, int]:
         """(total steps, seconds per step, steps timed): the steps that fit the time left at the rate of this
-        process's timed steps, at most the planned length and any earlier estimate, at least `step`."""
-        timed = step - self._first_timed_step
-        rate = (self.clock() - self._timed_from) / timed
+        process's timed steps (the late estimates: of those since the last sizing), at most the planned
+        length and any earlier estimate, at least `step`."""
+        since, first = (self._timed_from, self._first_timed_step) if self.estimates <= 1 else self._window
+        timed = step - first
+        rate = (self.clock() - since) / timed
         fit = max(0, int((self.minutes * 60 - self.spent()) / rate))
         return min(self.total or self.planned, step + fit), rate, timed
 
-    def sized(self, total: int):
+    def sized(self, total: int, step: int):
+        """Every rank takes rank 0's `total`, sized after the run's `step`-th step."""
         self.total, self.estimates = total, self.estimates + 1
+        self._window = (self.clock(), step)
 
     def state_dict(self) -> dict:
         return {"total": self.total, "estimates": self.estimates, "spent": self.spent()}
