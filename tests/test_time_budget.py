@@ -78,7 +78,7 @@ def take_steps(budget: schedule.TimeBudget, clock: Clock, first: int, last: int,
     return asked
 
 
-def test_the_budget_sizes_the_run_after_ten_timed_steps_then_only_shortens_it_at_half_way():
+def test_the_budget_sizes_the_run_after_ten_timed_steps_then_only_shortens_it():
     clock = Clock()
     budget = schedule.TimeBudget(1.0, planned=1000, clock=clock)
     budget.start()
@@ -149,8 +149,9 @@ def test_a_time_budget_stops_the_run_where_its_schedule_ends(data, tmp_path):
     proc = stage("finetune", *finetune_args(data, tmp_path, "train.epochs=1000", f"train.minutes={budget_s / 60}"))
     out = proc.stdout + proc.stderr
     sized = [e for e in events(tmp_path) if e.get("event") == "time_budget"]
-    assert [e["step"] for e in sized][:2] == [11, max(12, sized[0]["total"] // 2)]   # after 10 timed steps, then half way
-    assert all(e["total"] <= before["total"] for before, e in zip(sized, sized[1:]))   # later ones only shorten
+    # sized after 10 timed steps, then half way (and later ones, only shortening)
+    assert [e["step"] for e in sized][:2] == [11, max(12, sized[0]["total"] // 2)]
+    assert all(e["total"] <= before["total"] for before, e in zip(sized, sized[1:]))
     total = sized[-1]["total"]
     assert total <= sized[0]["total"] and f"-> {sized[0]['total']:,} steps" in out
     lrs = step_lrs(tmp_path)
