@@ -62,6 +62,11 @@ def block_rows(width: int) -> int:
     return max(1, BLOCK_VALUES // width)
 
 
+def noise_scale(dim: int) -> np.float32:
+    """A generated row's noise as far from its centre at any width: classes overlap alike at d = 128 and 2048."""
+    return np.sqrt(128 / dim, dtype=np.float32)
+
+
 def generate_predictions(folder: str, rows: int, seed: int = 0) -> None:
     """Top-K class ids and probabilities of `rows` images in predict's per-rank layout: K distinct classes per
     row (a random first class, then steps that stay within C), probabilities descending and summing below 1."""
@@ -92,8 +97,7 @@ def generate_embeddings(folder: str, rows: int, dim: int, seed: int = 0) -> None
     class; labels.npy, the labeled images' classes."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((CLASSES, dim)).astype(np.float32)
-    # the noise of a row as far from its centre, whatever the width: classes overlap alike at d = 128 and 2048
-    spread = np.sqrt(128 / dim, dtype=np.float32)
+    spread = noise_scale(dim)
 
     def around(classes):
         x = centres[classes] + spread * rng.standard_normal((len(classes), dim), dtype=np.float32)
@@ -120,7 +124,7 @@ def generate_embedded(folder: str, rows: int, dim: int, seed: int = 0) -> None:
     from trainer.runtime.predict import rank_file
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((ACTIVE_CENTRES, dim)).astype(np.float32)
-    block = block_rows(dim)
+    block, spread = block_rows(dim), noise_scale(dim)
     for world in (1, 2):
         os.makedirs(os.path.join(folder, f"world-{world}"))
     one = {name: np.lib.format.open_memmap(rank_file(os.path.join(folder, "world-1", name), 0), "w+", dtype,
@@ -128,8 +132,7 @@ def generate_embedded(folder: str, rows: int, dim: int, seed: int = 0) -> None:
            for name, width, dtype in ((EMBEDDINGS, dim, np.float32), (TOP2, 2, np.float32), (GUESS, 2, np.int64))}
     for start in range(0, rows, block):
         n = min(block, rows - start)
-        x = centres[rng.integers(0, ACTIVE_CENTRES, n)] + np.sqrt(128 / dim, dtype=np.float32) * rng.standard_normal(
-            (n, dim), dtype=np.float32)
+        x = centres[rng.integers(0, ACTIVE_CENTRES, n)] + spread * rng.standard_normal((n, dim), dtype=np.float32)
         one[EMBEDDINGS][start:start + n] = x / np.linalg.norm(x, axis=1, keepdims=True)
         first = rng.uniform(0.2, 1, n).astype(np.float32)
         one[TOP2][start:start + n] = np.stack([first, np.minimum(first, 1 - first) * rng.random(n, np.float32)], 1)
