@@ -164,8 +164,8 @@ def remove_stale_clusters() -> None:
 
 
 def ensure_munge_key() -> None:
-    """Under a lock: two test workers starting their first clusters together must not both create the key."""
-    CLUSTERS_ROOT.mkdir(parents=True, exist_ok=True)
+    """Under a lock: two test workers starting their first clusters together must not both create the key.
+    CLUSTERS_ROOT, which holds the lock, exists: SlurmCluster.start made it."""
     with open(CLUSTERS_ROOT / "munge-key.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not MUNGE_KEY.exists():
